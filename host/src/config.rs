@@ -1,0 +1,313 @@
+//! Relay configuration: the compiled-in defaults, the optional TOML file and
+//! the environment overrides an operator sets in a container.
+//!
+//! Precedence, lowest first: defaults, `--config FILE`, `WASM_RELAY_*`
+//! environment variables. `relay.example.toml` at the repository root documents
+//! every key; a unit test keeps it in step with [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix. `WASM_RELAY_LIMITS__MAX_LIMIT=100` sets
+/// `limits.max_limit`; the short forms below cover what a container sets most.
+pub const ENV_PREFIX: &str = "WASM_RELAY_";
+
+/// Short environment names and the keys they set.
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("bind", "server.bind"),
+    ("public_url", "server.public_url"),
+    ("data_dir", "storage.data_dir"),
+    ("log", "log.filter"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    OutOfRange(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub limits: Limits,
+    pub info: RelayInfo,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the WebSocket and HTTP server listens on. Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// The URL clients use to reach this relay (NIP-42 `relay` tag, NIP-11).
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the embedded event store.
+    pub data_dir: PathBuf,
+    /// sled page cache in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Most events written (and flushed) together in one group commit.
+    pub max_batch_events: usize,
+}
+
+/// Protocol limits; advertised through NIP-11.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest client message (a WebSocket text frame) in bytes.
+    pub max_message_length: usize,
+    /// Open subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Filters in one REQ or COUNT.
+    pub max_filters: usize,
+    /// Ceiling applied to a filter's `limit`.
+    pub max_limit: usize,
+    /// `limit` used when a filter has none.
+    pub default_limit: usize,
+    /// Longest subscription id in characters.
+    pub max_subid_length: usize,
+    /// Values in one filter list (`ids`, `authors`, `kinds`, `#x`).
+    pub max_filter_values: usize,
+    /// Tags in one event.
+    pub max_event_tags: usize,
+    /// Event `content` length in bytes.
+    pub max_content_length: usize,
+    /// How far in the past `created_at` may be, in seconds (0: no limit).
+    pub created_at_lower_limit: u64,
+    /// How far in the future `created_at` may be, in seconds.
+    pub created_at_upper_limit: u64,
+    /// EVENTs one connection may have waiting for their `OK`; reading from the
+    /// connection pauses beyond this.
+    pub max_pending_events_per_connection: usize,
+    /// Outgoing messages queued for one connection before it is considered too
+    /// slow and closed with a NOTICE.
+    pub send_queue_capacity: usize,
+}
+
+/// NIP-11 relay information.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayInfo {
+    pub name: String,
+    pub description: String,
+    /// Operator's hex public key, if any.
+    pub pubkey: Option<String>,
+    pub contact: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive, overridden by `RUST_LOG`.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:7777".parse().expect("static address"),
+            public_url: "ws://127.0.0.1:7777".into(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            cache_capacity_bytes: 256 * 1024 * 1024,
+            max_batch_events: 1024,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_length: 256 * 1024,
+            max_subscriptions: 50,
+            max_filters: 20,
+            max_limit: 5000,
+            default_limit: 500,
+            max_subid_length: 64,
+            max_filter_values: 5000,
+            max_event_tags: 2500,
+            max_content_length: 256 * 1024,
+            created_at_lower_limit: 3 * 365 * 24 * 3600,
+            created_at_upper_limit: 15 * 60,
+            max_pending_events_per_connection: 64,
+            send_queue_capacity: 4096,
+        }
+    }
+}
+
+impl Default for RelayInfo {
+    fn default() -> Self {
+        Self {
+            name: "wasm-relay".into(),
+            description: "A Nostr relay extended by WebAssembly plugins".into(),
+            pubkey: None,
+            contact: None,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: LogFormat::Text }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
+            limits: Limits::default(),
+            info: RelayInfo::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX))
+    }
+
+    fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Read it ourselves so a missing file is an error, not silently skipped.
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Unreadable { path: path.into(), source })?;
+            figment = figment.merge(Toml::string(&text));
+        }
+        let env = env.map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            match ENV_ALIASES.iter().find(|(alias, _)| *alias == key) {
+                Some((_, full)) => (*full).into(),
+                None => key.replace("__", ".").into(),
+            }
+        });
+        let config: Config = figment.merge(env).extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let fail = |m: &str| Err(ConfigError::OutOfRange(m.into()));
+        if l.default_limit > l.max_limit {
+            return fail("limits.default_limit must not exceed limits.max_limit");
+        }
+        if l.max_filter_values < 1000 {
+            return fail("limits.max_filter_values must be at least 1000 (clients send long author lists)");
+        }
+        if l.max_message_length < 1024 {
+            return fail("limits.max_message_length must be at least 1024 bytes");
+        }
+        if l.max_subscriptions == 0 || l.max_filters == 0 || l.max_subid_length == 0 {
+            return fail("limits.max_subscriptions, max_filters and max_subid_length must be positive");
+        }
+        if l.max_pending_events_per_connection == 0 || l.send_queue_capacity < 16 {
+            return fail("limits.max_pending_events_per_connection must be positive and send_queue_capacity at least 16");
+        }
+        if self.storage.max_batch_events == 0 {
+            return fail("storage.max_batch_events must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay.example.toml")
+    }
+
+    #[test]
+    fn example_file_documents_exactly_the_defaults() {
+        let from_file = Config::load_with_env(Some(&example_path()), Env::prefixed("WASM_RELAY_TEST_NONE_")).unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn example_file_lists_every_key() {
+        let example: toml::Table = std::fs::read_to_string(example_path()).unwrap().parse().unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        fn keys(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let name = format!("{prefix}{k}");
+                match v {
+                    toml::Value::Table(inner) => keys(inner, &format!("{name}."), out),
+                    _ => out.push(name),
+                }
+            }
+        }
+        let (mut a, mut b) = (vec![], vec![]);
+        keys(&example, "", &mut a);
+        keys(&defaults, "", &mut b);
+        // Optional keys (None) serialize to nothing; the example shows them commented out.
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "relay.example.toml and Config::default() list different keys");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "[server]\nbind = \"127.0.0.1:9000\"\n[limits]\nmax_limit = 100\ndefault_limit = 50\n")?;
+            jail.set_env("WASM_RELAY_BIND", "127.0.0.1:9001");
+            jail.set_env("WASM_RELAY_DATA_DIR", "/tmp/relay-data");
+            jail.set_env("WASM_RELAY_LIMITS__DEFAULT_LIMIT", "10");
+            let c = Config::load(Some(Path::new("relay.toml"))).unwrap();
+            assert_eq!(c.server.bind.port(), 9001);
+            assert_eq!(c.storage.data_dir, PathBuf::from("/tmp/relay-data"));
+            assert_eq!(c.limits.max_limit, 100);
+            assert_eq!(c.limits.default_limit, 10);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ranges_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[limits]\nmax_limt = 3\n")?;
+            let e = Config::load(Some(Path::new("a.toml"))).unwrap_err().to_string();
+            assert!(e.contains("max_limt"), "{e}");
+            jail.create_file("b.toml", "[limits]\ndefault_limit = 9000\n")?;
+            let e = Config::load(Some(Path::new("b.toml"))).unwrap_err().to_string();
+            assert!(e.contains("default_limit"), "{e}");
+            let e = Config::load(Some(Path::new("missing.toml"))).unwrap_err().to_string();
+            assert!(e.contains("missing.toml"), "{e}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,300 @@
+//! One client connection: reads NIP-01 messages, answers each EVENT with one
+//! `OK`, each REQ with stored events, `EOSE` and live events (or `CLOSED`),
+//! each COUNT with `COUNT` (or `CLOSED`), and anything unreadable with a
+//! `NOTICE`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::event::{AcceptedEvent, KindClass, kind_class, read_event, unix_now};
+use crate::fanout::{ConnId, Delivery};
+use crate::filter::{Filter, FilterLimits};
+use crate::ingest::WriteResult;
+use crate::message::{self, ClientMessage, Parsed};
+use crate::relay::Relay;
+use crate::store::WriteOutcome;
+
+/// What this connection remembers of one of its subscriptions.
+struct LocalSub {
+    generation: u64,
+    /// Ids the initial query sent, kept until live deliveries pass `seq_mark`.
+    sent: Option<HashSet<[u8; 32]>>,
+    seq_mark: u64,
+}
+
+type PendingOk = std::pin::Pin<Box<dyn std::future::Future<Output = (String, WriteResult)> + Send>>;
+
+pub struct Connection<S> {
+    id: ConnId,
+    remote: SocketAddr,
+    relay: Arc<Relay>,
+    ws: WebSocketStream<S>,
+    subs: HashMap<Arc<str>, LocalSub>,
+    /// Replies waiting to be flushed at the end of the current step.
+    unflushed: bool,
+}
+
+enum Step {
+    Continue,
+    Close,
+}
+
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    pub fn new(relay: Arc<Relay>, ws: WebSocketStream<S>, remote: SocketAddr) -> Self {
+        let id = relay.next_connection_id();
+        Self { id, remote, relay, ws, subs: HashMap::new(), unflushed: false }
+    }
+
+    pub async fn run(mut self) {
+        let limits = self.relay.config.limits.clone();
+        let (live_tx, mut live_rx) = mpsc::channel::<Delivery>(limits.send_queue_capacity);
+        let overflowed = Arc::new(Notify::new());
+        self.relay.fanout.add_connection(self.id, live_tx, overflowed.clone());
+        tracing::debug!(conn = self.id, remote = %self.remote, "connected");
+        let mut pending: FuturesUnordered<PendingOk> = FuturesUnordered::new();
+        let result: Result<(), WsError> = async {
+            loop {
+                let step = tokio::select! {
+                    biased;
+                    _ = overflowed.notified() => {
+                        self.feed(message::notice("error: this connection reads too slowly; closing it (reconnect and read faster)")).await?;
+                        Step::Close
+                    }
+                    Some((id, result)) = pending.next(), if !pending.is_empty() => {
+                        self.feed(ok_reply(&id, result)).await?;
+                        Step::Continue
+                    }
+                    Some(delivery) = live_rx.recv() => {
+                        self.deliver(delivery).await?;
+                        Step::Continue
+                    }
+                    frame = self.ws.next(), if pending.len() < limits.max_pending_events_per_connection => {
+                        match frame {
+                            None => Step::Close,
+                            Some(Ok(frame)) => self.on_frame(frame, &mut pending).await?,
+                            Some(Err(e)) => return Err(e),
+                        }
+                    }
+                };
+                // Batch writes while deliveries are queued; flush once the queue is drained.
+                if self.unflushed && (live_rx.is_empty() || matches!(step, Step::Close)) {
+                    self.ws.flush().await?;
+                    self.unflushed = false;
+                }
+                if let Step::Close = step {
+                    // Answer what was already submitted before leaving.
+                    while let Some((id, result)) = pending.next().await {
+                        self.feed(ok_reply(&id, result)).await?;
+                    }
+                    self.ws.flush().await?;
+                    let _ = self.ws.close(None).await;
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        self.relay.fanout.remove_connection(self.id);
+        match result {
+            Ok(()) | Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {}
+            Err(WsError::Capacity(e)) => {
+                tracing::info!(conn = self.id, remote = %self.remote, error = %e, "closing: frame over the size limit");
+                let reason = format!("message too big: {e}");
+                let frame = CloseFrame { code: CloseCode::Size, reason: reason.into() };
+                let _ = self.ws.close(Some(frame)).await;
+            }
+            Err(e) => tracing::debug!(conn = self.id, remote = %self.remote, error = %e, "connection ended"),
+        }
+    }
+
+    async fn feed(&mut self, text: String) -> Result<(), WsError> {
+        self.unflushed = true;
+        self.ws.feed(Message::Text(text.into())).await
+    }
+
+    async fn deliver(&mut self, d: Delivery) -> Result<(), WsError> {
+        let Some(local) = self.subs.get_mut(&d.sub_id) else { return Ok(()) };
+        if local.generation != d.generation {
+            return Ok(());
+        }
+        if d.seq > local.seq_mark {
+            local.sent = None;
+        } else if local.sent.as_ref().is_some_and(|s| s.contains(d.event.event.id.as_bytes())) {
+            return Ok(()); // already sent by the initial query
+        }
+        let sub_json = message::json_string(&d.sub_id);
+        self.feed(message::event(&sub_json, &d.event.json)).await
+    }
+
+    async fn on_frame(&mut self, frame: Message, pending: &mut FuturesUnordered<PendingOk>) -> Result<Step, WsError> {
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                self.feed(message::notice("invalid: binary frames are not part of NIP-01; send JSON text frames")).await?;
+                return Ok(Step::Continue);
+            }
+            Message::Close(_) => return Ok(Step::Close),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(Step::Continue),
+        };
+        let max = self.relay.config.limits.max_message_length;
+        if text.len() > max {
+            let reply = format!("invalid: message is {} bytes; at most {max} are accepted", text.len());
+            match parse_event_id(&text) {
+                Some(id) => self.feed(message::ok(&id, false, &reply)).await?,
+                None => self.feed(message::notice(&reply)).await?,
+            }
+            return Ok(Step::Continue);
+        }
+        match message::parse_client_message(&text) {
+            Err(e) => self.feed(message::notice(&format!("invalid: {e}"))).await?,
+            Ok(Parsed::BadFilters { sub_id, reason }) => self.feed(message::closed(&sub_id, &format!("invalid: {reason}"))).await?,
+            Ok(Parsed::Message(ClientMessage::Event(raw))) => {
+                let now = unix_now();
+                match read_event(raw, &self.relay.config.limits, now) {
+                    Err(refusal) => {
+                        tracing::debug!(conn = self.id, reason = %refusal.message, "event refused");
+                        let reply = match refusal.event_id {
+                            Some(id) => message::ok(&id, false, &refusal.message),
+                            None => message::notice(&refusal.message),
+                        };
+                        self.feed(reply).await?;
+                    }
+                    Ok(event) => {
+                        let id = event.id.to_hex();
+                        let accepted = Arc::new(AcceptedEvent::new(event));
+                        if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
+                            self.relay.fanout.broadcast(0, &accepted);
+                            self.feed(message::ok(&id, true, "")).await?;
+                        } else {
+                            let rx: oneshot::Receiver<WriteResult> = self.relay.ingest.submit(accepted).await;
+                            pending.push(Box::pin(async move {
+                                let result = rx.await.unwrap_or_else(|_| Err("the event writer stopped".into()));
+                                (id, result)
+                            }));
+                        }
+                    }
+                }
+            }
+            Ok(Parsed::Message(ClientMessage::Req { sub_id, filters })) => self.on_req(sub_id, filters).await?,
+            Ok(Parsed::Message(ClientMessage::Count { sub_id, filters })) => self.on_count(sub_id, filters).await?,
+            Ok(Parsed::Message(ClientMessage::Close { sub_id })) => {
+                self.relay.fanout.unsubscribe(self.id, &sub_id);
+                self.subs.remove(sub_id.as_str());
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Checks a REQ/COUNT's subscription id and filters; `Err` is the CLOSED text.
+    fn read_filters(&self, sub_id: &str, raw: &[serde_json::Value]) -> Result<Vec<Filter>, String> {
+        let limits = &self.relay.config.limits;
+        if sub_id.is_empty() {
+            return Err("invalid: subscription id must not be empty".into());
+        }
+        if sub_id.chars().count() > limits.max_subid_length {
+            return Err(format!("invalid: subscription id is longer than {} characters", limits.max_subid_length));
+        }
+        if raw.is_empty() {
+            return Err("invalid: at least one filter is required".into());
+        }
+        if raw.len() > limits.max_filters {
+            return Err(format!("invalid: {} filters in one request; at most {} are allowed", raw.len(), limits.max_filters));
+        }
+        let filter_limits = FilterLimits { max_values: limits.max_filter_values };
+        raw.iter().map(|v| Filter::parse(v, filter_limits).map_err(|e| format!("invalid: {e}"))).collect()
+    }
+
+    async fn on_req(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
+        let filters = match self.read_filters(&sub_id, &raw) {
+            Ok(f) => f,
+            Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
+        };
+        let limits = self.relay.config.limits.clone();
+        if !self.subs.contains_key(sub_id.as_str()) && self.subs.len() >= limits.max_subscriptions {
+            let reason = format!("blocked: {} subscriptions are open, the most allowed; CLOSE one first", self.subs.len());
+            return self.refuse_sub(&sub_id, &reason).await;
+        }
+        let sub: Arc<str> = sub_id.into();
+        let filters: Arc<[Filter]> = filters.into();
+        // Register before querying, so nothing stored meanwhile is missed.
+        let generation = self.relay.fanout.subscribe(self.id, sub.clone(), filters.clone());
+        let stored = match self.relay.store.query_filters(&filters, limits.default_limit, limits.max_limit) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(conn = self.id, error = %e, "query failed");
+                self.relay.fanout.unsubscribe(self.id, &sub);
+                self.subs.remove(&sub);
+                return self.refuse_sub(&sub, "error: the query failed on the relay; try again later").await;
+            }
+        };
+        let seq_mark = self.relay.fanout.current_seq();
+        let sub_json = message::json_string(&sub);
+        let mut sent = HashSet::with_capacity(stored.len());
+        for e in &stored {
+            sent.insert(e.id);
+            self.feed(message::event(&sub_json, &e.json)).await?;
+        }
+        self.subs.insert(sub.clone(), LocalSub { generation, sent: Some(sent), seq_mark });
+        self.feed(message::eose(&sub)).await
+    }
+
+    async fn on_count(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
+        let filters = match self.read_filters(&sub_id, &raw) {
+            Ok(f) => f,
+            Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
+        };
+        let counted = if let [filter] = filters.as_slice() {
+            self.relay.store.count(filter)
+        } else {
+            // Events matching several filters count once.
+            self.relay.store.query_filters(&filters, usize::MAX, usize::MAX).map(|all| all.len() as u64)
+        };
+        match counted {
+            Ok(n) => self.feed(message::count(&sub_id, n)).await,
+            Err(e) => {
+                tracing::error!(conn = self.id, error = %e, "count failed");
+                self.refuse_sub(&sub_id, "error: the count failed on the relay; try again later").await
+            }
+        }
+    }
+
+    async fn refuse_sub(&mut self, sub_id: &str, reason: &str) -> Result<(), WsError> {
+        tracing::debug!(conn = self.id, sub = sub_id, reason, "request refused");
+        self.feed(message::closed(sub_id, reason)).await
+    }
+}
+
+fn ok_reply(id: &str, result: WriteResult) -> String {
+    match result {
+        Ok(WriteOutcome::Stored) => message::ok(id, true, ""),
+        Ok(WriteOutcome::Duplicate) => message::ok(id, true, "duplicate: this event is already stored"),
+        Ok(WriteOutcome::Superseded) => {
+            message::ok(id, false, "duplicate: a newer version of this replaceable event is already stored")
+        }
+        Err(e) => message::ok(id, false, &format!("error: {e}")),
+    }
+}
+
+/// The id of an EVENT message too large to process, if it can be read.
+fn parse_event_id(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a>(#[serde(borrow)] &'a str, IdOnly);
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    let Envelope(verb, event) = serde_json::from_str(text).ok()?;
+    (verb == "EVENT" && event.id.len() <= 128).then_some(event.id)
+}

@@ -1,0 +1,218 @@
+//! Incoming events: reading the JSON, checking id and signature, applying the
+//! relay's limits, and classifying the kind (regular, replaceable, ephemeral,
+//! addressable).
+
+use nostr::event::Event;
+use serde_json::value::RawValue;
+
+use crate::config::Limits;
+
+/// An event that passed every check, with its canonical JSON serialized once
+/// (stored as is and sent as is to every subscriber).
+#[derive(Debug)]
+pub struct AcceptedEvent {
+    pub event: Event,
+    pub json: String,
+}
+
+impl AcceptedEvent {
+    pub fn new(event: Event) -> Self {
+        let json = event.as_json();
+        Self { event, json }
+    }
+}
+
+/// How NIP-01 stores a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindClass {
+    Regular,
+    /// 0, 3, 10000-19999: newest per (pubkey, kind).
+    Replaceable,
+    /// 20000-29999: broadcast, never stored.
+    Ephemeral,
+    /// 30000-39999: newest per (pubkey, kind, `d`).
+    Addressable,
+}
+
+pub fn kind_class(kind: u16) -> KindClass {
+    match kind {
+        0 | 3 | 10000..=19999 => KindClass::Replaceable,
+        20000..=29999 => KindClass::Ephemeral,
+        30000..=39999 => KindClass::Addressable,
+        _ => KindClass::Regular,
+    }
+}
+
+/// A refused event: the id to answer (if one could be read) and the `OK` text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub event_id: Option<String>,
+    pub message: String,
+}
+
+/// Reads and checks an event from an EVENT message. On success the event's id
+/// and signature are verified and it is within `limits` at time `now`.
+pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Refusal> {
+    let event: Event = serde_json::from_str(raw.get()).map_err(|e| Refusal {
+        event_id: id_of_unreadable(raw),
+        message: format!("invalid: malformed event: {e}"),
+    })?;
+    let refuse = |message: String| Refusal { event_id: Some(event.id.to_hex()), message };
+    if !event.verify_id() {
+        return Err(refuse("invalid: event id does not match the sha256 of its canonical serialization".into()));
+    }
+    if !event.verify_signature() {
+        return Err(refuse("invalid: signature verification failed".into()));
+    }
+    if event.tags.len() > limits.max_event_tags {
+        return Err(refuse(format!("invalid: event has {} tags; at most {} are allowed", event.tags.len(), limits.max_event_tags)));
+    }
+    if event.content.len() > limits.max_content_length {
+        return Err(refuse(format!(
+            "invalid: content is {} bytes; at most {} are allowed",
+            event.content.len(),
+            limits.max_content_length
+        )));
+    }
+    let created_at = event.created_at.as_secs();
+    if created_at > now.saturating_add(limits.created_at_upper_limit) {
+        return Err(refuse(format!(
+            "invalid: created_at is {} s in the future; at most {} s ahead is accepted (check the clock)",
+            created_at - now,
+            limits.created_at_upper_limit
+        )));
+    }
+    if limits.created_at_lower_limit > 0 && created_at < now.saturating_sub(limits.created_at_lower_limit) {
+        return Err(refuse(format!(
+            "invalid: created_at is older than {} s, the oldest this relay accepts",
+            limits.created_at_lower_limit
+        )));
+    }
+    Ok(event)
+}
+
+/// The `id` of an event that failed to parse, if it has a string one, so the
+/// refusal can still be an `OK` the client can match.
+fn id_of_unreadable(raw: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<serde_json::Value>,
+    }
+    match serde_json::from_str::<IdOnly>(raw.get()).ok()?.id? {
+        serde_json::Value::String(s) if s.len() <= 128 => Some(s),
+        _ => None,
+    }
+}
+
+/// The `d` tag value that addresses an addressable event ("" when absent).
+pub fn d_tag(event: &Event) -> &str {
+    event
+        .tags
+        .iter()
+        .map(|t| t.as_slice())
+        .find(|t| t.first().is_some_and(|n| n == "d"))
+        .and_then(|t| t.get(1))
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
+    use nostr::key::Keys;
+    use nostr::types::Timestamp;
+
+    fn signed(content: &str, tags: Vec<Vec<&str>>) -> Event {
+        EventBuilder::new(Kind::from(1), content)
+            .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))
+            .custom_created_at(Timestamp::from(1_700_000_000))
+            .finalize(&Keys::generate())
+            .unwrap()
+    }
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn kind_classes_follow_nip01() {
+        assert_eq!(kind_class(0), KindClass::Replaceable);
+        assert_eq!(kind_class(1), KindClass::Regular);
+        assert_eq!(kind_class(3), KindClass::Replaceable);
+        assert_eq!(kind_class(443), KindClass::Regular);
+        assert_eq!(kind_class(445), KindClass::Regular);
+        assert_eq!(kind_class(9999), KindClass::Regular);
+        assert_eq!(kind_class(10000), KindClass::Replaceable);
+        assert_eq!(kind_class(19999), KindClass::Replaceable);
+        assert_eq!(kind_class(20000), KindClass::Ephemeral);
+        assert_eq!(kind_class(29999), KindClass::Ephemeral);
+        assert_eq!(kind_class(30000), KindClass::Addressable);
+        assert_eq!(kind_class(30443), KindClass::Addressable);
+        assert_eq!(kind_class(39999), KindClass::Addressable);
+        assert_eq!(kind_class(40000), KindClass::Regular);
+    }
+
+    #[test]
+    fn canonical_id_covers_escapes() {
+        // Every character NIP-01 names for escaping, plus unicode that must stay as is.
+        let content = "line\nbreak \"quoted\" back\\slash \r\t\u{8}\u{c} \u{1} \u{1f} é ☃ 🎉 </script>";
+        let e = signed(content, vec![vec!["t", "a\"b\\c\n"]]);
+        let now = 1_700_000_000;
+        let json = e.as_json();
+        let read = read_event(&raw(&json), &Limits::default(), now).unwrap();
+        assert_eq!(read.content, content);
+        // The canonical serialization as NIP-01 spells it out.
+        let canonical = format!(
+            "[0,\"{}\",1700000000,1,[[\"t\",\"a\\\"b\\\\c\\n\"]],\"line\\nbreak \\\"quoted\\\" back\\\\slash \\r\\t\\b\\f \\u0001 \\u001f é ☃ 🎉 </script>\"]",
+            e.pubkey.to_hex()
+        );
+        use sha2::Digest;
+        assert_eq!(e.id.to_hex(), hex::encode(sha2::Sha256::digest(canonical.as_bytes())));
+    }
+
+    #[test]
+    fn tampered_events_are_refused_with_reasons() {
+        let e = signed("hi", vec![]);
+        let now = 1_700_000_000;
+        let mut v: serde_json::Value = serde_json::from_str(&e.as_json()).unwrap();
+        v["content"] = "changed".into();
+        let r = read_event(&raw(&v.to_string()), &Limits::default(), now).unwrap_err();
+        assert!(r.message.starts_with("invalid: event id"), "{}", r.message);
+        assert_eq!(r.event_id.as_deref(), Some(e.id.to_hex().as_str()));
+
+        let mut v: serde_json::Value = serde_json::from_str(&e.as_json()).unwrap();
+        let mut sig = e.sig.to_string();
+        sig.replace_range(0..2, if &sig[0..2] == "00" { "11" } else { "00" });
+        v["sig"] = sig.into();
+        let r = read_event(&raw(&v.to_string()), &Limits::default(), now).unwrap_err();
+        assert!(r.message.starts_with("invalid: signature"), "{}", r.message);
+
+        let r = read_event(&raw(r#"{"id":"abc","kind":1}"#), &Limits::default(), now).unwrap_err();
+        assert!(r.message.starts_with("invalid: malformed event"), "{}", r.message);
+        assert_eq!(r.event_id.as_deref(), Some("abc"));
+        let r = read_event(&raw("[1,2]"), &Limits::default(), now).unwrap_err();
+        assert_eq!(r.event_id, None);
+    }
+
+    #[test]
+    fn created_at_window_and_size_limits() {
+        let e = signed("hi", vec![vec!["t", "a"], vec!["t", "b"]]);
+        let json = e.as_json();
+        let limits = Limits { created_at_upper_limit: 60, created_at_lower_limit: 3600, ..Limits::default() };
+        assert!(read_event(&raw(&json), &limits, 1_700_000_000 - 61).unwrap_err().message.contains("in the future"));
+        assert!(read_event(&raw(&json), &limits, 1_700_000_000 - 60).is_ok());
+        assert!(read_event(&raw(&json), &limits, 1_700_000_000 + 3601).unwrap_err().message.contains("older than"));
+        let limits = Limits { max_event_tags: 1, ..Limits::default() };
+        assert!(read_event(&raw(&json), &limits, 1_700_000_000).unwrap_err().message.contains("2 tags"));
+        let limits = Limits { max_content_length: 1, ..Limits::default() };
+        assert!(read_event(&raw(&json), &limits, 1_700_000_000).unwrap_err().message.contains("content is 2 bytes"));
+    }
+}

@@ -1,0 +1,125 @@
+//! Subscription fan-out: the registry of live subscriptions of every
+//! connection, and delivery of newly stored (or ephemeral) events to those
+//! whose filters match.
+//!
+//! Each delivery carries a sequence number so a connection can drop live
+//! copies of events its initial query already returned (see
+//! [`Fanout::current_seq`]), and a subscription generation so a replaced or
+//! closed subscription never receives events meant for its predecessor.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::event::AcceptedEvent;
+use crate::filter::{Filter, any_filter_matches};
+
+pub type ConnId = u64;
+
+/// One event for one subscription of a connection.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub sub_id: Arc<str>,
+    pub generation: u64,
+    /// Write sequence of the event; 0 for ephemeral events.
+    pub seq: u64,
+    pub event: Arc<AcceptedEvent>,
+}
+
+struct Subscription {
+    sub_id: Arc<str>,
+    generation: u64,
+    filters: Arc<[Filter]>,
+}
+
+struct ConnectionEntry {
+    tx: mpsc::Sender<Delivery>,
+    /// Woken when the connection's queue overflowed and it must close.
+    overflowed: Arc<Notify>,
+    subs: HashMap<Arc<str>, Subscription>,
+}
+
+#[derive(Default)]
+pub struct Fanout {
+    connections: RwLock<HashMap<ConnId, ConnectionEntry>>,
+    next_seq: AtomicU64,
+    next_generation: AtomicU64,
+}
+
+impl Fanout {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add_connection(&self, conn: ConnId, tx: mpsc::Sender<Delivery>, overflowed: Arc<Notify>) {
+        let entry = ConnectionEntry { tx, overflowed, subs: HashMap::new() };
+        self.connections.write().unwrap_or_else(|p| p.into_inner()).insert(conn, entry);
+    }
+
+    pub fn remove_connection(&self, conn: ConnId) {
+        self.connections.write().unwrap_or_else(|p| p.into_inner()).remove(&conn);
+    }
+
+    /// Adds or replaces a subscription; returns its generation.
+    pub fn subscribe(&self, conn: ConnId, sub_id: Arc<str>, filters: Arc<[Filter]>) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut conns = self.connections.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = conns.get_mut(&conn) {
+            entry.subs.insert(sub_id.clone(), Subscription { sub_id, generation, filters });
+        }
+        generation
+    }
+
+    pub fn unsubscribe(&self, conn: ConnId, sub_id: &str) {
+        let mut conns = self.connections.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = conns.get_mut(&conn) {
+            entry.subs.remove(sub_id);
+        }
+    }
+
+    /// Reserves `n` write sequence numbers; returns the first. Called before a
+    /// batch is applied, so every event visible to a query that finished
+    /// before a later [`Fanout::current_seq`] has a sequence at or below it.
+    pub fn reserve_seqs(&self, n: u64) -> u64 {
+        self.next_seq.fetch_add(n, Ordering::SeqCst) + 1
+    }
+
+    /// The highest sequence number reserved so far.
+    pub fn current_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst)
+    }
+
+    /// Delivers `event` to every subscription it matches. A connection whose
+    /// queue is full is dropped from the registry and told to close.
+    pub fn broadcast(&self, seq: u64, event: &Arc<AcceptedEvent>) {
+        let mut overflowed = Vec::new();
+        {
+            let conns = self.connections.read().unwrap_or_else(|p| p.into_inner());
+            for (conn, entry) in conns.iter() {
+                for sub in entry.subs.values() {
+                    if !any_filter_matches(&sub.filters, &event.event) {
+                        continue;
+                    }
+                    let delivery = Delivery { sub_id: sub.sub_id.clone(), generation: sub.generation, seq, event: event.clone() };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = entry.tx.try_send(delivery) {
+                        entry.overflowed.notify_one();
+                        overflowed.push(*conn);
+                        break;
+                    }
+                }
+            }
+        }
+        if !overflowed.is_empty() {
+            let mut conns = self.connections.write().unwrap_or_else(|p| p.into_inner());
+            for conn in overflowed {
+                conns.remove(&conn);
+            }
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,80 @@
+//! The write path: one thread that takes accepted events from every
+//! connection, writes them to the store in group commits (many events per
+//! flush), then fans them out and answers each sender. No `OK true` is sent
+//! before the batch holding its event is durable.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::AcceptedEvent;
+use crate::fanout::Fanout;
+use crate::store::{EventStore, WriteOutcome};
+
+/// Queue depth in front of the writer; senders wait when it is full.
+const QUEUE_DEPTH: usize = 16 * 1024;
+
+/// The result a connection receives for one submitted event.
+pub type WriteResult = Result<WriteOutcome, String>;
+
+struct Job {
+    event: Arc<AcceptedEvent>,
+    reply: oneshot::Sender<WriteResult>,
+}
+
+#[derive(Clone)]
+pub struct Ingest {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Ingest {
+    /// Starts the writer thread. It ends when every [`Ingest`] handle is dropped.
+    pub fn start(store: Arc<dyn EventStore>, fanout: Arc<Fanout>, max_batch: usize) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        std::thread::Builder::new()
+            .name("event-writer".into())
+            .spawn(move || writer_loop(rx, store.as_ref(), &fanout, max_batch))?;
+        Ok(Self { tx })
+    }
+
+    /// Queues `event` for storage; the receiver resolves once it is durable
+    /// (or refused).
+    pub async fn submit(&self, event: Arc<AcceptedEvent>) -> oneshot::Receiver<WriteResult> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { event, reply }).await {
+            let _ = job.reply.send(Err("the event writer has stopped".into()));
+        }
+        rx
+    }
+}
+
+fn writer_loop(mut rx: mpsc::Receiver<Job>, store: &dyn EventStore, fanout: &Fanout, max_batch: usize) {
+    let mut jobs = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        jobs.push(first);
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let events: Vec<Arc<AcceptedEvent>> = jobs.iter().map(|j| j.event.clone()).collect();
+        let first_seq = fanout.reserve_seqs(events.len() as u64);
+        match store.write_batch(&events) {
+            Ok(outcomes) => {
+                for (i, (job, outcome)) in jobs.drain(..).zip(outcomes).enumerate() {
+                    if outcome == WriteOutcome::Stored {
+                        fanout.broadcast(first_seq + i as u64, &job.event);
+                    }
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = jobs.len(), "writing a batch failed");
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(format!("storage failed: {e}")));
+                }
+            }
+        }
+    }
+}

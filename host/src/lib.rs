@@ -1,0 +1,29 @@
+//! wasm-relay: a Nostr relay whose behaviour is extended by WebAssembly
+//! components.
+//!
+//! Where things live:
+//! - [`config`]: configuration (defaults, TOML file, environment).
+//! - [`message`]: the NIP-01 wire format.
+//! - [`event`]: checking incoming events; kind classes.
+//! - [`filter`]: NIP-01 filters and `filter_matches`.
+//! - [`store`]: the event store trait, the sled engine and the query engine.
+//! - [`ingest`]: the group-commit write path.
+//! - [`fanout`]: live subscriptions and delivery.
+//! - [`connection`]: one client's session.
+//! - [`server`]: the HTTP/WebSocket listener; [`nip11`]: relay information.
+//! - [`relay`]: shared state and start-up.
+
+pub mod config;
+pub mod connection;
+pub mod event;
+pub mod fanout;
+pub mod filter;
+pub mod ingest;
+pub mod message;
+pub mod nip11;
+pub mod relay;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use relay::{BoundRelay, Relay};

@@ -1,0 +1,90 @@
+//! The `wasm-relay` binary: command-line parsing, logging, and serving.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+use wasm_relay::config::LogFormat;
+use wasm_relay::{BoundRelay, Config};
+
+#[derive(Parser)]
+#[command(name = "wasm-relay", version, about = "A Nostr relay extended by WebAssembly plugins")]
+struct Cli {
+    /// TOML configuration file (see relay.example.toml). Without it the
+    /// compiled-in defaults apply.
+    #[arg(long, global = true, env = "WASM_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the relay (the default).
+    Serve {
+        /// Listen address, overriding the configuration (e.g. 127.0.0.1:0).
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
+        /// Data directory, overriding the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None }) {
+        Command::Serve { bind, data_dir } => {
+            if let Some(bind) = bind {
+                config.server.bind = bind;
+            }
+            if let Some(dir) = data_dir {
+                config.storage.data_dir = dir;
+            }
+            init_logging(&config);
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.storage.data_dir.clone();
+    let relay = BoundRelay::bind(config).await.with_context(|| format!("starting the relay on {}", data_dir.display()))?;
+    let addr = relay.local_addr()?;
+    // Tests and scripts read this line from stdout to learn the port.
+    println!("wasm-relay listening on ws://{addr}");
+    tracing::info!(%addr, data_dir = %data_dir.display(), "relay started");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    relay.serve(stop_rx).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

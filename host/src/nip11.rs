@@ -1,0 +1,41 @@
+//! NIP-11 relay information document, built from the live configuration.
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+
+/// NIPs this relay implements, each backed by integration tests.
+pub const SUPPORTED_NIPS: &[u32] = &[1, 11, 45];
+
+pub fn document(config: &Config) -> Value {
+    let l = &config.limits;
+    let mut doc = json!({
+        "name": config.info.name,
+        "description": config.info.description,
+        "software": "https://github.com/wasm-relay/wasm-relay",
+        "version": env!("CARGO_PKG_VERSION"),
+        "supported_nips": SUPPORTED_NIPS,
+        "limitation": {
+            "max_message_length": l.max_message_length,
+            "max_subscriptions": l.max_subscriptions,
+            "max_filters": l.max_filters,
+            "max_limit": l.max_limit,
+            "default_limit": l.default_limit,
+            "max_subid_length": l.max_subid_length,
+            "max_event_tags": l.max_event_tags,
+            "max_content_length": l.max_content_length,
+            "created_at_lower_limit": l.created_at_lower_limit,
+            "created_at_upper_limit": l.created_at_upper_limit,
+            "auth_required": false,
+            "payment_required": false,
+            "restricted_writes": false,
+        },
+    });
+    if let Some(pk) = &config.info.pubkey {
+        doc["pubkey"] = pk.clone().into();
+    }
+    if let Some(contact) = &config.info.contact {
+        doc["contact"] = contact.clone().into();
+    }
+    doc
+}

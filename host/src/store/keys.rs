@@ -1,0 +1,148 @@
+//! Key layout of the sled event tree. Everything lives in one tree so a batch
+//! (event plus all its index entries) is applied atomically.
+//!
+//! Index keys end in `inverted created_at (8 bytes BE) ++ id (32 bytes)`, so a
+//! forward scan yields newest first with ties broken by the lowest id, which
+//! is NIP-01 order, and `since`/`until` become key bounds.
+
+use nostr::event::Event;
+
+use crate::event::{KindClass, d_tag, kind_class};
+
+pub const EVENT: u8 = b'E'; // id -> canonical JSON
+pub const CREATED: u8 = b'C'; // time order over everything
+pub const AUTHOR: u8 = b'A'; // pubkey
+pub const AUTHOR_KIND: u8 = b'P'; // pubkey, kind
+pub const KIND: u8 = b'K'; // kind
+pub const TAG: u8 = b'T'; // letter, len, value
+pub const ADDRESS: u8 = b'R'; // pubkey, kind, d -> id (replaceable/addressable slot)
+
+/// Longest tag value stored in a key; longer values are indexed by this
+/// prefix and the query re-checks the full value.
+pub const MAX_INDEXED_TAG_VALUE: usize = 255;
+
+/// The suffix shared by all index keys.
+pub fn order_suffix(created_at: u64, id: &[u8; 32]) -> [u8; 40] {
+    let mut s = [0u8; 40];
+    s[..8].copy_from_slice(&(u64::MAX - created_at).to_be_bytes());
+    s[8..].copy_from_slice(id);
+    s
+}
+
+/// Reads `(created_at, id)` back from an index key.
+pub fn parse_suffix(key: &[u8]) -> Option<(u64, [u8; 32])> {
+    let s = key.len().checked_sub(40).map(|start| &key[start..])?;
+    let inv = u64::from_be_bytes(s[..8].try_into().ok()?);
+    let id: [u8; 32] = s[8..].try_into().ok()?;
+    Some((u64::MAX - inv, id))
+}
+
+pub fn event_key(id: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(EVENT);
+    k.extend_from_slice(id);
+    k
+}
+
+pub fn author_prefix(pubkey: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(73);
+    k.push(AUTHOR);
+    k.extend_from_slice(pubkey);
+    k
+}
+
+pub fn author_kind_prefix(pubkey: &[u8; 32], kind: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(75);
+    k.push(AUTHOR_KIND);
+    k.extend_from_slice(pubkey);
+    k.extend_from_slice(&kind.to_be_bytes());
+    k
+}
+
+pub fn kind_prefix(kind: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(43);
+    k.push(KIND);
+    k.extend_from_slice(&kind.to_be_bytes());
+    k
+}
+
+pub fn created_prefix() -> Vec<u8> {
+    vec![CREATED]
+}
+
+/// Tag prefix; `exact` is false when the value was cut to the indexed length.
+pub fn tag_prefix(letter: u8, value: &str) -> (Vec<u8>, bool) {
+    let bytes = value.as_bytes();
+    let n = bytes.len().min(MAX_INDEXED_TAG_VALUE);
+    let mut k = Vec::with_capacity(3 + n + 40);
+    k.push(TAG);
+    k.push(letter);
+    k.push(n as u8);
+    k.extend_from_slice(&bytes[..n]);
+    (k, n == bytes.len())
+}
+
+pub fn address_key(pubkey: &[u8; 32], kind: u16, d: &str) -> Vec<u8> {
+    let mut k = author_kind_prefix(pubkey, kind);
+    k[0] = ADDRESS;
+    k.extend_from_slice(d.as_bytes());
+    k
+}
+
+/// The replaceable/addressable slot of `event`, if it has one.
+pub fn address_of(event: &Event) -> Option<Vec<u8>> {
+    let kind = event.kind.as_u16();
+    match kind_class(kind) {
+        KindClass::Replaceable => Some(address_key(event.pubkey.as_bytes(), kind, "")),
+        KindClass::Addressable => Some(address_key(event.pubkey.as_bytes(), kind, d_tag(event))),
+        KindClass::Regular | KindClass::Ephemeral => None,
+    }
+}
+
+/// Every index key of `event` (not the event record or its address slot).
+pub fn index_keys(event: &Event) -> Vec<Vec<u8>> {
+    let suffix = order_suffix(event.created_at.as_secs(), event.id.as_bytes());
+    let pubkey = event.pubkey.as_bytes();
+    let kind = event.kind.as_u16();
+    let mut keys = vec![created_prefix(), author_prefix(pubkey), author_kind_prefix(pubkey, kind), kind_prefix(kind)];
+    let mut seen_tags: Vec<Vec<u8>> = Vec::new();
+    for tag in event.tags.iter() {
+        let t = tag.as_slice();
+        let (Some(name), Some(value)) = (t.first(), t.get(1)) else { continue };
+        if name.len() == 1 && name.as_bytes()[0].is_ascii_alphabetic() {
+            let (prefix, _) = tag_prefix(name.as_bytes()[0], value);
+            if !seen_tags.contains(&prefix) {
+                seen_tags.push(prefix);
+            }
+        }
+    }
+    keys.extend(seen_tags);
+    for k in &mut keys {
+        k.extend_from_slice(&suffix);
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_orders_newest_first_then_lowest_id() {
+        let a = order_suffix(200, &[1; 32]);
+        let b = order_suffix(100, &[0; 32]);
+        let c = order_suffix(100, &[2; 32]);
+        assert!(a < b && b < c);
+        assert_eq!(parse_suffix(&c), Some((100, [2; 32])));
+    }
+
+    #[test]
+    fn tag_prefixes_do_not_collide_across_lengths() {
+        let (a, _) = tag_prefix(b't', "ab");
+        let (b, _) = tag_prefix(b't', "abc");
+        assert!(!b.starts_with(&a));
+        let long = "x".repeat(300);
+        let (_, exact) = tag_prefix(b't', &long);
+        assert!(!exact);
+    }
+}

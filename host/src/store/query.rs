@@ -1,0 +1,180 @@
+//! The query engine: turns a [`Filter`] into index range scans, merges them
+//! lazily in NIP-01 order, and re-checks candidates the index does not fully
+//! decide. A query with `limit` reads about `limit` entries per range.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use crate::filter::Filter;
+
+use super::keys;
+
+/// How a filter is answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Point lookups by id.
+    Ids(Vec<[u8; 32]>),
+    /// Range scans over index prefixes, merged. `covered`: every condition of
+    /// the filter is decided by the index, so candidates need no re-check.
+    Scan { prefixes: Vec<Vec<u8>>, covered: bool },
+}
+
+/// Beyond this many author x kind ranges, scan per author instead.
+const MAX_AUTHOR_KIND_RANGES: usize = 4096;
+
+pub fn plan(filter: &Filter) -> Plan {
+    if let Some(ids) = &filter.ids {
+        return Plan::Ids(ids.clone());
+    }
+    let has_tags = !filter.tags.is_empty();
+    if let Some(authors) = &filter.authors {
+        if let Some(kinds) = &filter.kinds {
+            if authors.len() * kinds.len() <= MAX_AUTHOR_KIND_RANGES {
+                let prefixes = authors
+                    .iter()
+                    .flat_map(|a| kinds.iter().map(move |k| keys::author_kind_prefix(a, *k)))
+                    .collect();
+                return Plan::Scan { prefixes, covered: !has_tags };
+            }
+        }
+        let prefixes = authors.iter().map(keys::author_prefix).collect();
+        return Plan::Scan { prefixes, covered: !has_tags && filter.kinds.is_none() };
+    }
+    if has_tags {
+        // The tag with the fewest values gives the fewest ranges; the rest are re-checked.
+        let (letter, values) = filter.tags.iter().min_by_key(|(_, v)| v.len()).expect("has tags");
+        let mut exact = true;
+        let prefixes = values
+            .iter()
+            .map(|v| {
+                let (p, e) = keys::tag_prefix(*letter as u8, v);
+                exact &= e;
+                p
+            })
+            .collect();
+        let covered = exact && filter.tags.len() == 1 && filter.kinds.is_none();
+        return Plan::Scan { prefixes, covered };
+    }
+    if let Some(kinds) = &filter.kinds {
+        return Plan::Scan { prefixes: kinds.iter().map(|k| keys::kind_prefix(*k)).collect(), covered: true };
+    }
+    Plan::Scan { prefixes: vec![keys::created_prefix()], covered: true }
+}
+
+/// Key bounds `[lower, upper]` of one prefix for the filter's `since`/`until`.
+pub fn bounds(prefix: &[u8], filter: &Filter) -> (Vec<u8>, Vec<u8>) {
+    let mut lower = prefix.to_vec();
+    lower.extend_from_slice(&(u64::MAX - filter.until.unwrap_or(u64::MAX)).to_be_bytes());
+    let mut upper = prefix.to_vec();
+    upper.extend_from_slice(&(u64::MAX - filter.since.unwrap_or(0)).to_be_bytes());
+    upper.extend_from_slice(&[0xff; 32]);
+    (lower, upper)
+}
+
+/// Merges several iterators of index keys, each already in NIP-01 order, into
+/// one stream of `(created_at, id)` in NIP-01 order without duplicates.
+pub struct MergedScan<I> {
+    iters: Vec<I>,
+    heap: BinaryHeap<Reverse<([u8; 40], usize)>>,
+    last: Option<[u8; 40]>,
+}
+
+impl<I, E> MergedScan<I>
+where
+    I: Iterator<Item = Result<Vec<u8>, E>>,
+{
+    pub fn new(mut iters: Vec<I>) -> Result<Self, E> {
+        let mut heap = BinaryHeap::with_capacity(iters.len());
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some(suffix) = next_suffix(it)? {
+                heap.push(Reverse((suffix, i)));
+            }
+        }
+        Ok(Self { iters, heap, last: None })
+    }
+
+    pub fn next_entry(&mut self) -> Result<Option<(u64, [u8; 32])>, E> {
+        while let Some(Reverse((suffix, i))) = self.heap.pop() {
+            if let Some(next) = next_suffix(&mut self.iters[i])? {
+                self.heap.push(Reverse((next, i)));
+            }
+            if self.last == Some(suffix) {
+                continue; // the same event reached through two values of one tag
+            }
+            self.last = Some(suffix);
+            return Ok(keys::parse_suffix(&suffix));
+        }
+        Ok(None)
+    }
+}
+
+fn next_suffix<I, E>(it: &mut I) -> Result<Option<[u8; 40]>, E>
+where
+    I: Iterator<Item = Result<Vec<u8>, E>>,
+{
+    for key in it.by_ref() {
+        let key = key?;
+        if key.len() >= 40 {
+            let mut s = [0u8; 40];
+            s.copy_from_slice(&key[key.len() - 40..]);
+            return Ok(Some(s));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn filter(v: serde_json::Value) -> Filter {
+        Filter::parse(&v, crate::filter::FilterLimits { max_values: 5000 }).unwrap()
+    }
+
+    #[test]
+    fn chooses_the_narrowest_index() {
+        let a = "aa".repeat(32);
+        assert!(matches!(plan(&filter(json!({"ids": [a]}))), Plan::Ids(_)));
+        match plan(&filter(json!({"authors": [a], "kinds": [1, 7]}))) {
+            Plan::Scan { prefixes, covered } => {
+                assert_eq!(prefixes.len(), 2);
+                assert_eq!(prefixes[0][0], keys::AUTHOR_KIND);
+                assert!(covered);
+            }
+            p => panic!("{p:?}"),
+        }
+        match plan(&filter(json!({"#t": ["x"], "kinds": [1]}))) {
+            Plan::Scan { prefixes, covered } => {
+                assert_eq!(prefixes[0][0], keys::TAG);
+                assert!(!covered);
+            }
+            p => panic!("{p:?}"),
+        }
+        match plan(&filter(json!({"#t": ["x", "y"], "#p": [a]}))) {
+            Plan::Scan { prefixes, covered } => {
+                assert_eq!(prefixes.len(), 1, "the tag with fewer values");
+                assert!(!covered);
+            }
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(plan(&filter(json!({"since": 5}))), Plan::Scan { prefixes: vec![keys::created_prefix()], covered: true });
+    }
+
+    #[test]
+    fn merge_is_ordered_and_deduplicated() {
+        let k = |ts: u64, id: u8| -> Result<Vec<u8>, ()> {
+            let mut v = vec![b'T'];
+            v.extend_from_slice(&keys::order_suffix(ts, &[id; 32]));
+            Ok(v)
+        };
+        let a = vec![k(30, 1), k(20, 1), k(10, 1)].into_iter();
+        let b = vec![k(25, 2), k(20, 0), k(20, 1)].into_iter();
+        let mut m = MergedScan::new(vec![a, b]).unwrap();
+        let mut got = vec![];
+        while let Some((ts, id)) = m.next_entry().unwrap() {
+            got.push((ts, id[0]));
+        }
+        assert_eq!(got, vec![(30, 1), (25, 2), (20, 0), (20, 1), (10, 1)]);
+    }
+}
