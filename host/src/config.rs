@@ -34,7 +34,7 @@ pub enum ConfigError {
     OutOfRange(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -127,20 +127,13 @@ pub enum LogFormat {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            bind: "127.0.0.1:7777".parse().expect("static address"),
-            public_url: "ws://127.0.0.1:7777".into(),
-        }
+        Self { bind: "127.0.0.1:7777".parse().expect("static address"), public_url: "ws://127.0.0.1:7777".into() }
     }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("./data"),
-            cache_capacity_bytes: 256 * 1024 * 1024,
-            max_batch_events: 1024,
-        }
+        Self { data_dir: PathBuf::from("./data"), cache_capacity_bytes: 256 * 1024 * 1024, max_batch_events: 1024 }
     }
 }
 
@@ -178,18 +171,6 @@ impl Default for RelayInfo {
 impl Default for LogConfig {
     fn default() -> Self {
         Self { filter: "info".into(), format: LogFormat::Text }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            storage: StorageConfig::default(),
-            limits: Limits::default(),
-            info: RelayInfo::default(),
-            log: LogConfig::default(),
-        }
     }
 }
 
@@ -235,7 +216,9 @@ impl Config {
             return fail("limits.max_subscriptions, max_filters and max_subid_length must be positive");
         }
         if l.max_pending_events_per_connection == 0 || l.send_queue_capacity < 16 {
-            return fail("limits.max_pending_events_per_connection must be positive and send_queue_capacity at least 16");
+            return fail(
+                "limits.max_pending_events_per_connection must be positive and send_queue_capacity at least 16",
+            );
         }
         if self.storage.max_batch_events == 0 {
             return fail("storage.max_batch_events must be positive");
@@ -245,6 +228,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's test jail returns its own error type
 mod tests {
     use super::*;
 
@@ -283,7 +267,10 @@ mod tests {
     #[test]
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("relay.toml", "[server]\nbind = \"127.0.0.1:9000\"\n[limits]\nmax_limit = 100\ndefault_limit = 50\n")?;
+            jail.create_file(
+                "relay.toml",
+                "[server]\nbind = \"127.0.0.1:9000\"\n[limits]\nmax_limit = 100\ndefault_limit = 50\n",
+            )?;
             jail.set_env("WASM_RELAY_BIND", "127.0.0.1:9001");
             jail.set_env("WASM_RELAY_DATA_DIR", "/tmp/relay-data");
             jail.set_env("WASM_RELAY_LIMITS__DEFAULT_LIMIT", "10");

@@ -142,7 +142,8 @@ where
         let text = match frame {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                self.feed(message::notice("invalid: binary frames are not part of NIP-01; send JSON text frames")).await?;
+                self.feed(message::notice("invalid: binary frames are not part of NIP-01; send JSON text frames"))
+                    .await?;
                 return Ok(Step::Continue);
             }
             Message::Close(_) => return Ok(Step::Close),
@@ -159,7 +160,9 @@ where
         }
         match message::parse_client_message(&text) {
             Err(e) => self.feed(message::notice(&format!("invalid: {e}"))).await?,
-            Ok(Parsed::BadFilters { sub_id, reason }) => self.feed(message::closed(&sub_id, &format!("invalid: {reason}"))).await?,
+            Ok(Parsed::BadFilters { sub_id, reason }) => {
+                self.feed(message::closed(&sub_id, &format!("invalid: {reason}"))).await?
+            }
             Ok(Parsed::Message(ClientMessage::Event(raw))) => {
                 let now = unix_now();
                 match read_event(raw, &self.relay.config.limits, now) {
@@ -210,7 +213,11 @@ where
             return Err("invalid: at least one filter is required".into());
         }
         if raw.len() > limits.max_filters {
-            return Err(format!("invalid: {} filters in one request; at most {} are allowed", raw.len(), limits.max_filters));
+            return Err(format!(
+                "invalid: {} filters in one request; at most {} are allowed",
+                raw.len(),
+                limits.max_filters
+            ));
         }
         let filter_limits = FilterLimits { max_values: limits.max_filter_values };
         raw.iter().map(|v| Filter::parse(v, filter_limits).map_err(|e| format!("invalid: {e}"))).collect()
@@ -223,7 +230,8 @@ where
         };
         let limits = self.relay.config.limits.clone();
         if !self.subs.contains_key(sub_id.as_str()) && self.subs.len() >= limits.max_subscriptions {
-            let reason = format!("blocked: {} subscriptions are open, the most allowed; CLOSE one first", self.subs.len());
+            let reason =
+                format!("blocked: {} subscriptions are open, the most allowed; CLOSE one first", self.subs.len());
             return self.refuse_sub(&sub_id, &reason).await;
         }
         let sub: Arc<str> = sub_id.into();

@@ -53,10 +53,8 @@ pub struct Refusal {
 /// Reads and checks an event from an EVENT message. On success the event's id
 /// and signature are verified and it is within `limits` at time `now`.
 pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Refusal> {
-    let event: Event = serde_json::from_str(raw.get()).map_err(|e| Refusal {
-        event_id: id_of_unreadable(raw),
-        message: format!("invalid: malformed event: {e}"),
-    })?;
+    let event: Event = serde_json::from_str(raw.get())
+        .map_err(|e| Refusal { event_id: id_of_unreadable(raw), message: format!("invalid: malformed event: {e}") })?;
     let refuse = |message: String| Refusal { event_id: Some(event.id.to_hex()), message };
     if !event.verify_id() {
         return Err(refuse("invalid: event id does not match the sha256 of its canonical serialization".into()));
@@ -65,7 +63,11 @@ pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Re
         return Err(refuse("invalid: signature verification failed".into()));
     }
     if event.tags.len() > limits.max_event_tags {
-        return Err(refuse(format!("invalid: event has {} tags; at most {} are allowed", event.tags.len(), limits.max_event_tags)));
+        return Err(refuse(format!(
+            "invalid: event has {} tags; at most {} are allowed",
+            event.tags.len(),
+            limits.max_event_tags
+        )));
     }
     if event.content.len() > limits.max_content_length {
         return Err(refuse(format!(
@@ -117,10 +119,7 @@ pub fn d_tag(event: &Event) -> &str {
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]

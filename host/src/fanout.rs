@@ -102,7 +102,8 @@ impl Fanout {
                     if !any_filter_matches(&sub.filters, &event.event) {
                         continue;
                     }
-                    let delivery = Delivery { sub_id: sub.sub_id.clone(), generation: sub.generation, seq, event: event.clone() };
+                    let delivery =
+                        Delivery { sub_id: sub.sub_id.clone(), generation: sub.generation, seq, event: event.clone() };
                     if let Err(mpsc::error::TrySendError::Full(_)) = entry.tx.try_send(delivery) {
                         entry.overflowed.notify_one();
                         overflowed.push(*conn);

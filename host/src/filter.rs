@@ -50,9 +50,9 @@ impl Filter {
                     let mut kinds = list(key, value, limits)?
                         .iter()
                         .map(|v| {
-                            v.as_u64()
-                                .and_then(|k| u16::try_from(k).ok())
-                                .ok_or_else(|| FilterError(format!("'kinds' values must be integers from 0 to 65535, got {v}")))
+                            v.as_u64().and_then(|k| u16::try_from(k).ok()).ok_or_else(|| {
+                                FilterError(format!("'kinds' values must be integers from 0 to 65535, got {v}"))
+                            })
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     kinds.sort_unstable();
@@ -72,7 +72,10 @@ impl Filter {
                             return Err(FilterError(format!("'{key}' values must be strings, got {}", json_type(v))));
                         };
                         if (letter == 'e' || letter == 'p') && !is_hex64(s) {
-                            return Err(FilterError(format!("'{key}' values must be 64 lowercase hex characters, got \"{}\"", truncate(s))));
+                            return Err(FilterError(format!(
+                                "'{key}' values must be 64 lowercase hex characters, got \"{}\"",
+                                truncate(s)
+                            )));
                         }
                         strings.push(s.clone());
                     }
@@ -104,20 +107,20 @@ impl Filter {
 /// Whether `event` satisfies every field of `filter` (NIP-01: fields AND,
 /// list values OR).
 pub fn filter_matches(filter: &Filter, event: &Event) -> bool {
-    if let Some(ids) = &filter.ids {
-        if ids.binary_search(event.id.as_bytes()).is_err() {
-            return false;
-        }
+    if let Some(ids) = &filter.ids
+        && ids.binary_search(event.id.as_bytes()).is_err()
+    {
+        return false;
     }
-    if let Some(authors) = &filter.authors {
-        if authors.binary_search(event.pubkey.as_bytes()).is_err() {
-            return false;
-        }
+    if let Some(authors) = &filter.authors
+        && authors.binary_search(event.pubkey.as_bytes()).is_err()
+    {
+        return false;
     }
-    if let Some(kinds) = &filter.kinds {
-        if kinds.binary_search(&event.kind.as_u16()).is_err() {
-            return false;
-        }
+    if let Some(kinds) = &filter.kinds
+        && kinds.binary_search(&event.kind.as_u16()).is_err()
+    {
+        return false;
     }
     let created_at = event.created_at.as_secs();
     if filter.since.is_some_and(|s| created_at < s) || filter.until.is_some_and(|u| created_at > u) {
@@ -154,7 +157,11 @@ fn list<'a>(key: &str, value: &'a Value, limits: FilterLimits) -> Result<&'a Vec
         return Err(FilterError(format!("'{key}' must be an array, got {}", json_type(value))));
     };
     if values.len() > limits.max_values {
-        return Err(FilterError(format!("'{key}' has {} values; at most {} are allowed", values.len(), limits.max_values)));
+        return Err(FilterError(format!(
+            "'{key}' has {} values; at most {} are allowed",
+            values.len(),
+            limits.max_values
+        )));
     }
     Ok(values)
 }
@@ -168,7 +175,9 @@ fn hex32_list(key: &str, value: &Value, limits: FilterLimits) -> Result<Vec<[u8;
                 hex::decode_to_slice(s, &mut b).expect("checked hex");
                 Ok(b)
             }
-            Value::String(s) => Err(FilterError(format!("'{key}' values must be 64 lowercase hex characters, got \"{}\"", truncate(s)))),
+            Value::String(s) => {
+                Err(FilterError(format!("'{key}' values must be 64 lowercase hex characters, got \"{}\"", truncate(s))))
+            }
             other => Err(FilterError(format!("'{key}' values must be strings, got {}", json_type(other)))),
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -178,9 +187,7 @@ fn hex32_list(key: &str, value: &Value, limits: FilterLimits) -> Result<Vec<[u8;
 }
 
 fn timestamp(key: &str, value: &Value) -> Result<u64, FilterError> {
-    value
-        .as_u64()
-        .ok_or_else(|| FilterError(format!("'{key}' must be a non-negative integer, got {value}")))
+    value.as_u64().ok_or_else(|| FilterError(format!("'{key}' must be a non-negative integer, got {value}")))
 }
 
 /// 64 lowercase hexadecimal characters (NIP-01 ids and public keys).
@@ -238,7 +245,8 @@ mod tests {
         let other = Keys::generate();
         let e = event(&keys, 1, 100, vec![vec!["t", "nostr"], vec!["p", &"ab".repeat(32)]]);
         let pk = keys.public_key().to_hex();
-        let ok = parse(json!({"authors": [other.public_key().to_hex(), pk], "kinds": [7, 1], "#t": ["x", "nostr"]})).unwrap();
+        let ok = parse(json!({"authors": [other.public_key().to_hex(), pk], "kinds": [7, 1], "#t": ["x", "nostr"]}))
+            .unwrap();
         assert!(filter_matches(&ok, &e));
         let wrong_kind = parse(json!({"authors": [pk], "kinds": [7]})).unwrap();
         assert!(!filter_matches(&wrong_kind, &e));

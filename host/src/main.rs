@@ -61,7 +61,8 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.storage.data_dir.clone();
-    let relay = BoundRelay::bind(config).await.with_context(|| format!("starting the relay on {}", data_dir.display()))?;
+    let relay =
+        BoundRelay::bind(config).await.with_context(|| format!("starting the relay on {}", data_dir.display()))?;
     let addr = relay.local_addr()?;
     // Tests and scripts read this line from stdout to learn the port.
     println!("wasm-relay listening on ws://{addr}");

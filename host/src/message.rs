@@ -26,7 +26,10 @@ pub struct MessageError(pub String);
 pub enum Parsed<'a> {
     Message(ClientMessage<'a>),
     /// REQ or COUNT with a subscription id but unreadable filters.
-    BadFilters { sub_id: String, reason: String },
+    BadFilters {
+        sub_id: String,
+        reason: String,
+    },
 }
 
 pub fn parse_client_message(text: &str) -> Result<Parsed<'_>, MessageError> {
@@ -35,8 +38,9 @@ pub fn parse_client_message(text: &str) -> Result<Parsed<'_>, MessageError> {
     let Some(first) = parts.first() else {
         return Err(MessageError("empty message array".into()));
     };
-    let verb: String = serde_json::from_str(first.get())
-        .map_err(|_| MessageError("the first element of a message must be a string (EVENT, REQ, COUNT, CLOSE)".into()))?;
+    let verb: String = serde_json::from_str(first.get()).map_err(|_| {
+        MessageError("the first element of a message must be a string (EVENT, REQ, COUNT, CLOSE)".into())
+    })?;
     match verb.as_str() {
         "EVENT" => {
             if parts.len() != 2 {
@@ -118,7 +122,10 @@ mod tests {
 
     #[test]
     fn parses_each_verb() {
-        assert!(matches!(parse_client_message(r#"["EVENT",{"id":"x"}]"#), Ok(Parsed::Message(ClientMessage::Event(_)))));
+        assert!(matches!(
+            parse_client_message(r#"["EVENT",{"id":"x"}]"#),
+            Ok(Parsed::Message(ClientMessage::Event(_)))
+        ));
         match parse_client_message(r#"["REQ","s",{"kinds":[1]},{}]"#).unwrap() {
             Parsed::Message(ClientMessage::Req { sub_id, filters }) => {
                 assert_eq!(sub_id, "s");
@@ -126,7 +133,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_client_message(r#"["COUNT","s",{}]"#), Ok(Parsed::Message(ClientMessage::Count { .. }))));
+        assert!(matches!(
+            parse_client_message(r#"["COUNT","s",{}]"#),
+            Ok(Parsed::Message(ClientMessage::Count { .. }))
+        ));
         assert!(matches!(parse_client_message(r#"["CLOSE","s"]"#), Ok(Parsed::Message(ClientMessage::Close { .. }))));
     }
 

@@ -65,7 +65,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// Events matching any of `filters` (each with its own limit: the filter's
     /// `limit` capped at `max_limit`, else `default_limit`), deduplicated, in
     /// NIP-01 order.
-    fn query_filters(&self, filters: &[Filter], default_limit: usize, max_limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    fn query_filters(
+        &self,
+        filters: &[Filter],
+        default_limit: usize,
+        max_limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut all = Vec::new();
         for filter in filters {
             let limit = filter.limit.map_or(default_limit, |l| usize::try_from(l).unwrap_or(usize::MAX)).min(max_limit);

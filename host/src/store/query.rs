@@ -28,14 +28,12 @@ pub fn plan(filter: &Filter) -> Plan {
     }
     let has_tags = !filter.tags.is_empty();
     if let Some(authors) = &filter.authors {
-        if let Some(kinds) = &filter.kinds {
-            if authors.len() * kinds.len() <= MAX_AUTHOR_KIND_RANGES {
-                let prefixes = authors
-                    .iter()
-                    .flat_map(|a| kinds.iter().map(move |k| keys::author_kind_prefix(a, *k)))
-                    .collect();
-                return Plan::Scan { prefixes, covered: !has_tags };
-            }
+        if let Some(kinds) = &filter.kinds
+            && authors.len() * kinds.len() <= MAX_AUTHOR_KIND_RANGES
+        {
+            let prefixes =
+                authors.iter().flat_map(|a| kinds.iter().map(move |k| keys::author_kind_prefix(a, *k))).collect();
+            return Plan::Scan { prefixes, covered: !has_tags };
         }
         let prefixes = authors.iter().map(keys::author_prefix).collect();
         return Plan::Scan { prefixes, covered: !has_tags && filter.kinds.is_none() };
@@ -158,7 +156,10 @@ mod tests {
             }
             p => panic!("{p:?}"),
         }
-        assert_eq!(plan(&filter(json!({"since": 5}))), Plan::Scan { prefixes: vec![keys::created_prefix()], covered: true });
+        assert_eq!(
+            plan(&filter(json!({"since": 5}))),
+            Plan::Scan { prefixes: vec![keys::created_prefix()], covered: true }
+        );
     }
 
     #[test]

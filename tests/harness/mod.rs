@@ -1,0 +1,271 @@
+//! The integration-test harness: starts the real `wasm-relay` binary on an
+//! ephemeral loopback port with a temporary data directory and hands back
+//! WebSocket clients that speak NIP-01.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use nostr::event::{Event, EventBuilder, FinalizeEvent, Kind, Tag};
+use nostr::key::Keys;
+use nostr::types::Timestamp;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected reply may take before the test fails.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestRelay {
+    child: Child,
+    pub addr: String,
+    pub url: String,
+    data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+}
+
+impl TestRelay {
+    /// A relay on a fresh temporary data directory.
+    pub async fn start() -> Self {
+        Self::start_with_env(&[]).await
+    }
+
+    /// A relay with extra `WASM_RELAY_*` environment settings.
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut relay = Self::spawn(dir, env).await;
+        relay._temp = Some(temp);
+        relay
+    }
+
+    async fn spawn(data_dir: PathBuf, env: Vec<(String, String)>) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-relay"));
+        cmd.arg("serve").arg("--bind").arg("127.0.0.1:0").arg("--data-dir").arg(&data_dir);
+        cmd.env_remove("RUST_LOG").env("WASM_RELAY_LOG", "warn");
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        let mut child = cmd.spawn().expect("start the wasm-relay binary");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("relay did not report its address within 30 s")
+            .expect("reading relay stdout")
+            .expect("relay exited before listening");
+        let url = line.strip_prefix("wasm-relay listening on ").expect("listening line").to_string();
+        let addr = url.trim_start_matches("ws://").to_string();
+        // Keep draining stdout so the relay never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr, url, data_dir, _temp: None, env }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url).await
+    }
+
+    /// SIGKILLs the relay and starts it again on the same data directory.
+    pub async fn crash_and_restart(mut self) -> Self {
+        self.child.kill().await.expect("kill relay");
+        let temp = self._temp.take();
+        let mut next = Self::spawn(self.data_dir.clone(), std::mem::take(&mut self.env)).await;
+        next._temp = temp;
+        next
+    }
+
+    /// Plain HTTP GET on the relay's port; returns (status line, headers, body).
+    pub async fn http_get(&self, path: &str, accept: &str) -> (String, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(&self.addr).await.expect("connect");
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n", self.addr);
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(REPLY_TIMEOUT, s.read_to_end(&mut buf)).await.expect("http timeout").unwrap();
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+        let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+        (status.to_string(), headers.to_ascii_lowercase(), body.to_string())
+    }
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Messages read while waiting for something else.
+    buffered: VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
+        Self { ws, buffered: VecDeque::new() }
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.expect("send");
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws.send(Message::Binary(data.into())).await.expect("send");
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_raw(&v.to_string()).await;
+    }
+
+    async fn read_one(&mut self, timeout: Duration) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(timeout, self.ws.next()).await.ok()?;
+            match msg {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).expect("relay sent invalid JSON")),
+                Some(Ok(Message::Close(frame))) => panic!("relay closed the connection: {frame:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("websocket error: {e}"),
+                None => panic!("connection ended"),
+            }
+        }
+    }
+
+    /// The next message, buffered ones first.
+    pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.buffered.pop_front() {
+            return v;
+        }
+        self.read_one(REPLY_TIMEOUT).await.expect("no message from the relay within the timeout")
+    }
+
+    /// The first message satisfying `pred`; others are kept for later.
+    pub async fn recv_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.buffered.iter().position(&pred) {
+            return self.buffered.remove(i).unwrap();
+        }
+        loop {
+            let v = self
+                .read_one(REPLY_TIMEOUT)
+                .await
+                .unwrap_or_else(|| panic!("timed out waiting for {what}; other messages: {:?}", self.buffered));
+            if pred(&v) {
+                return v;
+            }
+            self.buffered.push_back(v);
+        }
+    }
+
+    /// Asserts nothing arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        assert!(self.buffered.is_empty(), "unexpected buffered messages: {:?}", self.buffered);
+        if let Some(v) = self.read_one(wait).await {
+            panic!("expected no message, got {v}");
+        }
+    }
+
+    /// Publishes `event` and returns the `OK` (accepted, message).
+    pub async fn publish(&mut self, event: &Event) -> (bool, String) {
+        self.publish_raw(&event.as_json(), &event.id.to_hex()).await
+    }
+
+    pub async fn publish_raw(&mut self, event_json: &str, id: &str) -> (bool, String) {
+        self.send_raw(&format!("[\"EVENT\",{event_json}]")).await;
+        self.expect_ok(id).await
+    }
+
+    pub async fn expect_ok(&mut self, id: &str) -> (bool, String) {
+        let ok = self.recv_where(&format!("OK for {id}"), |v| v[0] == "OK" && v[1] == id).await;
+        (ok[2].as_bool().expect("OK flag"), ok[3].as_str().expect("OK message").to_string())
+    }
+
+    /// Publishes and asserts `OK true`.
+    pub async fn publish_ok(&mut self, event: &Event) {
+        let (accepted, message) = self.publish(event).await;
+        assert!(accepted, "relay refused {}: {message}", event.id);
+    }
+
+    /// Sends a REQ and collects the stored events up to EOSE. Panics on CLOSED.
+    pub async fn req(&mut self, sub: &str, filters: Vec<Value>) -> Vec<Value> {
+        let mut msg = vec![json!("REQ"), json!(sub)];
+        msg.extend(filters);
+        self.send(Value::Array(msg)).await;
+        let mut events = Vec::new();
+        loop {
+            let v = self
+                .recv_where(&format!("EOSE for {sub}"), |v| {
+                    v[1] == sub && (v[0] == "EVENT" || v[0] == "EOSE" || v[0] == "CLOSED")
+                })
+                .await;
+            match v[0].as_str() {
+                Some("EVENT") => events.push(v[2].clone()),
+                Some("EOSE") => return events,
+                _ => panic!("REQ {sub} was refused: {v}"),
+            }
+        }
+    }
+
+    /// The ids of a REQ's stored events, in the order received.
+    pub async fn req_ids(&mut self, sub: &str, filters: Vec<Value>) -> Vec<String> {
+        self.req(sub, filters).await.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Sends a REQ that must be refused; returns the CLOSED message.
+    pub async fn req_refused(&mut self, sub: &str, filters: Vec<Value>) -> String {
+        let mut msg = vec![json!("REQ"), json!(sub)];
+        msg.extend(filters);
+        self.send(Value::Array(msg)).await;
+        let v = self.recv_where(&format!("reply to REQ {sub}"), |v| v[1] == sub).await;
+        assert_eq!(v[0], "CLOSED", "expected CLOSED for {sub}, got {v}");
+        v[2].as_str().unwrap().to_string()
+    }
+
+    pub async fn count(&mut self, sub: &str, filters: Vec<Value>) -> Value {
+        let mut msg = vec![json!("COUNT"), json!(sub)];
+        msg.extend(filters);
+        self.send(Value::Array(msg)).await;
+        self.recv_where(&format!("COUNT reply for {sub}"), |v| v[1] == sub).await
+    }
+
+    /// The next live event on `sub`.
+    pub async fn next_event(&mut self, sub: &str) -> Value {
+        let v = self.recv_where(&format!("live EVENT on {sub}"), |v| v[0] == "EVENT" && v[1] == sub).await;
+        v[2].clone()
+    }
+
+    pub async fn notice(&mut self) -> String {
+        let v = self.recv_where("NOTICE", |v| v[0] == "NOTICE").await;
+        v[1].as_str().unwrap().to_string()
+    }
+}
+
+pub fn now() -> u64 {
+    Timestamp::now().as_secs()
+}
+
+/// A signed event.
+pub fn sign(keys: &Keys, kind: u16, content: &str, tags: &[&[&str]], created_at: u64) -> Event {
+    EventBuilder::new(Kind::from(kind), content)
+        .tags(tags.iter().map(|t| Tag::parse(t.iter().copied()).expect("tag")))
+        .custom_created_at(Timestamp::from(created_at))
+        .finalize(keys)
+        .expect("sign")
+}
+
+/// A signed kind-1 note created `age` seconds ago.
+pub fn note(keys: &Keys, content: &str, age: u64) -> Event {
+    sign(keys, 1, content, &[], now() - age)
+}
+
+pub fn ids(events: &[&Event]) -> Vec<String> {
+    events.iter().map(|e| e.id.to_hex()).collect()
+}
