@@ -10,9 +10,19 @@ all: build
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
-# Plugins are WebAssembly components built for wasm32-wasip2.
+PLUGIN_BUILD := target/$(WASM_TARGET)/plugin
+PLUGIN_OUT := target/plugins
+# Plugin components and where they end up: target/plugins/<name>.wasm.
+PLUGIN_CRATES := kind-allowlist pinned-events probe
+
+# Plugins are WebAssembly components built for wasm32-wasip2. The probe test
+# plugin is built twice (v1, v2) for the hot-swap tests.
 plugins: wasm-target
-	$(CARGO) build --release --target $(WASM_TARGET) -p mls-gateway
+	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p mls-gateway $(addprefix -p ,$(PLUGIN_CRATES))
+	mkdir -p $(PLUGIN_OUT)
+	cp $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/
+	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
+	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 
 build: plugins
 	$(CARGO) build --release -p wasm-relay

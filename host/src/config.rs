@@ -42,6 +42,112 @@ pub struct Config {
     pub limits: Limits,
     pub info: RelayInfo,
     pub log: LogConfig,
+    pub plugin_runtime: PluginRuntimeConfig,
+    /// Plugins, loaded in this order; each is consulted in this order.
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// Settings shared by every plugin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginRuntimeConfig {
+    /// Where compiled plugins are cached, keyed by content hash. Empty: a
+    /// `plugin-cache` folder in the data directory.
+    pub cache_dir: PathBuf,
+    /// Watch plugin files and hot-swap a plugin when its file changes.
+    pub watch: bool,
+}
+
+/// What a plugin does when a REQ or COUNT call into it fails.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Refuse the request with `CLOSED "error: ..."`.
+    Closed,
+    /// Serve the request without this plugin's answer (its managed kinds stay hidden).
+    Open,
+}
+
+/// One plugin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Name used in logs and as the plugin's key-value namespace (a-z, 0-9, -, _).
+    pub name: String,
+    /// The component file (`.wasm`).
+    pub path: PathBuf,
+    /// CPU time one call may take before it is stopped, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// Memory one plugin instance may use, in bytes.
+    #[serde(default = "default_memory_limit_bytes")]
+    pub memory_limit_bytes: usize,
+    /// What a REQ/COUNT gets when this plugin fails.
+    #[serde(default = "default_failure_policy")]
+    pub on_req_failure: FailurePolicy,
+    /// Consecutive failed calls after which the plugin is disabled until its
+    /// file is replaced.
+    #[serde(default = "default_max_consecutive_failures")]
+    pub max_consecutive_failures: u32,
+    /// Values for the settings the plugin declares in `info()`.
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, SettingValue>,
+}
+
+/// A plugin setting: TOML strings, numbers and booleans are all accepted and
+/// handed to the plugin as text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SettingValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for SettingValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SettingValue::Text(s) => f.write_str(s),
+            SettingValue::Integer(i) => write!(f, "{i}"),
+            SettingValue::Float(x) => write!(f, "{x}"),
+            SettingValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+fn default_call_timeout_ms() -> u64 {
+    50
+}
+fn default_memory_limit_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_failure_policy() -> FailurePolicy {
+    FailurePolicy::Closed
+}
+fn default_max_consecutive_failures() -> u32 {
+    20
+}
+
+impl PluginConfig {
+    /// A plugin with default limits, as `--plugin NAME=PATH` gives.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            call_timeout_ms: default_call_timeout_ms(),
+            memory_limit_bytes: default_memory_limit_bytes(),
+            on_req_failure: default_failure_policy(),
+            max_consecutive_failures: default_max_consecutive_failures(),
+            settings: Default::default(),
+        }
+    }
+}
+
+impl Default for PluginRuntimeConfig {
+    fn default() -> Self {
+        Self { cache_dir: PathBuf::new(), watch: true }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -200,7 +306,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks ranges and plugin entries (also after command-line additions).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let fail = |m: &str| Err(ConfigError::OutOfRange(m.into()));
         if l.default_limit > l.max_limit {
@@ -222,6 +329,19 @@ impl Config {
         }
         if self.storage.max_batch_events == 0 {
             return fail("storage.max_batch_events must be positive");
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.plugins {
+            crate::metadata::validate_namespace(&p.name).map_err(|e| ConfigError::OutOfRange(format!("plugins.name: {e}")))?;
+            if !names.insert(p.name.as_str()) {
+                return Err(ConfigError::OutOfRange(format!("plugins: the name '{}' is used twice", p.name)));
+            }
+            if p.call_timeout_ms == 0 || p.memory_limit_bytes < 1024 * 1024 || p.max_consecutive_failures == 0 {
+                return Err(ConfigError::OutOfRange(format!(
+                    "plugin '{}': call_timeout_ms and max_consecutive_failures must be positive, memory_limit_bytes at least 1 MiB",
+                    p.name
+                )));
+            }
         }
         Ok(())
     }
@@ -258,6 +378,8 @@ mod tests {
         let (mut a, mut b) = (vec![], vec![]);
         keys(&example, "", &mut a);
         keys(&defaults, "", &mut b);
+        // The example shows `[[plugins]]` commented out; the default is an empty list.
+        b.retain(|k| k != "plugins");
         // Optional keys (None) serialize to nothing; the example shows them commented out.
         a.sort();
         b.sort();

@@ -21,8 +21,9 @@ use crate::fanout::{ConnId, Delivery};
 use crate::filter::{Filter, FilterLimits};
 use crate::ingest::WriteResult;
 use crate::message::{self, ClientMessage, Parsed};
+use crate::plugin::{Caller, ReadPurpose};
 use crate::relay::Relay;
-use crate::store::WriteOutcome;
+use crate::store::{StoredEvent, WriteOutcome};
 
 /// What this connection remembers of one of its subscriptions.
 struct LocalSub {
@@ -37,6 +38,8 @@ type PendingOk = std::pin::Pin<Box<dyn std::future::Future<Output = (String, Wri
 pub struct Connection<S> {
     id: ConnId,
     remote: SocketAddr,
+    /// This connection as plugins see it.
+    caller: Caller,
     relay: Arc<Relay>,
     ws: WebSocketStream<S>,
     subs: HashMap<Arc<str>, LocalSub>,
@@ -55,7 +58,8 @@ where
 {
     pub fn new(relay: Arc<Relay>, ws: WebSocketStream<S>, remote: SocketAddr) -> Self {
         let id = relay.next_connection_id();
-        Self { id, remote, relay, ws, subs: HashMap::new(), unflushed: false }
+        let caller = Caller { connection_id: id, authed_pubkeys: vec![], remote };
+        Self { id, remote, caller, relay, ws, subs: HashMap::new(), unflushed: false }
     }
 
     pub async fn run(mut self) {
@@ -176,6 +180,13 @@ where
                     }
                     Ok(event) => {
                         let id = event.id.to_hex();
+                        if !self.relay.plugins.is_empty()
+                            && let Err(refusal) = self.relay.plugins.on_event(&self.caller, &event).await
+                        {
+                            tracing::debug!(conn = self.id, reason = %refusal, "event refused by a plugin");
+                            self.feed(message::ok(&id, false, &refusal)).await?;
+                            return Ok(Step::Continue);
+                        }
                         let accepted = Arc::new(AcceptedEvent::new(event));
                         if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
                             self.relay.fanout.broadcast(0, &accepted);
@@ -238,7 +249,17 @@ where
         let filters: Arc<[Filter]> = filters.into();
         // Register before querying, so nothing stored meanwhile is missed.
         let generation = self.relay.fanout.subscribe(self.id, sub.clone(), filters.clone());
-        let stored = match self.relay.store.query_filters(&filters, limits.default_limit, limits.max_limit) {
+        let from_plugins = match self.plugin_answer(&sub, ReadPurpose::Req, &filters).await {
+            Ok(events) => events,
+            Err(refusal) => {
+                self.relay.fanout.unsubscribe(self.id, &sub);
+                self.subs.remove(&sub);
+                return self.refuse_sub(&sub, &refusal).await;
+            }
+        };
+        let store_filters = self.store_filters(&filters);
+        let queried = self.relay.store.query_filters(&store_filters, limits.default_limit, limits.max_limit);
+        let stored = match queried.map(|stored| merge(stored, from_plugins)) {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::error!(conn = self.id, error = %e, "query failed");
@@ -263,11 +284,19 @@ where
             Ok(f) => f,
             Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
         };
-        let counted = if let [filter] = filters.as_slice() {
-            self.relay.store.count(filter)
-        } else {
-            // Events matching several filters count once.
-            self.relay.store.query_filters(&filters, usize::MAX, usize::MAX).map(|all| all.len() as u64)
+        let from_plugins = match self.plugin_answer(&sub_id, ReadPurpose::Count, &filters).await {
+            Ok(events) => events,
+            Err(refusal) => return self.refuse_sub(&sub_id, &refusal).await,
+        };
+        let store_filters = self.store_filters(&filters);
+        let counted = match store_filters.as_slice() {
+            [filter] if from_plugins.is_empty() => self.relay.store.count(filter),
+            // Events matching several filters, or also given by a plugin, count once.
+            _ => self
+                .relay
+                .store
+                .query_filters(&store_filters, usize::MAX, usize::MAX)
+                .map(|all| merge(all, from_plugins).len() as u64),
         };
         match counted {
             Ok(n) => self.feed(message::count(&sub_id, n)).await,
@@ -278,10 +307,36 @@ where
         }
     }
 
+    /// What the plugins add to a REQ/COUNT, or the CLOSED text.
+    async fn plugin_answer(&mut self, sub_id: &str, purpose: ReadPurpose, filters: &[Filter]) -> Result<Vec<StoredEvent>, String> {
+        if self.relay.plugins.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.relay.plugins.process_req(&self.caller, sub_id, purpose, filters).await
+    }
+
+    /// The filters the store answers: without plugin-managed kinds, which
+    /// only their plugin serves.
+    fn store_filters(&self, filters: &[Filter]) -> Vec<Filter> {
+        let managed = self.relay.plugins.managed_kinds();
+        filters.iter().map(|f| f.without_kinds(&managed)).collect()
+    }
+
     async fn refuse_sub(&mut self, sub_id: &str, reason: &str) -> Result<(), WsError> {
         tracing::debug!(conn = self.id, sub = sub_id, reason, "request refused");
         self.feed(message::closed(sub_id, reason)).await
     }
+}
+
+/// Store results and plugin results together, in NIP-01 order, once each.
+fn merge(mut stored: Vec<StoredEvent>, from_plugins: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    if from_plugins.is_empty() {
+        return stored;
+    }
+    stored.extend(from_plugins);
+    stored.sort_by_key(StoredEvent::order_key);
+    stored.dedup_by_key(|e| e.id);
+    stored
 }
 
 fn ok_reply(id: &str, result: WriteResult) -> String {

@@ -46,6 +46,9 @@ pub struct Fanout {
     connections: RwLock<HashMap<ConnId, ConnectionEntry>>,
     next_seq: AtomicU64,
     next_generation: AtomicU64,
+    /// Kinds never delivered live: plugin-managed kinds are served only
+    /// through their plugin's answers to a REQ.
+    excluded_kinds: arc_swap::ArcSwap<Vec<u16>>,
 }
 
 impl Fanout {
@@ -91,9 +94,17 @@ impl Fanout {
         self.next_seq.load(Ordering::SeqCst)
     }
 
+    /// Sets the kinds never delivered live (sorted).
+    pub fn set_excluded_kinds(&self, kinds: Vec<u16>) {
+        self.excluded_kinds.store(Arc::new(kinds));
+    }
+
     /// Delivers `event` to every subscription it matches. A connection whose
     /// queue is full is dropped from the registry and told to close.
     pub fn broadcast(&self, seq: u64, event: &Arc<AcceptedEvent>) {
+        if self.excluded_kinds.load().binary_search(&event.event.kind.as_u16()).is_ok() {
+            return;
+        }
         let mut overflowed = Vec::new();
         {
             let conns = self.connections.read().unwrap_or_else(|p| p.into_inner());

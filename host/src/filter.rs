@@ -24,6 +24,10 @@ pub struct Filter {
     pub since: Option<u64>,
     pub until: Option<u64>,
     pub limit: Option<u64>,
+    /// Kinds never matched, whatever the other fields say: the relay uses it
+    /// to keep plugin-managed kinds off ordinary read paths. Sorted; never
+    /// parsed from a client.
+    pub exclude_kinds: Vec<u16>,
 }
 
 /// Limits applied while parsing.
@@ -94,6 +98,28 @@ impl Filter {
         self.tags.iter().find(|(l, _)| *l == letter).map(|(_, v)| v.as_slice())
     }
 
+    /// This filter with `excluded` kinds removed from what it can match.
+    pub fn without_kinds(&self, excluded: &[u16]) -> Filter {
+        let mut f = self.clone();
+        if excluded.is_empty() {
+            return f;
+        }
+        match &mut f.kinds {
+            Some(kinds) => kinds.retain(|k| !excluded.contains(k)),
+            None => {
+                f.exclude_kinds.extend_from_slice(excluded);
+                f.exclude_kinds.sort_unstable();
+                f.exclude_kinds.dedup();
+            }
+        }
+        f
+    }
+
+    /// Whether this filter could match an event of `kind`.
+    pub fn could_match_kind(&self, kind: u16) -> bool {
+        self.kinds.as_ref().is_none_or(|k| k.binary_search(&kind).is_ok()) && self.exclude_kinds.binary_search(&kind).is_err()
+    }
+
     /// True when no event can match (an empty list, or since > until).
     pub fn matches_nothing(&self) -> bool {
         self.ids.as_ref().is_some_and(Vec::is_empty)
@@ -117,9 +143,7 @@ pub fn filter_matches(filter: &Filter, event: &Event) -> bool {
     {
         return false;
     }
-    if let Some(kinds) = &filter.kinds
-        && kinds.binary_search(&event.kind.as_u16()).is_err()
-    {
+    if !filter.could_match_kind(event.kind.as_u16()) {
         return false;
     }
     let created_at = event.created_at.as_secs();
@@ -276,6 +300,17 @@ mod tests {
         assert!(filter_matches(&parse(json!({"#t": ["a"]})).unwrap(), &e));
         assert!(!filter_matches(&parse(json!({"#t": ["b"]})).unwrap(), &e));
         assert!(!filter_matches(&parse(json!({"#t": ["c"]})).unwrap(), &e));
+    }
+
+    #[test]
+    fn excluded_kinds_never_match() {
+        let keys = Keys::generate();
+        let f = parse(json!({})).unwrap().without_kinds(&[443]);
+        assert!(!filter_matches(&f, &event(&keys, 443, 1, vec![])));
+        assert!(filter_matches(&f, &event(&keys, 1, 1, vec![])));
+        let f = parse(json!({"kinds": [1, 443]})).unwrap().without_kinds(&[443]);
+        assert_eq!(f.kinds, Some(vec![1]));
+        assert!(parse(json!({"kinds": [443]})).unwrap().without_kinds(&[443]).matches_nothing());
     }
 
     #[test]

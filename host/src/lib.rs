@@ -11,6 +11,8 @@
 //! - [`fanout`]: live subscriptions and delivery.
 //! - [`connection`]: one client's session.
 //! - [`server`]: the HTTP/WebSocket listener; [`nip11`]: relay information.
+//! - [`metadata`]: the plugins' key-value store (sled; Firestore planned).
+//! - [`plugin`]: the WebAssembly plugin runtime and its WIT bindings.
 //! - [`relay`]: shared state and start-up.
 
 pub mod config;
@@ -20,7 +22,9 @@ pub mod fanout;
 pub mod filter;
 pub mod ingest;
 pub mod message;
+pub mod metadata;
 pub mod nip11;
+pub mod plugin;
 pub mod relay;
 pub mod server;
 pub mod store;

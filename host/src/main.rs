@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
-use wasm_relay::config::LogFormat;
+use wasm_relay::config::{LogFormat, PluginConfig};
 use wasm_relay::{BoundRelay, Config};
 
 #[derive(Parser)]
@@ -30,14 +30,22 @@ enum Command {
         /// Data directory, overriding the configuration.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Load a plugin with default limits, after those in the configuration
+        /// (repeatable): `--plugin mls-gateway=target/plugins/mls_gateway.wasm`.
+        #[arg(long = "plugin", value_name = "NAME=PATH", value_parser = parse_plugin)]
+        plugins: Vec<(String, PathBuf)>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref())?;
-    match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None }) {
-        Command::Serve { bind, data_dir } => {
+    match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None, plugins: vec![] }) {
+        Command::Serve { bind, data_dir, plugins } => {
+            for (name, path) in plugins {
+                config.plugins.push(PluginConfig::new(name, path));
+            }
+            config.validate()?;
             if let Some(bind) = bind {
                 config.server.bind = bind;
             }
@@ -48,6 +56,11 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
         }
     }
+}
+
+fn parse_plugin(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or("expected NAME=PATH")?;
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 fn init_logging(config: &Config) {
@@ -68,6 +81,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("wasm-relay listening on ws://{addr}");
     tracing::info!(%addr, data_dir = %data_dir.display(), "relay started");
     let (stop_tx, stop_rx) = watch::channel(false);
+    #[cfg(unix)]
+    {
+        // SIGHUP reloads every plugin from its file.
+        let plugins = relay.relay().plugins.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading plugins");
+                plugins.reload_all().await;
+            }
+        });
+    }
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");

@@ -8,9 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use anyhow::Context;
+
 use crate::config::Config;
 use crate::fanout::{ConnId, Fanout};
 use crate::ingest::Ingest;
+use crate::metadata::{MetadataStore, SledMetadataStore};
+use crate::plugin::PluginHost;
 use crate::store::{EventStore, SledEventStore};
 
 /// Everything a connection needs, shared by all of them.
@@ -19,17 +23,41 @@ pub struct Relay {
     pub store: Arc<dyn EventStore>,
     pub fanout: Arc<Fanout>,
     pub ingest: Ingest,
+    pub plugins: Arc<PluginHost>,
     next_connection: AtomicU64,
 }
 
 impl Relay {
-    pub fn open(config: Config) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(&config.storage.data_dir)?;
-        let store: Arc<dyn EventStore> =
-            Arc::new(SledEventStore::open(&config.storage.data_dir, config.storage.cache_capacity_bytes)?);
+    /// Opens the stores, loads the plugins and starts the writer.
+    pub async fn open(config: Config) -> anyhow::Result<Arc<Self>> {
+        let data_dir = &config.storage.data_dir;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let store: Arc<dyn EventStore> = Arc::new(
+            SledEventStore::open(data_dir, config.storage.cache_capacity_bytes).context("opening the event store")?,
+        );
+        let metadata: Arc<dyn MetadataStore> =
+            Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?);
         let fanout = Arc::new(Fanout::new());
+        let cache_dir = if config.plugin_runtime.cache_dir.as_os_str().is_empty() {
+            crate::plugin::runtime::default_cache_dir(data_dir)
+        } else {
+            config.plugin_runtime.cache_dir.clone()
+        };
+        let plugins = PluginHost::start(
+            &config.plugins,
+            cache_dir,
+            metadata,
+            store.clone(),
+            fanout.clone(),
+            config.limits.max_limit,
+        )
+        .await?;
+        if config.plugin_runtime.watch && !plugins.is_empty() {
+            plugins.watch_files().context("watching plugin files")?;
+        }
+        plugins.start_ticks();
         let ingest = Ingest::start(store.clone(), fanout.clone(), config.storage.max_batch_events)?;
-        Ok(Arc::new(Self { config, store, fanout, ingest, next_connection: AtomicU64::new(1) }))
+        Ok(Arc::new(Self { config, store, fanout, ingest, plugins, next_connection: AtomicU64::new(1) }))
     }
 
     pub fn next_connection_id(&self) -> ConnId {
@@ -48,8 +76,12 @@ impl BoundRelay {
         let listener = TcpListener::bind(config.server.bind)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.bind))?;
-        let relay = Relay::open(config)?;
+        let relay = Relay::open(config).await?;
         Ok(Self { relay, listener })
+    }
+
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -29,6 +30,21 @@ pub struct TestRelay {
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
     env: Vec<(String, String)>,
+    config: Option<PathBuf>,
+    /// Every line the relay has written to stderr.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A plugin component built by `make plugins`.
+pub fn plugin_path(file: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins").join(file);
+    assert!(path.exists(), "{} is missing: run `make plugins` (or `make test`) first", path.display());
+    path
+}
+
+/// One compiled-plugin cache for the whole test run.
+fn shared_plugin_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-plugin-cache")
 }
 
 impl TestRelay {
@@ -39,23 +55,58 @@ impl TestRelay {
 
     /// A relay with extra `WASM_RELAY_*` environment settings.
     pub async fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with(None, env).await
+    }
+
+    /// A relay with a TOML configuration file (its data directory and bind
+    /// address are still the harness's).
+    pub async fn start_with_config(toml: &str) -> Self {
+        Self::start_with(Some(toml), &[]).await
+    }
+
+    pub async fn start_with(toml: Option<&str>, env: &[(&str, &str)]) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dir = temp.path().to_path_buf();
+        let dir = temp.path().join("data");
+        let config = toml.map(|t| {
+            let path = temp.path().join("relay.toml");
+            std::fs::write(&path, t).expect("write config");
+            path
+        });
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut relay = Self::spawn(dir, env).await;
+        let mut relay = Self::spawn(dir, env, config).await;
         relay._temp = Some(temp);
         relay
     }
 
-    async fn spawn(data_dir: PathBuf, env: Vec<(String, String)>) -> Self {
+    /// The relay's process, so a test can start one that must fail.
+    pub fn command(data_dir: &Path, config: Option<&Path>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-relay"));
-        cmd.arg("serve").arg("--bind").arg("127.0.0.1:0").arg("--data-dir").arg(&data_dir);
-        cmd.env_remove("RUST_LOG").env("WASM_RELAY_LOG", "warn");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("serve").arg("--bind").arg("127.0.0.1:0").arg("--data-dir").arg(data_dir);
+        cmd.env_remove("RUST_LOG").env("WASM_RELAY_LOG", "info");
+        cmd.env("WASM_RELAY_PLUGIN_RUNTIME__CACHE_DIR", shared_plugin_cache());
+        cmd
+    }
+
+    async fn spawn(data_dir: PathBuf, env: Vec<(String, String)>, config: Option<PathBuf>) -> Self {
+        let mut cmd = Self::command(&data_dir, config.as_deref());
         for (k, v) in &env {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().expect("start the wasm-relay binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[relay] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -67,7 +118,29 @@ impl TestRelay {
         let addr = url.trim_start_matches("ws://").to_string();
         // Keep draining stdout so the relay never blocks on it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, addr, url, data_dir, _temp: None, env }
+        Self { child, addr, url, data_dir, _temp: None, env, config, log }
+    }
+
+    /// Waits until the relay logs a line containing `needle`.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the relay never logged \"{needle}\"");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    /// The temporary folder holding the data directory and config.
+    pub fn temp_dir(&self) -> &Path {
+        self._temp.as_ref().expect("temp dir").path()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -82,7 +155,7 @@ impl TestRelay {
     pub async fn crash_and_restart(mut self) -> Self {
         self.child.kill().await.expect("kill relay");
         let temp = self._temp.take();
-        let mut next = Self::spawn(self.data_dir.clone(), std::mem::take(&mut self.env)).await;
+        let mut next = Self::spawn(self.data_dir.clone(), std::mem::take(&mut self.env), self.config.take()).await;
         next._temp = temp;
         next
     }

@@ -99,6 +99,36 @@ pub fn address_of(event: &Event) -> Option<Vec<u8>> {
     }
 }
 
+/// The value stored with every index key: the kind (2 bytes BE), then the
+/// NIP-40 expiration (8 bytes BE) when the event has one, so scans can skip
+/// excluded kinds and expired events without loading them.
+pub fn index_value(event: &Event) -> Vec<u8> {
+    let mut v = event.kind.as_u16().to_be_bytes().to_vec();
+    if let Some(exp) = expiration(event) {
+        v.extend_from_slice(&exp.to_be_bytes());
+    }
+    v
+}
+
+/// `(kind, expiration)` from an index value.
+pub fn parse_index_value(v: &[u8]) -> (u16, Option<u64>) {
+    let kind = v.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    // Zero means none: an event expiring at time 0 is refused on arrival.
+    let exp = v.get(2..10).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).filter(|e| *e != 0);
+    (kind, exp)
+}
+
+/// The NIP-40 `expiration` tag's time, if the event has a readable one.
+pub fn expiration(event: &Event) -> Option<u64> {
+    event
+        .tags
+        .iter()
+        .map(|t| t.as_slice())
+        .find(|t| t.first().is_some_and(|n| n == "expiration"))
+        .and_then(|t| t.get(1))
+        .and_then(|v| v.parse().ok())
+}
+
 /// Every index key of `event` (not the event record or its address slot).
 pub fn index_keys(event: &Event) -> Vec<Vec<u8>> {
     let suffix = order_suffix(event.created_at.as_secs(), event.id.as_bytes());

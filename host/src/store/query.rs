@@ -69,56 +69,80 @@ pub fn bounds(prefix: &[u8], filter: &Filter) -> (Vec<u8>, Vec<u8>) {
     (lower, upper)
 }
 
-/// Merges several iterators of index keys, each already in NIP-01 order, into
-/// one stream of `(created_at, id)` in NIP-01 order without duplicates.
+/// One index entry as a scan yields it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub created_at: u64,
+    pub id: [u8; 32],
+    pub kind: u16,
+    pub expiration: Option<u64>,
+}
+
+type HeapItem = Reverse<([u8; 40], usize, [u8; 10])>;
+
+/// Merges several iterators of `(index key, index value)`, each already in
+/// NIP-01 order, into one stream of entries in NIP-01 order without duplicates.
 pub struct MergedScan<I> {
     iters: Vec<I>,
-    heap: BinaryHeap<Reverse<([u8; 40], usize)>>,
+    heap: BinaryHeap<HeapItem>,
     last: Option<[u8; 40]>,
 }
 
 impl<I, E> MergedScan<I>
 where
-    I: Iterator<Item = Result<Vec<u8>, E>>,
+    I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
 {
     pub fn new(mut iters: Vec<I>) -> Result<Self, E> {
         let mut heap = BinaryHeap::with_capacity(iters.len());
         for (i, it) in iters.iter_mut().enumerate() {
-            if let Some(suffix) = next_suffix(it)? {
-                heap.push(Reverse((suffix, i)));
+            if let Some((suffix, value)) = next_item(it)? {
+                heap.push(Reverse((suffix, i, value)));
             }
         }
         Ok(Self { iters, heap, last: None })
     }
 
-    pub fn next_entry(&mut self) -> Result<Option<(u64, [u8; 32])>, E> {
-        while let Some(Reverse((suffix, i))) = self.heap.pop() {
-            if let Some(next) = next_suffix(&mut self.iters[i])? {
-                self.heap.push(Reverse((next, i)));
+    pub fn next_entry(&mut self) -> Result<Option<IndexEntry>, E> {
+        while let Some(Reverse((suffix, i, value))) = self.heap.pop() {
+            if let Some((next, next_value)) = next_item(&mut self.iters[i])? {
+                self.heap.push(Reverse((next, i, next_value)));
             }
             if self.last == Some(suffix) {
                 continue; // the same event reached through two values of one tag
             }
             self.last = Some(suffix);
-            return Ok(keys::parse_suffix(&suffix));
+            let Some((created_at, id)) = keys::parse_suffix(&suffix) else { continue };
+            let (kind, expiration) = keys::parse_index_value(&value);
+            return Ok(Some(IndexEntry { created_at, id, kind, expiration }));
         }
         Ok(None)
     }
 }
 
-fn next_suffix<I, E>(it: &mut I) -> Result<Option<[u8; 40]>, E>
+/// The next entry's key suffix and value (padded to 10 bytes; the length is
+/// recovered from the zero padding of a missing expiration).
+fn next_item<I, E>(it: &mut I) -> Result<Option<([u8; 40], [u8; 10])>, E>
 where
-    I: Iterator<Item = Result<Vec<u8>, E>>,
+    I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
 {
-    for key in it.by_ref() {
-        let key = key?;
+    for entry in it.by_ref() {
+        let (key, value) = entry?;
         if key.len() >= 40 {
             let mut s = [0u8; 40];
             s.copy_from_slice(&key[key.len() - 40..]);
-            return Ok(Some(s));
+            return Ok(Some((s, pad_value(&value))));
         }
     }
     Ok(None)
+}
+
+/// Index values are 2 or 10 bytes; a 2-byte one is stored with a zero
+/// expiration, which `parse_index_value` reads back as "none".
+fn pad_value(v: &[u8]) -> [u8; 10] {
+    let mut out = [0u8; 10];
+    let n = v.len().min(10);
+    out[..n].copy_from_slice(&v[..n]);
+    out
 }
 
 #[cfg(test)]
@@ -164,17 +188,18 @@ mod tests {
 
     #[test]
     fn merge_is_ordered_and_deduplicated() {
-        let k = |ts: u64, id: u8| -> Result<Vec<u8>, ()> {
+        let k = |ts: u64, id: u8| -> Result<(Vec<u8>, Vec<u8>), ()> {
             let mut v = vec![b'T'];
             v.extend_from_slice(&keys::order_suffix(ts, &[id; 32]));
-            Ok(v)
+            Ok((v, vec![0, 1]))
         };
         let a = vec![k(30, 1), k(20, 1), k(10, 1)].into_iter();
         let b = vec![k(25, 2), k(20, 0), k(20, 1)].into_iter();
         let mut m = MergedScan::new(vec![a, b]).unwrap();
         let mut got = vec![];
-        while let Some((ts, id)) = m.next_entry().unwrap() {
-            got.push((ts, id[0]));
+        while let Some(e) = m.next_entry().unwrap() {
+            assert_eq!((e.kind, e.expiration), (1, None));
+            got.push((e.created_at, e.id[0]));
         }
         assert_eq!(got, vec![(30, 1), (25, 2), (20, 0), (20, 1), (10, 1)]);
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use nostr::event::Event;
 
 use super::keys;
-use super::query::{MergedScan, Plan, bounds, plan};
+use super::query::{IndexEntry, MergedScan, Plan, bounds, plan};
 use super::{EventStore, StoreError, StoredEvent, WriteOutcome};
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, filter_matches};
@@ -64,27 +64,30 @@ impl SledEventStore {
         prefixes: &[Vec<u8>],
         covered: bool,
         need_json: bool,
-        mut visit: impl FnMut(u64, [u8; 32], Option<String>) -> bool,
+        mut visit: impl FnMut(IndexEntry, Option<String>) -> bool,
     ) -> Result<(), StoreError> {
         let iters = prefixes
             .iter()
             .map(|p| {
                 let (lo, hi) = bounds(p, filter);
-                self.tree.range(lo..=hi).keys().map(|k| k.map(|k| k.to_vec()))
+                self.tree.range(lo..=hi).map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
             })
             .collect();
         let mut merged = MergedScan::new(iters)?;
-        while let Some((created_at, id)) = merged.next_entry()? {
+        while let Some(entry) = merged.next_entry()? {
+            if !filter.could_match_kind(entry.kind) {
+                continue;
+            }
             let json = if covered && !need_json {
                 None
             } else {
-                let Some(json) = self.load(&id)? else { continue };
-                if !covered && !filter_matches(filter, &Self::parse(&id, &json)?) {
+                let Some(json) = self.load(&entry.id)? else { continue };
+                if !covered && !filter_matches(filter, &Self::parse(&entry.id, &json)?) {
                     continue;
                 }
                 Some(json)
             };
-            if !visit(created_at, id, json) {
+            if !visit(entry, json) {
                 break;
             }
         }
@@ -96,7 +99,8 @@ impl SledEventStore {
             && filter.kinds.is_none()
             && filter.tags.is_empty()
             && filter.since.is_none()
-            && filter.until.is_none();
+            && filter.until.is_none()
+            && filter.exclude_kinds.is_empty();
         let mut out = Vec::new();
         for id in ids {
             let Some(json) = self.load(id)? else { continue };
@@ -131,6 +135,7 @@ impl EventStore for SledEventStore {
             }
             let created_at = event.created_at.as_secs();
             let index_keys = keys::index_keys(event);
+            let index_value = keys::index_value(event);
             if let Some(slot) = keys::address_of(event) {
                 let current = match slots.remove(&slot) {
                     Some(holder) => holder,
@@ -153,7 +158,7 @@ impl EventStore for SledEventStore {
             }
             batch.insert(event_key, accepted.json.as_bytes());
             for k in index_keys {
-                batch.insert(k, &[][..]);
+                batch.insert(k, index_value.as_slice());
             }
             in_batch.insert(id, ());
             outcomes.push(WriteOutcome::Stored);
@@ -177,8 +182,8 @@ impl EventStore for SledEventStore {
             }
             Plan::Scan { prefixes, covered } => {
                 let mut out = Vec::with_capacity(limit.min(1024));
-                self.scan(filter, &prefixes, covered, true, |created_at, id, json| {
-                    out.push(StoredEvent { created_at, id, json: json.expect("json requested") });
+                self.scan(filter, &prefixes, covered, true, |entry, json| {
+                    out.push(StoredEvent { created_at: entry.created_at, id: entry.id, json: json.expect("json requested") });
                     out.len() < limit
                 })?;
                 Ok(out)
@@ -194,7 +199,7 @@ impl EventStore for SledEventStore {
             Plan::Ids(ids) => Ok(self.lookup_ids(filter, &ids)?.len() as u64),
             Plan::Scan { prefixes, covered } => {
                 let mut n = 0u64;
-                self.scan(filter, &prefixes, covered, false, |_, _, _| {
+                self.scan(filter, &prefixes, covered, false, |_, _| {
                     n += 1;
                     true
                 })?;

@@ -1,0 +1,134 @@
+//! What a plugin instance's store holds, and the host side of the imports
+//! (`kv`, `events`, `host`) it may call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{events, host, kv, types};
+use super::convert::{event_to_wit, filter_from_wit};
+use crate::metadata::{self, MetadataStore};
+use crate::store::EventStore;
+
+/// What every instance of one loaded plugin version shares.
+pub struct PluginContext {
+    /// Configured name: the log tag and the key-value namespace.
+    pub name: String,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub events: Arc<dyn EventStore>,
+    /// The operator's values.
+    pub settings: HashMap<String, String>,
+    /// Defaults the plugin declared in `info()`, known once it has answered.
+    pub defaults: OnceLock<HashMap<String, String>>,
+}
+
+/// The data of one instance's store.
+pub struct PluginState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limits: StoreLimits,
+    pub ctx: Arc<PluginContext>,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+fn kv_error(e: metadata::KvError) -> kv::KvError {
+    match e {
+        metadata::KvError::BadKey(m) => kv::KvError::BadKey(m),
+        metadata::KvError::TooLarge(m) => kv::KvError::TooLarge(m),
+        metadata::KvError::Unavailable(m) => kv::KvError::Unavailable(m),
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl kv::Host for PluginState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::KvError>> {
+        Ok(self.ctx.metadata.get(&self.ctx.name, &key).await.map_err(kv_error))
+    }
+
+    async fn put(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
+        Ok(self.ctx.metadata.put(&self.ctx.name, &key, value).await.map_err(kv_error))
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), kv::KvError>> {
+        Ok(self.ctx.metadata.delete(&self.ctx.name, &key).await.map_err(kv_error))
+    }
+
+    async fn scan_prefix(
+        &mut self,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<(String, Vec<u8>)>, kv::KvError>> {
+        let limit = (limit as usize).min(10_000);
+        Ok(self.ctx.metadata.scan_prefix(&self.ctx.name, &prefix, start_after.as_deref(), limit).await.map_err(kv_error))
+    }
+
+    async fn transact(
+        &mut self,
+        conditions: Vec<kv::Condition>,
+        writes: Vec<kv::Write>,
+    ) -> wasmtime::Result<Result<bool, kv::KvError>> {
+        let conditions =
+            conditions.into_iter().map(|c| metadata::Condition { key: c.key, expected: c.expected }).collect();
+        let writes = writes.into_iter().map(|w| metadata::Write { key: w.key, value: w.value }).collect();
+        Ok(self.ctx.metadata.transact(&self.ctx.name, conditions, writes).await.map_err(kv_error))
+    }
+}
+
+impl events::Host for PluginState {
+    async fn get_event(&mut self, id: String) -> wasmtime::Result<Option<types::Event>> {
+        let mut bytes = [0u8; 32];
+        if hex::decode_to_slice(&id, &mut bytes).is_err() {
+            return Ok(None);
+        }
+        let stored = self.ctx.events.get(&bytes).ok().flatten();
+        Ok(stored.and_then(|s| serde_json::from_str(&s.json).ok()).map(|e| event_to_wit(&e)))
+    }
+
+    async fn query_events(&mut self, filters: Vec<types::Filter>, limit: u32) -> wasmtime::Result<Vec<types::Event>> {
+        let filters: Vec<_> = filters.iter().filter_map(|f| filter_from_wit(f).ok()).collect();
+        let limit = (limit as usize).min(10_000);
+        let found = match self.ctx.events.query_filters(&filters, limit, limit) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(plugin = %self.ctx.name, error = %e, "plugin query failed");
+                return Ok(vec![]);
+            }
+        };
+        Ok(found.iter().take(limit).filter_map(|s| serde_json::from_str(&s.json).ok()).map(|e| event_to_wit(&e)).collect())
+    }
+}
+
+impl host::Host for PluginState {
+    async fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
+        let plugin = self.ctx.name.as_str();
+        // Plugins cannot flood the log with one huge line.
+        let message: String = message.chars().take(2000).collect();
+        match level {
+            host::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            host::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            host::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            host::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            host::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+
+    async fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(crate::event::unix_now())
+    }
+
+    async fn setting(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+        let ctx = &self.ctx;
+        Ok(ctx.settings.get(&name).cloned().or_else(|| ctx.defaults.get().and_then(|d| d.get(&name).cloned())))
+    }
+}

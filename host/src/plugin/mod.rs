@@ -1,0 +1,556 @@
+//! The plugin runtime: loads the configured WebAssembly components, calls
+//! them at the relay's hook points, hot-swaps them when their files change,
+//! and contains their failures.
+//!
+//! - [`bindings`]: the WIT contract as Rust types (generated).
+//! - [`runtime`]: engine, compilation cache, instance pools, call limits.
+//! - [`imports`]: what plugins may call (key-value store, events, log, time).
+//! - [`convert`]: relay types to and from WIT types.
+//!
+//! Hook semantics: `on-event` runs in configuration order before an event is
+//! stored; the first refusal wins. `process-req` runs for each REQ/COUNT
+//! that could reach a plugin's kinds; kinds a plugin manages are never
+//! served except through its answers (see [`PluginHost::managed_kinds`]).
+
+pub mod bindings;
+pub mod convert;
+pub mod imports;
+pub mod runtime;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use nostr::event::Event;
+
+use self::bindings::types as wit;
+use self::convert::{event_from_wit, event_to_wit, filter_from_wit, filter_to_wit, refusal_text};
+pub use self::runtime::{CallFailure, LoadError, LoadedPlugin, PluginRuntime};
+use crate::config::{FailurePolicy, PluginConfig};
+use crate::event::AcceptedEvent;
+use crate::fanout::Fanout;
+use crate::filter::{Filter, any_filter_matches};
+use crate::metadata::MetadataStore;
+use crate::store::{EventStore, StoredEvent};
+
+/// Who is calling, as plugins see it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub connection_id: u64,
+    pub authed_pubkeys: Vec<String>,
+    pub remote: SocketAddr,
+}
+
+impl Caller {
+    fn context(&self, sub_id: Option<&str>, purpose: wit::RequestPurpose) -> wit::RequestContext {
+        wit::RequestContext {
+            connection_id: self.connection_id,
+            authed_pubkeys: self.authed_pubkeys.clone(),
+            remote_addr: self.remote.to_string(),
+            subscription_id: sub_id.map(str::to_owned),
+            purpose,
+        }
+    }
+}
+
+/// Whether a read request is a REQ or a COUNT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPurpose {
+    Req,
+    Count,
+}
+
+/// Counters for one plugin slot.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub failures: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub swaps: AtomicU64,
+    pub failed_swaps: AtomicU64,
+    /// Ids or events a plugin returned that the host refused to serve.
+    pub dropped_results: AtomicU64,
+}
+
+/// One configured plugin and the version currently serving.
+pub struct PluginSlot {
+    pub config: PluginConfig,
+    current: ArcSwap<LoadedPlugin>,
+    consecutive_failures: AtomicU32,
+    disabled: AtomicBool,
+    pub stats: PluginStats,
+    last_error: Mutex<Option<String>>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// A plugin's state as operators see it.
+#[derive(Debug, Clone)]
+pub struct PluginStatus {
+    pub name: String,
+    pub plugin_name: String,
+    pub version: String,
+    pub wit_version: String,
+    pub hash: String,
+    pub disabled: bool,
+    pub last_error: Option<String>,
+}
+
+impl PluginSlot {
+    pub fn current(&self) -> Arc<LoadedPlugin> {
+        self.current.load_full()
+    }
+
+    fn record(&self, result: &Result<(), CallFailure>) {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+            }
+            Err(failure) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if matches!(failure, CallFailure::Timeout(_)) {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(plugin = %self.config.name, error = %failure, consecutive = n, "plugin call failed");
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.to_string());
+                if n >= self.config.max_consecutive_failures && !self.disabled.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        plugin = %self.config.name,
+                        failures = n,
+                        "plugin disabled after consecutive failures; replace its file to re-enable it"
+                    );
+                }
+            }
+        }
+    }
+
+    fn disabled_message(&self) -> String {
+        format!(
+            "error: plugin '{}' is disabled after repeated failures; the relay operator must replace it",
+            self.config.name
+        )
+    }
+}
+
+pub struct PluginHost {
+    runtime: PluginRuntime,
+    slots: Vec<Arc<PluginSlot>>,
+    metadata: Arc<dyn MetadataStore>,
+    events: Arc<dyn EventStore>,
+    fanout: Arc<Fanout>,
+    /// Sorted union of every loaded plugin's managed kinds.
+    managed: ArcSwap<Vec<u16>>,
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    max_results: usize,
+}
+
+impl PluginHost {
+    /// Loads every configured plugin, in order. Any failure stops start-up:
+    /// an operator should learn at once that a plugin cannot load.
+    pub async fn start(
+        configs: &[PluginConfig],
+        cache_dir: PathBuf,
+        metadata: Arc<dyn MetadataStore>,
+        events: Arc<dyn EventStore>,
+        fanout: Arc<Fanout>,
+        max_results: usize,
+    ) -> anyhow::Result<Arc<Self>> {
+        let runtime = PluginRuntime::new(cache_dir)?;
+        let mut slots = Vec::with_capacity(configs.len());
+        for config in configs {
+            let loaded = runtime
+                .load(config, metadata.clone(), events.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("plugin '{}' ({}): {e}", config.name, config.path.display()))?;
+            tracing::info!(
+                plugin = %config.name,
+                version = %loaded.info.version,
+                wit = %loaded.wit_version,
+                managed_kinds = ?loaded.info.managed_kinds,
+                "plugin loaded"
+            );
+            slots.push(Arc::new(PluginSlot {
+                config: config.clone(),
+                current: ArcSwap::from_pointee(loaded),
+                consecutive_failures: AtomicU32::new(0),
+                disabled: AtomicBool::new(false),
+                stats: PluginStats::default(),
+                last_error: Mutex::new(None),
+                reload_lock: tokio::sync::Mutex::new(()),
+            }));
+        }
+        let host = Arc::new(Self {
+            runtime,
+            slots,
+            metadata,
+            events,
+            fanout,
+            managed: ArcSwap::from_pointee(vec![]),
+            watcher: Mutex::new(None),
+            max_results,
+        });
+        if let Some(conflict) = host.managed_conflict(None) {
+            anyhow::bail!("{conflict}");
+        }
+        host.publish_managed_kinds();
+        Ok(host)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn slots(&self) -> &[Arc<PluginSlot>] {
+        &self.slots
+    }
+
+    /// Kinds that ordinary read paths must not serve (sorted).
+    pub fn managed_kinds(&self) -> Arc<Vec<u16>> {
+        self.managed.load_full()
+    }
+
+    pub fn status(&self) -> Vec<PluginStatus> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let c = s.current();
+                PluginStatus {
+                    name: s.config.name.clone(),
+                    plugin_name: c.info.name.clone(),
+                    version: c.info.version.clone(),
+                    wit_version: c.wit_version.clone(),
+                    hash: c.hash.clone(),
+                    disabled: s.disabled.load(Ordering::Relaxed),
+                    last_error: s.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Two plugins managing one kind, counting `replacing` as the new version
+    /// of its slot.
+    fn managed_conflict(&self, replacing: Option<(usize, &LoadedPlugin)>) -> Option<String> {
+        let mut owner: std::collections::HashMap<u16, &str> = std::collections::HashMap::new();
+        let currents: Vec<_> = self.slots.iter().map(|s| s.current()).collect();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let info = match replacing {
+                Some((j, new)) if j == i => &new.info,
+                _ => &currents[i].info,
+            };
+            for kind in &info.managed_kinds {
+                if let Some(other) = owner.insert(*kind, &slot.config.name) {
+                    return Some(format!(
+                        "plugins '{other}' and '{}' both manage kind {kind}; a kind can have one manager",
+                        slot.config.name
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn publish_managed_kinds(&self) {
+        let mut kinds: Vec<u16> = self.slots.iter().flat_map(|s| s.current().info.managed_kinds.clone()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        self.fanout.set_excluded_kinds(kinds.clone());
+        self.managed.store(Arc::new(kinds));
+    }
+
+    /// Runs `on-event` of every plugin interested in the event's kind. `Err`
+    /// is the `OK false` message.
+    pub async fn on_event(&self, caller: &Caller, event: &Event) -> Result<(), String> {
+        let kind = event.kind.as_u16();
+        let mut wit_event: Option<wit::Event> = None;
+        for slot in &self.slots {
+            let loaded = slot.current();
+            if loaded.info.event_kinds.as_ref().is_some_and(|k| !k.contains(&kind)) {
+                continue;
+            }
+            if slot.disabled.load(Ordering::Relaxed) {
+                return Err(slot.disabled_message());
+            }
+            let ctx = caller.context(None, wit::RequestPurpose::Event);
+            let ev = wit_event.get_or_insert_with(|| event_to_wit(event)).clone();
+            let result = loaded.call(move |p, s| Box::pin(async move { p.call_on_event(s, &ctx, &ev).await })).await;
+            slot.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+            match result {
+                Ok(wit::Decision::Accept) => {}
+                Ok(wit::Decision::Reject(r)) => return Err(refusal_text(&r)),
+                Err(failure) => {
+                    return Err(format!(
+                        "error: plugin '{}' failed on this event ({failure}); the event was not stored",
+                        slot.config.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `process-req` of every plugin the request could concern. Returns
+    /// the events plugins contributed (already checked against `filters`), or
+    /// the `CLOSED` message.
+    pub async fn process_req(
+        &self,
+        caller: &Caller,
+        sub_id: &str,
+        purpose: ReadPurpose,
+        filters: &[Filter],
+    ) -> Result<Vec<StoredEvent>, String> {
+        let mut contributed: Vec<StoredEvent> = Vec::new();
+        let mut wit_filters: Option<Vec<wit::Filter>> = None;
+        for (index, slot) in self.slots.iter().enumerate() {
+            let loaded = slot.current();
+            if !concerns(&loaded.info, filters) {
+                continue;
+            }
+            let fail = |message: String| match slot.config.on_req_failure {
+                FailurePolicy::Closed => Err(message),
+                FailurePolicy::Open => Ok(()),
+            };
+            if slot.disabled.load(Ordering::Relaxed) {
+                fail(slot.disabled_message())?;
+                continue;
+            }
+            let purpose = match purpose {
+                ReadPurpose::Req => wit::RequestPurpose::Req,
+                ReadPurpose::Count => wit::RequestPurpose::Count,
+            };
+            let ctx = caller.context(Some(sub_id), purpose);
+            let wf = wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone();
+            let result =
+                loaded.call(move |p, s| Box::pin(async move { p.call_process_req(s, &ctx, &wf).await })).await;
+            slot.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+            match result {
+                Ok(wit::ReqResult::Continue) => {}
+                Ok(wit::ReqResult::Reject(r)) => return Err(refusal_text(&r)),
+                Ok(wit::ReqResult::AddEvents(events)) => {
+                    contributed.extend(self.check_added_events(index, slot, events, filters));
+                }
+                Ok(wit::ReqResult::FilterQuery(fq)) => {
+                    contributed.extend(self.check_filter_query(index, slot, fq, filters));
+                }
+                Err(failure) => {
+                    fail(format!(
+                        "error: plugin '{}' failed on this request ({failure}); try again later",
+                        slot.config.name
+                    ))?;
+                }
+            }
+        }
+        contributed.sort_by_key(StoredEvent::order_key);
+        contributed.dedup_by_key(|e| e.id);
+        contributed.truncate(self.max_results);
+        Ok(contributed)
+    }
+
+    /// Whether plugin `index` may serve an event of `kind` (not one another
+    /// plugin manages).
+    fn may_serve(&self, index: usize, kind: u16) -> bool {
+        self.slots.iter().enumerate().all(|(i, s)| i == index || !s.current().info.managed_kinds.contains(&kind))
+    }
+
+    fn dropped(&self, slot: &PluginSlot, what: &str, reason: &str) {
+        slot.stats.dropped_results.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(plugin = %slot.config.name, what, reason, "plugin result not served");
+    }
+
+    fn check_added_events(
+        &self,
+        index: usize,
+        slot: &PluginSlot,
+        events: Vec<wit::Event>,
+        filters: &[Filter],
+    ) -> Vec<StoredEvent> {
+        let mut out = Vec::new();
+        for e in events.iter().take(self.max_results) {
+            let Some(event) = event_from_wit(e) else {
+                self.dropped(slot, &e.id, "malformed event");
+                continue;
+            };
+            if !event.verify_id() || !event.verify_signature() {
+                self.dropped(slot, &e.id, "bad id or signature");
+                continue;
+            }
+            if !any_filter_matches(filters, &event) || !self.may_serve(index, event.kind.as_u16()) {
+                self.dropped(slot, &e.id, "does not match the request");
+                continue;
+            }
+            let accepted = AcceptedEvent::new(event);
+            out.push(StoredEvent {
+                created_at: accepted.event.created_at.as_secs(),
+                id: accepted.event.id.to_bytes(),
+                json: accepted.json,
+            });
+        }
+        out
+    }
+
+    fn check_filter_query(
+        &self,
+        index: usize,
+        slot: &PluginSlot,
+        fq: wit::FilterQuery,
+        filters: &[Filter],
+    ) -> Vec<StoredEvent> {
+        let plugin_filters: Option<Vec<Filter>> =
+            fq.filters.iter().map(|f| filter_from_wit(f).ok()).collect::<Option<Vec<_>>>().filter(|f| !f.is_empty());
+        let mut out = Vec::new();
+        for id in fq.ids.iter().take(self.max_results) {
+            let mut bytes = [0u8; 32];
+            if id.len() != 64 || hex::decode_to_slice(id, &mut bytes).is_err() {
+                self.dropped(slot, id, "not a 64-hex id");
+                continue;
+            }
+            let stored = match self.events.get(&bytes) {
+                Ok(Some(stored)) => stored,
+                Ok(None) => {
+                    self.dropped(slot, id, "no such stored event");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "loading a plugin-selected event failed");
+                    continue;
+                }
+            };
+            let Ok(event) = serde_json::from_str::<Event>(&stored.json) else { continue };
+            let matches = any_filter_matches(filters, &event)
+                && plugin_filters.as_ref().is_none_or(|pf| any_filter_matches(pf, &event))
+                && self.may_serve(index, event.kind.as_u16());
+            if matches {
+                out.push(stored);
+            } else {
+                self.dropped(slot, id, "does not match the request's filters");
+            }
+        }
+        out
+    }
+
+    /// Loads the slot's file again and swaps it in if it changed and loads
+    /// cleanly. Calls already running finish on the old version.
+    pub async fn reload(&self, name: &str) -> Result<bool, String> {
+        let Some((index, slot)) = self.slots.iter().enumerate().find(|(_, s)| s.config.name == name) else {
+            return Err(format!("no plugin named '{name}'"));
+        };
+        let _one_at_a_time = slot.reload_lock.lock().await;
+        let fail = |e: String| {
+            slot.stats.failed_swaps.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(plugin = %name, error = %e, "plugin swap failed; the previous version keeps serving");
+            *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+            Err(e)
+        };
+        let loaded = match self.runtime.load(&slot.config, self.metadata.clone(), self.events.clone()).await {
+            Ok(l) => l,
+            Err(e) => return fail(e.to_string()),
+        };
+        if loaded.hash == slot.current().hash && !slot.disabled.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if let Some(conflict) = self.managed_conflict(Some((index, &loaded))) {
+            return fail(conflict);
+        }
+        tracing::info!(plugin = %name, version = %loaded.info.version, hash = %loaded.hash, "plugin swapped");
+        slot.current.store(Arc::new(loaded));
+        slot.consecutive_failures.store(0, Ordering::Relaxed);
+        slot.disabled.store(false, Ordering::Relaxed);
+        slot.stats.swaps.fetch_add(1, Ordering::Relaxed);
+        self.publish_managed_kinds();
+        Ok(true)
+    }
+
+    /// Reloads every plugin (SIGHUP).
+    pub async fn reload_all(&self) {
+        for slot in &self.slots {
+            let _ = self.reload(&slot.config.name).await;
+        }
+    }
+
+    /// Watches every plugin file and swaps a plugin shortly after its file
+    /// changes (writes are debounced).
+    pub fn watch_files(self: &Arc<Self>) -> anyhow::Result<()> {
+        use notify::Watcher;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let targets: Vec<(String, PathBuf)> =
+            self.slots.iter().filter_map(|s| Some((s.config.name.clone(), absolute(&s.config.path)?))).collect();
+        let watched = targets.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let Ok(event) = res else { return };
+            if event.kind.is_access() {
+                return;
+            }
+            for path in &event.paths {
+                for (name, target) in &watched {
+                    if absolute(path).as_deref() == Some(target.as_path()) {
+                        let _ = tx.send(name.clone());
+                    }
+                }
+            }
+        })?;
+        let mut dirs: Vec<&Path> = targets.iter().filter_map(|(_, p)| p.parent()).collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        }
+        *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+        let host = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Let a copy finish: wait until the file has been quiet briefly.
+                let mut names = vec![first];
+                while let Ok(Some(more)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                    names.push(more);
+                }
+                names.sort();
+                names.dedup();
+                let Some(host) = host.upgrade() else { return };
+                for name in names {
+                    let _ = host.reload(&name).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Starts the `tick` loop of every plugin that asks for one.
+    pub fn start_ticks(self: &Arc<Self>) {
+        for slot in &self.slots {
+            let slot = slot.clone();
+            tokio::spawn(async move {
+                loop {
+                    let loaded = slot.current();
+                    let Some(interval) = loaded.info.tick_interval_seconds else {
+                        // A later version may ask for ticks.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    };
+                    tokio::time::sleep(Duration::from_secs(u64::from(interval))).await;
+                    if slot.disabled.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let now = crate::event::unix_now();
+                    let result = slot.current().call(move |p, s| Box::pin(async move { p.call_tick(s, now).await })).await;
+                    slot.record(&result);
+                }
+            });
+        }
+    }
+}
+
+/// Whether a request with `filters` concerns a plugin with `info`.
+fn concerns(info: &wit::PluginInfo, filters: &[Filter]) -> bool {
+    let Some(req_kinds) = &info.req_kinds else { return true };
+    filters.iter().any(|f| req_kinds.iter().chain(&info.managed_kinds).any(|k| f.could_match_kind(*k)))
+}
+
+fn absolute(path: &Path) -> Option<PathBuf> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+}

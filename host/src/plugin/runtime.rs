@@ -1,0 +1,342 @@
+//! The wasmtime side: one engine with an epoch ticker, compiling components
+//! (cached on disk by content hash), checking their WIT version, and a pool
+//! of ready instances per loaded plugin version so calls never queue behind
+//! one lock.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use super::bindings::{RelayPlugin, RelayPluginPre, SUPPORTED_WIT_VERSIONS, WIT_PACKAGE, types as wit};
+use super::imports::{PluginContext, PluginState};
+use crate::config::PluginConfig;
+use crate::metadata::MetadataStore;
+use crate::store::EventStore;
+
+/// Granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+/// Idle instances kept per plugin version.
+const MAX_IDLE_INSTANCES: usize = 32;
+
+/// Why loading a component failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
+    #[error("{0}")]
+    WitVersion(String),
+    #[error("the component does not fit this host's plugin contract: {0}")]
+    Link(String),
+    #[error("info() failed: {0}")]
+    Info(CallFailure),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Why one call into a plugin failed. The instance it ran on is discarded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallFailure {
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("ran out of its {0}-byte memory limit")]
+    OutOfMemory(usize),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    cache_dir: PathBuf,
+}
+
+impl PluginRuntime {
+    pub fn new(cache_dir: PathBuf) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config)?;
+        let ticker = engine.weak();
+        std::thread::Builder::new().name("plugin-epoch".into()).spawn(move || {
+            while let Some(engine) = ticker.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        RelayPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        Ok(Self { engine, linker, cache_dir })
+    }
+
+    /// The WIT version of `nostr-relay:plugin` the component exports, checked.
+    fn wit_version(&self, component: &Component) -> Result<String, LoadError> {
+        let ty = component.component_type();
+        let prefix = format!("{WIT_PACKAGE}/plugin@");
+        let found: Vec<String> = ty
+            .exports(&self.engine)
+            .filter_map(|(name, _)| name.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        let Some(version) = found.first() else {
+            return Err(LoadError::WitVersion(format!(
+                "the component does not export {WIT_PACKAGE}/plugin; build it against wit/{} of this repository",
+                SUPPORTED_WIT_VERSIONS.join(" or wit/")
+            )));
+        };
+        if !SUPPORTED_WIT_VERSIONS.contains(&version.as_str()) {
+            return Err(LoadError::WitVersion(format!(
+                "the component targets {WIT_PACKAGE}@{version}; this relay supports {}",
+                SUPPORTED_WIT_VERSIONS.iter().map(|v| format!("@{v}")).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(version.clone())
+    }
+
+    /// Loads the plugin at `config.path`: compile, check the WIT version,
+    /// instantiate once, ask `info()`, and check the settings.
+    pub async fn load(
+        &self,
+        config: &PluginConfig,
+        metadata: Arc<dyn MetadataStore>,
+        events: Arc<dyn EventStore>,
+    ) -> Result<LoadedPlugin, LoadError> {
+        let bytes = tokio::fs::read(&config.path)
+            .await
+            .map_err(|source| LoadError::Read { path: config.path.clone(), source })?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let component = {
+            let (hash, engine, cache_dir) = (hash.clone(), self.engine.clone(), self.cache_dir.clone());
+            // Compiling takes milliseconds to seconds: keep it off the async workers.
+            tokio::task::spawn_blocking(move || compile(&engine, &cache_dir, &bytes, &hash))
+                .await
+                .map_err(|e| LoadError::Compile(e.to_string()))??
+        };
+        let wit_version = self.wit_version(&component)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = RelayPluginPre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let ctx = Arc::new(PluginContext {
+            name: config.name.clone(),
+            metadata,
+            events,
+            settings: config.settings.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+            defaults: OnceLock::new(),
+        });
+        let limits = CallLimits {
+            timeout_ms: config.call_timeout_ms,
+            deadline_ticks: (config.call_timeout_ms * 1000).div_ceil(EPOCH_TICK.as_micros() as u64).max(1),
+            memory_bytes: config.memory_limit_bytes,
+        };
+        let mut loaded = LoadedPlugin {
+            info: empty_info(),
+            wit_version,
+            hash,
+            pre,
+            ctx,
+            limits,
+            engine: self.engine.clone(),
+            idle: Mutex::new(Vec::new()),
+        };
+        // `info()` may take longer than a normal call (it runs once).
+        let info = loaded.call_with_deadline(loaded.limits.deadline_ticks * 10, |p, s| Box::pin(p.call_info(s)))
+            .await
+            .map_err(LoadError::Info)?;
+        validate_info(&info, config)?;
+        let defaults: HashMap<String, String> =
+            info.settings.iter().map(|s| (s.name.clone(), s.default_value.clone())).collect();
+        let _ = loaded.ctx.defaults.set(defaults);
+        loaded.info = info;
+        Ok(loaded)
+    }
+}
+
+/// Compiles the component in `bytes`, or loads it from the cache folder where
+/// an earlier compilation for this engine configuration left it.
+fn compile(engine: &Engine, cache_dir: &Path, bytes: &[u8], hash: &str) -> Result<Component, LoadError> {
+    let mut compat = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let cached = cache_dir.join(format!("{hash}-{:016x}.cwasm", compat.finish()));
+    if cached.exists() {
+        // SAFETY: the cache folder holds only what this function wrote, for
+        // this engine configuration (the file name carries its hash).
+        match unsafe { Component::deserialize_file(engine, &cached) } {
+            Ok(c) => return Ok(c),
+            Err(e) => tracing::warn!(file = %cached.display(), error = %e, "ignoring unusable cached plugin"),
+        }
+    }
+    let component = Component::new(engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+    if let Ok(serialized) = component.serialize() {
+        // Write then rename, so concurrent relays never read a half-written file.
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::create_dir_all(cache_dir)
+            .and_then(|_| std::fs::write(&tmp, serialized))
+            .and_then(|_| std::fs::rename(&tmp, &cached));
+        if let Err(e) = written {
+            tracing::warn!(dir = %cache_dir.display(), error = %e, "cannot cache compiled plugin");
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(component)
+}
+
+fn empty_info() -> wit::PluginInfo {
+    wit::PluginInfo {
+        name: String::new(),
+        version: String::new(),
+        managed_kinds: vec![],
+        event_kinds: None,
+        req_kinds: None,
+        tick_interval_seconds: None,
+        settings: vec![],
+    }
+}
+
+fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), LoadError> {
+    let declared: Vec<&str> = info.settings.iter().map(|s| s.name.as_str()).collect();
+    let unknown: Vec<&str> = config.settings.keys().map(String::as_str).filter(|k| !declared.contains(k)).collect();
+    if !unknown.is_empty() {
+        return Err(LoadError::Invalid(format!(
+            "plugin '{}' does not declare the setting(s) {}; it declares: {}",
+            config.name,
+            unknown.join(", "),
+            if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
+        )));
+    }
+    if info.tick_interval_seconds == Some(0) {
+        return Err(LoadError::Invalid("tick-interval-seconds must be at least 1".into()));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    pub timeout_ms: u64,
+    pub deadline_ticks: u64,
+    pub memory_bytes: usize,
+}
+
+struct Instance {
+    store: Store<PluginState>,
+    bindings: RelayPlugin,
+}
+
+/// One version of one plugin, ready to call.
+pub struct LoadedPlugin {
+    pub info: wit::PluginInfo,
+    pub wit_version: String,
+    /// sha256 of the component file.
+    pub hash: String,
+    pre: RelayPluginPre<PluginState>,
+    ctx: Arc<PluginContext>,
+    limits: CallLimits,
+    engine: Engine,
+    idle: Mutex<Vec<Instance>>,
+}
+
+type CallFuture<'a, R> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>>;
+
+impl LoadedPlugin {
+    async fn instantiate(&self) -> Result<Instance, CallFailure> {
+        let state = PluginState {
+            // No preopened directories, no network, no environment, no stdio.
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .instances(32)
+                .tables(64)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            ctx: self.ctx.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.limits.deadline_ticks);
+        let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(e))?;
+        Ok(Instance { store, bindings })
+    }
+
+    fn checkout(&self) -> Option<Instance> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn checkin(&self, instance: Instance) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_INSTANCES {
+            idle.push(instance);
+        }
+    }
+
+    fn classify(&self, e: wasmtime::Error) -> CallFailure {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallFailure::Timeout(self.limits.timeout_ms),
+            Some(trap) => CallFailure::Trap(format!("{trap}: {}", root_message(&e))),
+            None => {
+                let text = format!("{e:#}");
+                if text.contains("forcing trap when growing memory") || text.contains("memory") && text.contains("limit") {
+                    CallFailure::OutOfMemory(self.limits.memory_bytes)
+                } else {
+                    CallFailure::Trap(text)
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on a pooled instance with the plugin's deadline. A failed
+    /// instance is dropped, never reused.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, CallFailure>
+    where
+        F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
+    {
+        self.call_with_deadline(self.limits.deadline_ticks, f).await
+    }
+
+    async fn call_with_deadline<R, F>(&self, ticks: u64, f: F) -> Result<R, CallFailure>
+    where
+        F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
+    {
+        let mut instance = match self.checkout() {
+            Some(i) => i,
+            None => self.instantiate().await?,
+        };
+        instance.store.set_epoch_deadline(ticks);
+        let result = {
+            let Instance { store, bindings } = &mut instance;
+            f(bindings.nostr_relay_plugin_plugin(), store).await
+        };
+        match result {
+            Ok(value) => {
+                self.checkin(instance);
+                Ok(value)
+            }
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
+    /// The plugin's key-value namespace and log name.
+    pub fn name(&self) -> &str {
+        &self.ctx.name
+    }
+}
+
+fn root_message(e: &wasmtime::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// The default compiled-plugin cache folder for a data directory.
+pub fn default_cache_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("plugin-cache")
+}
