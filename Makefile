@@ -35,9 +35,10 @@ run: build
 test: plugins
 	$(CARGO) test -p wasm-relay --no-fail-fast
 
-lint:
+lint: wasm-target
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy -p wasm-relay --all-targets -- -D warnings
+	$(CARGO) clippy --target $(WASM_TARGET) -p wasm-relay-plugin-sdk -p mls-gateway $(addprefix -p ,$(PLUGIN_CRATES)) -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

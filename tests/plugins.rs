@@ -287,7 +287,8 @@ async fn a_plugin_that_keeps_failing_is_disabled_until_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("probe.wasm");
     std::fs::copy(plugin_path("probe.wasm"), &file).unwrap();
-    let config = plugin_entry("probe", &file, "max_consecutive_failures = 3", &[("on-event", "trap"), ("fail-kinds", "666")]);
+    let config =
+        plugin_entry("probe", &file, "max_consecutive_failures = 3", &[("on-event", "trap"), ("fail-kinds", "666")]);
     let relay = TestRelay::start_with_config(&config).await;
     let mut c = relay.client().await;
     let k = Keys::generate();
@@ -316,7 +317,8 @@ async fn hot_swap_under_load_fails_no_request_and_shows_the_new_behaviour() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("probe.wasm");
     std::fs::copy(plugin_path("probe.wasm"), &file).unwrap();
-    let config = plugin_entry("probe", &file, "", &[("reject-kinds", "7"), ("managed-kinds", "9001"), ("req", "claim")]);
+    let config =
+        plugin_entry("probe", &file, "", &[("reject-kinds", "7"), ("managed-kinds", "9001"), ("req", "claim")]);
     let relay = TestRelay::start_with_config(&config).await;
     let k = Keys::generate();
     let mut c = relay.client().await;

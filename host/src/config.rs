@@ -332,7 +332,8 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for p in &self.plugins {
-            crate::metadata::validate_namespace(&p.name).map_err(|e| ConfigError::OutOfRange(format!("plugins.name: {e}")))?;
+            crate::metadata::validate_namespace(&p.name)
+                .map_err(|e| ConfigError::OutOfRange(format!("plugins.name: {e}")))?;
             if !names.insert(p.name.as_str()) {
                 return Err(ConfigError::OutOfRange(format!("plugins: the name '{}' is used twice", p.name)));
             }

@@ -308,7 +308,12 @@ where
     }
 
     /// What the plugins add to a REQ/COUNT, or the CLOSED text.
-    async fn plugin_answer(&mut self, sub_id: &str, purpose: ReadPurpose, filters: &[Filter]) -> Result<Vec<StoredEvent>, String> {
+    async fn plugin_answer(
+        &mut self,
+        sub_id: &str,
+        purpose: ReadPurpose,
+        filters: &[Filter],
+    ) -> Result<Vec<StoredEvent>, String> {
         if self.relay.plugins.is_empty() {
             return Ok(Vec::new());
         }

@@ -117,7 +117,8 @@ impl Filter {
 
     /// Whether this filter could match an event of `kind`.
     pub fn could_match_kind(&self, kind: u16) -> bool {
-        self.kinds.as_ref().is_none_or(|k| k.binary_search(&kind).is_ok()) && self.exclude_kinds.binary_search(&kind).is_err()
+        self.kinds.as_ref().is_none_or(|k| k.binary_search(&kind).is_ok())
+            && self.exclude_kinds.binary_search(&kind).is_err()
     }
 
     /// True when no event can match (an empty list, or since > until).

@@ -74,7 +74,10 @@ pub fn validate_key(key: &str) -> Result<(), KvError> {
 
 pub fn validate_value(value: &[u8]) -> Result<(), KvError> {
     if value.len() > MAX_VALUE_BYTES {
-        return Err(KvError::TooLarge(format!("value is {} bytes; at most {MAX_VALUE_BYTES} are allowed", value.len())));
+        return Err(KvError::TooLarge(format!(
+            "value is {} bytes; at most {MAX_VALUE_BYTES} are allowed",
+            value.len()
+        )));
     }
     Ok(())
 }
@@ -157,7 +160,11 @@ pub(crate) mod conformance {
         // Several writes and a delete, all at once.
         assert!(
             store
-                .transact("t", vec![cond("x", Some(b"1"))], vec![write("x", None), write("y", Some(b"2")), write("z", Some(b"3"))])
+                .transact(
+                    "t",
+                    vec![cond("x", Some(b"1"))],
+                    vec![write("x", None), write("y", Some(b"2")), write("z", Some(b"3"))]
+                )
                 .await
                 .unwrap()
         );

@@ -69,7 +69,12 @@ impl kv::Host for PluginState {
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<(String, Vec<u8>)>, kv::KvError>> {
         let limit = (limit as usize).min(10_000);
-        Ok(self.ctx.metadata.scan_prefix(&self.ctx.name, &prefix, start_after.as_deref(), limit).await.map_err(kv_error))
+        Ok(self
+            .ctx
+            .metadata
+            .scan_prefix(&self.ctx.name, &prefix, start_after.as_deref(), limit)
+            .await
+            .map_err(kv_error))
     }
 
     async fn transact(
@@ -104,7 +109,12 @@ impl events::Host for PluginState {
                 return Ok(vec![]);
             }
         };
-        Ok(found.iter().take(limit).filter_map(|s| serde_json::from_str(&s.json).ok()).map(|e| event_to_wit(&e)).collect())
+        Ok(found
+            .iter()
+            .take(limit)
+            .filter_map(|s| serde_json::from_str(&s.json).ok())
+            .map(|e| event_to_wit(&e))
+            .collect())
     }
 }
 

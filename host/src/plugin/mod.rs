@@ -325,8 +325,7 @@ impl PluginHost {
             };
             let ctx = caller.context(Some(sub_id), purpose);
             let wf = wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone();
-            let result =
-                loaded.call(move |p, s| Box::pin(async move { p.call_process_req(s, &ctx, &wf).await })).await;
+            let result = loaded.call(move |p, s| Box::pin(async move { p.call_process_req(s, &ctx, &wf).await })).await;
             slot.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
             match result {
                 Ok(wit::ReqResult::Continue) => {}
@@ -536,7 +535,8 @@ impl PluginHost {
                         continue;
                     }
                     let now = crate::event::unix_now();
-                    let result = slot.current().call(move |p, s| Box::pin(async move { p.call_tick(s, now).await })).await;
+                    let result =
+                        slot.current().call(move |p, s| Box::pin(async move { p.call_tick(s, now).await })).await;
                     slot.record(&result);
                 }
             });

@@ -85,10 +85,8 @@ impl PluginRuntime {
     fn wit_version(&self, component: &Component) -> Result<String, LoadError> {
         let ty = component.component_type();
         let prefix = format!("{WIT_PACKAGE}/plugin@");
-        let found: Vec<String> = ty
-            .exports(&self.engine)
-            .filter_map(|(name, _)| name.strip_prefix(&prefix).map(str::to_owned))
-            .collect();
+        let found: Vec<String> =
+            ty.exports(&self.engine).filter_map(|(name, _)| name.strip_prefix(&prefix).map(str::to_owned)).collect();
         let Some(version) = found.first() else {
             return Err(LoadError::WitVersion(format!(
                 "the component does not export {WIT_PACKAGE}/plugin; build it against wit/{} of this repository",
@@ -149,7 +147,8 @@ impl PluginRuntime {
             idle: Mutex::new(Vec::new()),
         };
         // `info()` may take longer than a normal call (it runs once).
-        let info = loaded.call_with_deadline(loaded.limits.deadline_ticks * 10, |p, s| Box::pin(p.call_info(s)))
+        let info = loaded
+            .call_with_deadline(loaded.limits.deadline_ticks * 10, |p, s| Box::pin(p.call_info(s)))
             .await
             .map_err(LoadError::Info)?;
         validate_info(&info, config)?;
@@ -286,7 +285,9 @@ impl LoadedPlugin {
             Some(trap) => CallFailure::Trap(format!("{trap}: {}", root_message(&e))),
             None => {
                 let text = format!("{e:#}");
-                if text.contains("forcing trap when growing memory") || text.contains("memory") && text.contains("limit") {
+                if text.contains("forcing trap when growing memory")
+                    || text.contains("memory") && text.contains("limit")
+                {
                     CallFailure::OutOfMemory(self.limits.memory_bytes)
                 } else {
                     CallFailure::Trap(text)

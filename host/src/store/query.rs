@@ -78,6 +78,8 @@ pub struct IndexEntry {
     pub expiration: Option<u64>,
 }
 
+/// An index entry's key suffix and its value padded to 10 bytes.
+type RawEntry = ([u8; 40], [u8; 10]);
 type HeapItem = Reverse<([u8; 40], usize, [u8; 10])>;
 
 /// Merges several iterators of `(index key, index value)`, each already in
@@ -121,7 +123,7 @@ where
 
 /// The next entry's key suffix and value (padded to 10 bytes; the length is
 /// recovered from the zero padding of a missing expiration).
-fn next_item<I, E>(it: &mut I) -> Result<Option<([u8; 40], [u8; 10])>, E>
+fn next_item<I, E>(it: &mut I) -> Result<Option<RawEntry>, E>
 where
     I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
 {

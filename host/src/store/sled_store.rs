@@ -183,7 +183,11 @@ impl EventStore for SledEventStore {
             Plan::Scan { prefixes, covered } => {
                 let mut out = Vec::with_capacity(limit.min(1024));
                 self.scan(filter, &prefixes, covered, true, |entry, json| {
-                    out.push(StoredEvent { created_at: entry.created_at, id: entry.id, json: json.expect("json requested") });
+                    out.push(StoredEvent {
+                        created_at: entry.created_at,
+                        id: entry.id,
+                        json: json.expect("json requested"),
+                    });
                     out.len() < limit
                 })?;
                 Ok(out)

@@ -53,9 +53,7 @@ pub fn setting_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// A comma-separated list of kinds from a setting (`"1, 7,30023"`).
 pub fn setting_kinds(name: &str) -> Vec<u16> {
-    host::setting(name)
-        .map(|v| v.split(',').filter_map(|k| k.trim().parse().ok()).collect())
-        .unwrap_or_default()
+    host::setting(name).map(|v| v.split(',').filter_map(|k| k.trim().parse().ok()).collect()).unwrap_or_default()
 }
 
 impl Event {
@@ -83,9 +81,10 @@ impl Filter {
             && self.kinds.as_ref().is_none_or(|k| k.contains(&event.kind))
             && self.since.is_none_or(|s| event.created_at >= s)
             && self.until.is_none_or(|u| event.created_at <= u)
-            && self.tags.iter().all(|tf| {
-                event.tags.iter().any(|t| t.len() >= 2 && t[0] == tf.name && tf.values.contains(&t[1]))
-            })
+            && self
+                .tags
+                .iter()
+                .all(|tf| event.tags.iter().any(|t| t.len() >= 2 && t[0] == tf.name && tf.values.contains(&t[1])))
     }
 }
 
