@@ -13,32 +13,34 @@ wasm-target:
 PLUGIN_BUILD := target/$(WASM_TARGET)/plugin
 PLUGIN_OUT := target/plugins
 # Plugin components and where they end up: target/plugins/<name>.wasm.
-PLUGIN_CRATES := kind-allowlist pinned-events probe
+PLUGIN_CRATES := mls-gateway kind-allowlist pinned-events probe
 
 # Plugins are WebAssembly components built for wasm32-wasip2. The probe test
 # plugin is built twice (v1, v2) for the hot-swap tests.
 plugins: wasm-target
-	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p mls-gateway $(addprefix -p ,$(PLUGIN_CRATES))
+	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(PLUGIN_CRATES))
 	mkdir -p $(PLUGIN_OUT)
-	cp $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/
+	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 
 build: plugins
 	$(CARGO) build --release -p wasm-relay
 
-# Starts the relay on ws://127.0.0.1:7777 with its data in ./data.
+# Starts the relay on ws://127.0.0.1:7777 with its data in ./data and the MLS
+# gateway loaded (edit target/plugins/mls_gateway.wasm to hot-swap it).
 run: build
-	./target/release/wasm-relay serve
+	./target/release/wasm-relay serve --plugin mls-gateway=$(PLUGIN_OUT)/mls_gateway.wasm
 
-# Unit tests, then integration tests that drive the real binary over WebSockets.
+# Unit tests, integration tests that drive the real binary over WebSockets,
+# and the MLS client tests (mdk-core) against the relay with the gateway.
 test: plugins
-	$(CARGO) test -p wasm-relay --no-fail-fast
+	$(CARGO) test -p wasm-relay -p mls-e2e --no-fail-fast
 
 lint: wasm-target
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy -p wasm-relay --all-targets -- -D warnings
-	$(CARGO) clippy --target $(WASM_TARGET) -p wasm-relay-plugin-sdk -p mls-gateway $(addprefix -p ,$(PLUGIN_CRATES)) -- -D warnings
+	$(CARGO) clippy -p wasm-relay -p mls-e2e --all-targets -- -D warnings
+	$(CARGO) clippy --target $(WASM_TARGET) -p wasm-relay-plugin-sdk $(addprefix -p ,$(PLUGIN_CRATES)) -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,11 +1,14 @@
 //! NIP-01 over real WebSockets against the real relay binary.
 
 mod harness;
+#[path = "harness/nostr45.rs"]
+mod nostr45;
 
 use std::time::Duration;
 
-use harness::{TestRelay, ids, note, now, sign};
+use harness::TestRelay;
 use nostr::key::Keys;
+use nostr45::{Publish, ids, note, now, sign};
 use serde_json::json;
 
 const QUIET: Duration = Duration::from_millis(300);

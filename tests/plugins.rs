@@ -3,12 +3,15 @@
 //! paths, hot swap under load, and containment of failing plugins.
 
 mod harness;
+#[path = "harness/nostr45.rs"]
+mod nostr45;
 
 use std::path::Path;
 use std::time::Duration;
 
-use harness::{Client, TestRelay, ids, now, plugin_path, sign};
+use harness::{Client, TestRelay, plugin_path};
 use nostr::key::Keys;
+use nostr45::{Publish, ids, now, sign};
 use serde_json::json;
 
 const QUIET: Duration = Duration::from_millis(300);

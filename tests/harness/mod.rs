@@ -1,6 +1,10 @@
 //! The integration-test harness: starts the real `wasm-relay` binary on an
 //! ephemeral loopback port with a temporary data directory and hands back
 //! WebSocket clients that speak NIP-01.
+//!
+//! It depends on no `nostr` version, so both the relay's tests (nostr 0.45,
+//! helpers in `nostr45.rs`) and the MLS client tests (nostr 0.44 via
+//! mdk-core) use it.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -10,9 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use nostr::event::{Event, EventBuilder, FinalizeEvent, Kind, Tag};
-use nostr::key::Keys;
-use nostr::types::Timestamp;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
@@ -35,16 +36,38 @@ pub struct TestRelay {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The workspace root (the folder holding Cargo.lock).
+pub fn workspace_root() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !dir.join("Cargo.lock").exists() {
+        assert!(dir.pop(), "no Cargo.lock above {}", env!("CARGO_MANIFEST_DIR"));
+    }
+    dir
+}
+
+/// The relay binary: cargo's own path for the relay's tests, else
+/// `WASM_RELAY_BIN`, else the workspace's debug build.
+pub fn relay_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_wasm-relay") {
+        return PathBuf::from(path);
+    }
+    let path = std::env::var_os("WASM_RELAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/wasm-relay"));
+    assert!(path.exists(), "{} is missing: run `make test` (it builds the relay first)", path.display());
+    path
+}
+
 /// A plugin component built by `make plugins`.
 pub fn plugin_path(file: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins").join(file);
+    let path = workspace_root().join("target/plugins").join(file);
     assert!(path.exists(), "{} is missing: run `make plugins` (or `make test`) first", path.display());
     path
 }
 
 /// One compiled-plugin cache for the whole test run.
 fn shared_plugin_cache() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-plugin-cache")
+    workspace_root().join("target/test-plugin-cache")
 }
 
 impl TestRelay {
@@ -80,7 +103,7 @@ impl TestRelay {
 
     /// The relay's process, so a test can start one that must fail.
     pub fn command(data_dir: &Path, config: Option<&Path>) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-relay"));
+        let mut cmd = Command::new(relay_binary());
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
@@ -246,11 +269,6 @@ impl Client {
         }
     }
 
-    /// Publishes `event` and returns the `OK` (accepted, message).
-    pub async fn publish(&mut self, event: &Event) -> (bool, String) {
-        self.publish_raw(&event.as_json(), &event.id.to_hex()).await
-    }
-
     pub async fn publish_raw(&mut self, event_json: &str, id: &str) -> (bool, String) {
         self.send_raw(&format!("[\"EVENT\",{event_json}]")).await;
         self.expect_ok(id).await
@@ -261,10 +279,10 @@ impl Client {
         (ok[2].as_bool().expect("OK flag"), ok[3].as_str().expect("OK message").to_string())
     }
 
-    /// Publishes and asserts `OK true`.
-    pub async fn publish_ok(&mut self, event: &Event) {
-        let (accepted, message) = self.publish(event).await;
-        assert!(accepted, "relay refused {}: {message}", event.id);
+    /// Publishes event JSON and asserts `OK true`.
+    pub async fn publish_raw_ok(&mut self, event_json: &str, id: &str) {
+        let (accepted, message) = self.publish_raw(event_json, id).await;
+        assert!(accepted, "relay refused {id}: {message}");
     }
 
     /// Sends a REQ and collects the stored events up to EOSE. Panics on CLOSED.
@@ -319,26 +337,4 @@ impl Client {
         let v = self.recv_where("NOTICE", |v| v[0] == "NOTICE").await;
         v[1].as_str().unwrap().to_string()
     }
-}
-
-pub fn now() -> u64 {
-    Timestamp::now().as_secs()
-}
-
-/// A signed event.
-pub fn sign(keys: &Keys, kind: u16, content: &str, tags: &[&[&str]], created_at: u64) -> Event {
-    EventBuilder::new(Kind::from(kind), content)
-        .tags(tags.iter().map(|t| Tag::parse(t.iter().copied()).expect("tag")))
-        .custom_created_at(Timestamp::from(created_at))
-        .finalize(keys)
-        .expect("sign")
-}
-
-/// A signed kind-1 note created `age` seconds ago.
-pub fn note(keys: &Keys, content: &str, age: u64) -> Event {
-    sign(keys, 1, content, &[], now() - age)
-}
-
-pub fn ids(events: &[&Event]) -> Vec<String> {
-    events.iter().map(|e| e.id.to_hex()).collect()
 }

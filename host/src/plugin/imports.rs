@@ -23,6 +23,38 @@ pub struct PluginContext {
     pub settings: HashMap<String, String>,
     /// Defaults the plugin declared in `info()`, known once it has answered.
     pub defaults: OnceLock<HashMap<String, String>>,
+    /// The plugin's own counters (`host.count`), shared by all its versions.
+    pub counters: Arc<PluginCounters>,
+}
+
+/// Counters a plugin keeps through `host.count`.
+#[derive(Debug, Default)]
+pub struct PluginCounters {
+    values: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl PluginCounters {
+    /// Most distinct counter names one plugin may create.
+    const MAX_NAMES: usize = 256;
+
+    pub fn add(&self, name: &str, delta: u64) {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return;
+        }
+        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = values.get_mut(name) {
+            *v = v.saturating_add(delta);
+        } else if values.len() < Self::MAX_NAMES {
+            values.insert(name.to_owned(), delta);
+        }
+    }
+
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The data of one instance's store.
@@ -135,6 +167,11 @@ impl host::Host for PluginState {
 
     async fn now(&mut self) -> wasmtime::Result<u64> {
         Ok(crate::event::unix_now())
+    }
+
+    async fn count(&mut self, name: String, delta: u64) -> wasmtime::Result<()> {
+        self.ctx.counters.add(&name, delta);
+        Ok(())
     }
 
     async fn setting(&mut self, name: String) -> wasmtime::Result<Option<String>> {

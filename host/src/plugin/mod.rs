@@ -28,6 +28,7 @@ use nostr::event::Event;
 
 use self::bindings::types as wit;
 use self::convert::{event_from_wit, event_to_wit, filter_from_wit, filter_to_wit, refusal_text};
+pub use self::imports::PluginCounters;
 pub use self::runtime::{CallFailure, LoadError, LoadedPlugin, PluginRuntime};
 use crate::config::{FailurePolicy, PluginConfig};
 use crate::event::AcceptedEvent;
@@ -71,6 +72,8 @@ pub struct PluginStats {
     pub timeouts: AtomicU64,
     pub swaps: AtomicU64,
     pub failed_swaps: AtomicU64,
+    /// The plugin's own counters (`host.count`).
+    pub counters: Arc<PluginCounters>,
     /// Ids or events a plugin returned that the host refused to serve.
     pub dropped_results: AtomicU64,
 }
@@ -164,8 +167,9 @@ impl PluginHost {
         let runtime = PluginRuntime::new(cache_dir)?;
         let mut slots = Vec::with_capacity(configs.len());
         for config in configs {
+            let stats = PluginStats::default();
             let loaded = runtime
-                .load(config, metadata.clone(), events.clone())
+                .load(config, metadata.clone(), events.clone(), stats.counters.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("plugin '{}' ({}): {e}", config.name, config.path.display()))?;
             tracing::info!(
@@ -180,7 +184,7 @@ impl PluginHost {
                 current: ArcSwap::from_pointee(loaded),
                 consecutive_failures: AtomicU32::new(0),
                 disabled: AtomicBool::new(false),
-                stats: PluginStats::default(),
+                stats,
                 last_error: Mutex::new(None),
                 reload_lock: tokio::sync::Mutex::new(()),
             }));
@@ -445,7 +449,8 @@ impl PluginHost {
             *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             Err(e)
         };
-        let loaded = match self.runtime.load(&slot.config, self.metadata.clone(), self.events.clone()).await {
+        let counters = slot.stats.counters.clone();
+        let loaded = match self.runtime.load(&slot.config, self.metadata.clone(), self.events.clone(), counters).await {
             Ok(l) => l,
             Err(e) => return fail(e.to_string()),
         };

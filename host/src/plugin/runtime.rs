@@ -15,7 +15,7 @@ use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{RelayPlugin, RelayPluginPre, SUPPORTED_WIT_VERSIONS, WIT_PACKAGE, types as wit};
-use super::imports::{PluginContext, PluginState};
+use super::imports::{PluginContext, PluginCounters, PluginState};
 use crate::config::PluginConfig;
 use crate::metadata::MetadataStore;
 use crate::store::EventStore;
@@ -109,6 +109,7 @@ impl PluginRuntime {
         config: &PluginConfig,
         metadata: Arc<dyn MetadataStore>,
         events: Arc<dyn EventStore>,
+        counters: Arc<PluginCounters>,
     ) -> Result<LoadedPlugin, LoadError> {
         let bytes = tokio::fs::read(&config.path)
             .await
@@ -130,6 +131,7 @@ impl PluginRuntime {
             events,
             settings: config.settings.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
             defaults: OnceLock::new(),
+            counters,
         });
         let limits = CallLimits {
             timeout_ms: config.call_timeout_ms,

@@ -1,0 +1,227 @@
+//! The KeyPackage index in the plugin's key-value store.
+//!
+//! Layout: `kp/<owner>/<event id>` holds a [`Record`]; `ver/<owner>` is a
+//! counter bumped by every change to that owner's records, and every change
+//! is a transaction conditioned on it, so concurrent requesters, arrivals,
+//! deletions and expiry never interleave on one owner's KeyPackages.
+
+use serde::{Deserialize, Serialize};
+use wasm_relay_plugin_sdk::*;
+
+use crate::rules::KeyPackageFacts;
+use crate::{KIND_KEY_PACKAGE_ADDRESSABLE, Refused, Settings};
+
+/// How often a transaction on one owner is retried under contention.
+pub const MAX_ATTEMPTS: usize = 32;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    pub id: String,
+    pub kind: u16,
+    pub d: Option<String>,
+    /// Twins (a 443 and a 30443 of one KeyPackage) share this.
+    pub group: String,
+    pub ciphersuite: Option<String>,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub consumed: bool,
+}
+
+/// One owner's records as read, with the version they were read at.
+pub struct OwnerState {
+    pub owner: String,
+    pub version_raw: Option<Vec<u8>>,
+    pub records: Vec<Record>,
+}
+
+impl OwnerState {
+    pub fn load(owner: &str) -> Result<Self, KvError> {
+        let version_raw = kv::get(&version_key(owner))?;
+        let records = store::scan_all(&format!("kp/{owner}/"))?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice::<Record>(&v).ok())
+            .collect();
+        Ok(Self { owner: owner.to_owned(), version_raw, records })
+    }
+
+    fn next_version(&self) -> Vec<u8> {
+        let v: u64 = self.version_raw.as_deref().and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()).unwrap_or(0);
+        (v + 1).to_string().into_bytes()
+    }
+
+    /// Applies `writes` (record puts and deletes) if nothing changed since load.
+    pub fn commit(&self, mut writes: Vec<Write>) -> Result<bool, KvError> {
+        writes.push(Write { key: version_key(&self.owner), value: Some(self.next_version()) });
+        kv::transact(&[Condition { key: version_key(&self.owner), expected: self.version_raw.clone() }], &writes)
+    }
+
+    pub fn put(&self, r: &Record) -> Write {
+        Write { key: record_key(&self.owner, &r.id), value: Some(serde_json::to_vec(r).expect("record serializes")) }
+    }
+
+    pub fn delete(&self, id: &str) -> Write {
+        Write { key: record_key(&self.owner, id), value: None }
+    }
+}
+
+fn version_key(owner: &str) -> String {
+    format!("ver/{owner}")
+}
+
+fn record_key(owner: &str, id: &str) -> String {
+    format!("kp/{owner}/{id}")
+}
+
+fn store_error(e: KvError) -> Refused {
+    Refused {
+        kind: RefusalKind::Error,
+        message: format!("the relay's KeyPackage index is unavailable ({e:?}); retry later"),
+        counter: "store_error",
+    }
+}
+
+/// Indexes a KeyPackage that passed the checks.
+pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64) -> Result<(), Refused> {
+    for _ in 0..MAX_ATTEMPTS {
+        let state = OwnerState::load(&event.pubkey).map_err(store_error)?;
+        if state.records.iter().any(|r| r.id == event.id) {
+            return Ok(()); // a re-publication never resets consumption
+        }
+        let mut writes = Vec::new();
+        let mut kept: Vec<&Record> = state.records.iter().collect();
+        if event.kind == KIND_KEY_PACKAGE_ADDRESSABLE {
+            // NIP-01 replacement of the same `d` slot: newest wins, then lowest id.
+            let same_slot = |r: &Record| r.kind == KIND_KEY_PACKAGE_ADDRESSABLE && r.d == facts.d;
+            let newer = |r: &Record| {
+                (r.created_at, std::cmp::Reverse(&r.id)) > (event.created_at, std::cmp::Reverse(&event.id))
+            };
+            if kept.iter().any(|r| same_slot(r) && newer(r)) {
+                return Ok(()); // the relay keeps the newer one; nothing to index
+            }
+            for old in kept.iter().filter(|r| same_slot(r)) {
+                writes.push(state.delete(&old.id));
+            }
+            kept.retain(|r| !same_slot(r));
+        }
+        let record = Record {
+            id: event.id.clone(),
+            kind: event.kind,
+            d: facts.d.clone(),
+            consumed: kept.iter().any(|r| r.group == facts.group && r.consumed),
+            group: facts.group.clone(),
+            ciphersuite: facts.ciphersuite.clone(),
+            created_at: event.created_at,
+            expires_at: facts.expires_at.unwrap_or(event.created_at.max(now).saturating_add(settings.default_ttl)),
+        };
+        writes.push(state.put(&record));
+        kept.push(&record);
+        if kept.len() > settings.max_per_owner {
+            kept.sort_by_key(|r| (r.created_at, r.id.clone()));
+            let excess = kept.len() - settings.max_per_owner;
+            for old in &kept[..excess] {
+                writes.push(state.delete(&old.id));
+            }
+            host::count("keypackages_pruned", excess as u64);
+        }
+        if state.commit(writes).map_err(store_error)? {
+            host::count("keypackages_stored", 1);
+            return Ok(());
+        }
+    }
+    Err(Refused { kind: RefusalKind::Error, message: "the KeyPackage index is busy; retry".into(), counter: "busy" })
+}
+
+/// NIP-09: a kind 5 by the owner removes the KeyPackages it names by `e`,
+/// or by `a` (`30443:<owner>:<d>`, versions up to the deletion's time).
+pub fn apply_deletion(event: &Event) -> Result<(), Refused> {
+    let ids: Vec<&str> = event.tags_named("e").filter_map(|t| t.get(1).map(String::as_str)).collect();
+    let slots: Vec<String> = event
+        .tags_named("a")
+        .filter_map(|t| t.get(1))
+        .filter_map(|a| {
+            let mut parts = a.splitn(3, ':');
+            let (kind, owner, d) = (parts.next()?, parts.next()?, parts.next()?);
+            (kind == "30443" && owner == event.pubkey).then(|| d.to_owned())
+        })
+        .collect();
+    if ids.is_empty() && slots.is_empty() {
+        return Ok(());
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        let state = OwnerState::load(&event.pubkey).map_err(store_error)?;
+        let doomed: Vec<&Record> = state
+            .records
+            .iter()
+            .filter(|r| {
+                ids.contains(&r.id.as_str())
+                    || (r.kind == KIND_KEY_PACKAGE_ADDRESSABLE
+                        && r.created_at <= event.created_at
+                        && slots.iter().any(|d| r.d.as_deref().unwrap_or("") == d))
+            })
+            .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let writes = doomed.iter().map(|r| state.delete(&r.id)).collect();
+        if state.commit(writes).map_err(store_error)? {
+            host::count("keypackages_deleted", doomed.len() as u64);
+            return Ok(());
+        }
+    }
+    Err(Refused { kind: RefusalKind::Error, message: "the KeyPackage index is busy; retry".into(), counter: "busy" })
+}
+
+/// Adds one to a counter key; returns the new value.
+pub fn increment(key: &str) -> Result<u64, KvError> {
+    loop {
+        let current = kv::get(key)?;
+        let n: u64 = current.as_deref().and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()).unwrap_or(0) + 1;
+        if store::compare_and_swap(key, current.as_deref(), Some(n.to_string().as_bytes()))? {
+            return Ok(n);
+        }
+    }
+}
+
+/// Expires KeyPackages and drops counters of past windows.
+pub fn housekeeping(now: u64) {
+    let Ok(all) = store::scan_all("kp/") else { return };
+    let mut owners: Vec<String> = all
+        .iter()
+        .filter_map(|(key, value)| {
+            let record: Record = serde_json::from_slice(value).ok()?;
+            if record.expires_at > now {
+                return None;
+            }
+            key.split('/').nth(1).map(str::to_owned)
+        })
+        .collect();
+    owners.sort();
+    owners.dedup();
+    for owner in owners {
+        for _ in 0..MAX_ATTEMPTS {
+            let Ok(state) = OwnerState::load(&owner) else { break };
+            let expired: Vec<&Record> = state.records.iter().filter(|r| r.expires_at <= now).collect();
+            if expired.is_empty() {
+                break;
+            }
+            let writes = expired.iter().map(|r| state.delete(&r.id)).collect();
+            if let Ok(true) = state.commit(writes) {
+                host::count("keypackages_expired", expired.len() as u64);
+                break;
+            }
+        }
+    }
+    prune_windows("rl/", now / 3600);
+    prune_windows("rate445/", now / 60);
+}
+
+/// Deletes `<prefix><window>/...` keys of windows before `current`.
+fn prune_windows(prefix: &str, current: u64) {
+    let Ok(entries) = store::scan_all(prefix) else { return };
+    for (key, _) in entries {
+        let window = key[prefix.len()..].split('/').next().and_then(|w| w.parse::<u64>().ok());
+        if window.is_some_and(|w| w < current) {
+            let _ = kv::delete(&key);
+        }
+    }
+}

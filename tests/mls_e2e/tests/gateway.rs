@@ -1,0 +1,417 @@
+//! The MLS gateway plugin over real WebSockets, with real KeyPackages made by
+//! mdk-core: accepted shapes and refusals, delivery caps, consumption under
+//! concurrency, last resort, twins, every read path, rate limit, lifecycle,
+//! restart and hot swap.
+
+#[path = "../../harness/mod.rs"]
+mod harness;
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use harness::{Client, TestRelay, plugin_path};
+use serde_json::json;
+use support::{Member, fetch_key_packages, gateway_config, gateway_relay, now, publish, publish_ok};
+
+const UNLIMITED: (&str, &str) = ("requests_per_hour", "0");
+
+#[tokio::test]
+async fn every_shape_clients_publish_is_accepted() {
+    let relay = gateway_relay(&[]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let (kp30443, kp443) = bob.key_package_pair(&relay.url);
+    publish_ok(&mut c, &kp30443).await;
+    publish_ok(&mut c, &kp443).await;
+    // NIP-EE: kind 443, hex content, legacy tag names.
+    let legacy = bob.key_package_shaped(&relay.url, 443, true, None, |tags| {
+        tags.into_iter()
+            .map(|mut t| {
+                if t[0] == "mls_ciphersuite" {
+                    t[0] = "ciphersuite".into();
+                }
+                if t[0] == "mls_extensions" {
+                    t[0] = "extensions".into();
+                }
+                t
+            })
+            .collect()
+    });
+    publish_ok(&mut c, &legacy).await;
+    // 30443 without an encoding tag (hex content), with an owner p tag and app tags.
+    let pk = bob.pubkey();
+    let bare = bob.key_package_shaped(&relay.url, 30443, true, None, |mut tags| {
+        tags.push(vec!["p".into(), pk.clone()]);
+        tags.push(vec!["app_components".into(), "0x0001".into()]);
+        tags
+    });
+    publish_ok(&mut c, &bare).await;
+}
+
+#[tokio::test]
+async fn broken_key_packages_are_refused_with_invalid() {
+    let relay = gateway_relay(&[]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let other = Member::new().pubkey();
+    let url = relay.url.clone();
+    let cases: Vec<(nostr::Event, &str)> = vec![
+        (bob.sign_raw(443, "", vec![vec!["mls_protocol_version".into(), "1.0".into()]], None), "empty"),
+        (
+            bob.sign_raw(
+                443,
+                "%%% not base64 %%%",
+                vec![vec!["mls_protocol_version".into(), "1.0".into()], vec!["encoding".into(), "base64".into()]],
+                None,
+            ),
+            "base64",
+        ),
+        (
+            bob.sign_raw(443, "zz-not-hex-zz", vec![vec!["mls_protocol_version".into(), "1.0".into()]], None),
+            "neither hex nor base64",
+        ),
+        (
+            bob.key_package_shaped(&url, 30443, false, None, |t| {
+                t.into_iter().filter(|t| t[0] != "mls_protocol_version").collect()
+            }),
+            "mls_protocol_version",
+        ),
+        (
+            bob.key_package_shaped(&url, 30443, false, None, |mut t| {
+                t.push(vec!["p".into(), other.clone()]);
+                t
+            }),
+            "p tag",
+        ),
+        (
+            bob.key_package_shaped(&url, 443, false, None, |mut t| {
+                t.push(vec!["expiration".into(), (now() - 10).to_string()]);
+                t
+            }),
+            "expired",
+        ),
+    ];
+    for (event, expected) in cases {
+        let (ok, msg) = publish(&mut c, &event).await;
+        assert!(!ok && msg.starts_with("invalid:") && msg.contains(expected), "{expected}: {msg}");
+    }
+}
+
+#[tokio::test]
+async fn welcomes_outside_gift_wraps_and_bad_group_messages_are_refused() {
+    let relay = gateway_relay(&[]).await;
+    let mut c = relay.client().await;
+    let alice = Member::new();
+    let (ok, msg) = publish(&mut c, &alice.sign_raw(444, "welcome", vec![], None)).await;
+    assert!(!ok && msg.starts_with("blocked:") && msg.contains("gift wrap"), "{msg}");
+    assert!(c.req("w", vec![json!({"kinds": [444]})]).await.is_empty());
+    let group = "ab".repeat(32);
+    let good = alice.sign_raw(
+        445,
+        "ciphertext",
+        vec![vec!["h".into(), group.clone()], vec!["encoding".into(), "base64".into()]],
+        None,
+    );
+    publish_ok(&mut c, &good).await;
+    for (tags, why) in [
+        (vec![], "no h"),
+        (vec![vec!["h".to_string(), "short".to_string()]], "not hex"),
+        (vec![vec!["h".to_string(), group.clone()], vec!["h".to_string(), group.clone()]], "two h"),
+    ] {
+        let (ok, msg) = publish(&mut c, &alice.sign_raw(445, "x", tags, None)).await;
+        assert!(!ok && msg.starts_with("invalid:"), "{why}: {msg}");
+    }
+    // Stored as sent and served to anyone by #h, no AUTH needed.
+    let mut reader = relay.client().await;
+    let got = reader.req("g", vec![json!({"kinds": [445], "#h": [group]})]).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["id"], good.id.to_hex());
+    assert_eq!(got[0]["created_at"], good.created_at.as_secs());
+}
+
+#[tokio::test]
+async fn delivery_is_capped_per_author_and_prefers_30443_oldest_first() {
+    let relay = gateway_relay(&[UNLIMITED, ("max_keypackages_per_author", "2")]).await;
+    let mut c = relay.client().await;
+    let (bob, carol) = (Member::new(), Member::new());
+    let t = now() - 1000;
+    let mut bob_kps = Vec::new();
+    for i in 0..4 {
+        let kp = bob.key_package_shaped(&relay.url, 30443, false, Some(t + i), |t| t);
+        publish_ok(&mut c, &kp).await;
+        bob_kps.push(kp);
+    }
+    // A 443 that is older than all of them still comes after the 30443s.
+    let old443 = bob.key_package_shaped(&relay.url, 443, false, Some(t - 100), |t| t);
+    publish_ok(&mut c, &old443).await;
+    for i in 0..3 {
+        publish_ok(&mut c, &carol.key_package_shaped(&relay.url, 30443, false, Some(t + i), |t| t)).await;
+    }
+    let mut alice = relay.client().await;
+    let got = fetch_key_packages(&mut alice, "kp", &[&bob.pubkey(), &carol.pubkey()]).await;
+    assert_eq!(got.len(), 4, "two per author, not two in total: {got:?}");
+    assert!(got.contains(&bob_kps[0].id.to_hex()) && got.contains(&bob_kps[1].id.to_hex()));
+    // Other filters are honoured: #d picks one slot.
+    let d = bob_kps[3].tags.iter().find(|t| t.kind().to_string() == "d").unwrap().content().unwrap().to_string();
+    let got = alice.req_ids("d", vec![json!({"kinds": [30443], "authors": [bob.pubkey()], "#d": [d]})]).await;
+    assert_eq!(got, vec![bob_kps[3].id.to_hex()]);
+    let got = alice.req_ids("until", vec![json!({"kinds": [443], "authors": [bob.pubkey()], "until": t - 1})]).await;
+    assert_eq!(got, vec![old443.id.to_hex()]);
+}
+
+/// Asserts no KeyPackage was handed to two requesters, except the owner's
+/// last one (last resort), which may repeat.
+fn assert_consumed_once(got: &[Vec<String>], last_resort: Option<&str>) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for ids in got {
+        for id in ids {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    for (id, n) in seen {
+        assert!(n == 1 || Some(id) == last_resort, "KeyPackage {id} was handed out {n} times");
+    }
+}
+
+async fn concurrent_fetches(relay: &TestRelay, owner: &str, requesters: usize) -> Vec<Vec<String>> {
+    let mut tasks = Vec::new();
+    for i in 0..requesters {
+        let (url, owner) = (relay.url.clone(), owner.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            fetch_key_packages(&mut c, &format!("f{i}"), &[&owner]).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn concurrent_requesters_never_receive_the_same_key_package() {
+    let relay = gateway_relay(&[UNLIMITED, ("max_keypackages_per_owner", "100")]).await;
+    let mut c = relay.client().await;
+    // Two requesters, two KeyPackages plus a spare.
+    let carol = Member::new();
+    let mut kps = Vec::new();
+    for i in 0..3 {
+        let kp = carol.key_package_shaped(&relay.url, 30443, false, Some(now() - 100 + i), |t| t);
+        publish_ok(&mut c, &kp).await;
+        kps.push(kp.id.to_hex());
+    }
+    let got = concurrent_fetches(&relay, &carol.pubkey(), 2).await;
+    assert!(got.iter().all(|ids| ids.len() == 1));
+    assert_ne!(got[0], got[1], "two concurrent inviters received the same KeyPackage");
+    assert_consumed_once(&got, None);
+
+    // Fifty requesters, forty KeyPackages: 39 handed out once each, then the last resort.
+    let dave = Member::new();
+    let mut all = Vec::new();
+    for i in 0..40 {
+        let kp = dave.key_package_shaped(&relay.url, 30443, false, Some(now() - 1000 + i), |t| t);
+        publish_ok(&mut c, &kp).await;
+        all.push(kp.id.to_hex());
+    }
+    let got = concurrent_fetches(&relay, &dave.pubkey(), 50).await;
+    assert!(got.iter().all(|ids| ids.len() == 1), "every requester gets one: {got:?}");
+    let last = all.last().unwrap().clone();
+    assert_consumed_once(&got, Some(&last));
+    let distinct: std::collections::HashSet<_> = got.iter().flatten().collect();
+    assert_eq!(distinct.len(), 40, "all forty were handed out");
+}
+
+#[tokio::test]
+async fn the_last_key_package_keeps_being_served() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let (a, b) = (bob.key_package(&relay.url), bob.key_package(&relay.url));
+    publish_ok(&mut c, &a).await;
+    publish_ok(&mut c, &b).await;
+    let first = fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await;
+    let second = fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await;
+    let third = fetch_key_packages(&mut c, "3", &[&bob.pubkey()]).await;
+    assert_ne!(first, second);
+    assert_eq!(second, third, "the last one is served again, not consumed");
+    assert_eq!(first.len() + second.len(), 2);
+}
+
+#[tokio::test]
+async fn consuming_one_twin_consumes_the_other() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let (kp30443, kp443) = bob.key_package_pair(&relay.url);
+    publish_ok(&mut c, &kp443).await;
+    publish_ok(&mut c, &kp30443).await;
+    let spare = bob.key_package_shaped(&relay.url, 30443, false, Some(now() + 5), |t| t);
+    publish_ok(&mut c, &spare).await;
+    // The pair counts as one KeyPackage; its 30443 is preferred.
+    assert_eq!(fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await, vec![kp30443.id.to_hex()]);
+    // The 443 twin is consumed with it: next comes the spare.
+    assert_eq!(fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await, vec![spare.id.to_hex()]);
+    assert!(c.req_ids("by-id", vec![json!({"ids": [kp443.id.to_hex()]})]).await.is_empty());
+}
+
+#[tokio::test]
+async fn consumed_key_packages_are_invisible_on_every_read_path() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let (used, spare) =
+        (bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 10), |t| t), bob.key_package(&relay.url));
+    publish_ok(&mut c, &used).await;
+    publish_ok(&mut c, &spare).await;
+    assert_eq!(fetch_key_packages(&mut c, "take", &[&bob.pubkey()]).await, vec![used.id.to_hex()]);
+    let id = used.id.to_hex();
+    let pk = bob.pubkey();
+    let mut eve = relay.client().await;
+    for (sub, filter) in [
+        ("ids", json!({"ids": [id]})),
+        ("ids-kinds", json!({"ids": [id], "kinds": [30443]})),
+        ("author-all", json!({"authors": [pk]})),
+        ("no-author", json!({"kinds": [30443, 443]})),
+        ("all", json!({})),
+    ] {
+        let got = eve.req_ids(sub, vec![filter.clone()]).await;
+        assert!(!got.contains(&id), "{filter} served a consumed KeyPackage");
+    }
+    let count = eve.count("c", vec![json!({"kinds": [30443, 443], "authors": [pk]})]).await;
+    assert_eq!(count[2]["count"], 1, "COUNT sees only the unconsumed one: {count}");
+    // COUNT does not consume.
+    assert_eq!(eve.count("c2", vec![json!({"kinds": [30443], "authors": [pk]})]).await[2]["count"], 1);
+    // Live subscriptions never carry KeyPackages.
+    eve.req("live", vec![json!({"kinds": [30443, 443], "authors": [pk], "limit": 0})]).await;
+    publish_ok(&mut c, &bob.key_package(&relay.url)).await;
+    eve.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn requests_per_requester_and_author_are_rate_limited() {
+    let relay = gateway_relay(&[("requests_per_hour", "2")]).await;
+    let mut c = relay.client().await;
+    let (bob, carol) = (Member::new(), Member::new());
+    publish_ok(&mut c, &bob.key_package(&relay.url)).await;
+    publish_ok(&mut c, &carol.key_package(&relay.url)).await;
+    fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await;
+    fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await;
+    let msg = c.req_refused("3", vec![json!({"kinds": [30443, 443], "authors": [bob.pubkey()]})]).await;
+    assert!(msg.starts_with("rate-limited:"), "{msg}");
+    // Per author: carol is still fine.
+    assert_eq!(fetch_key_packages(&mut c, "4", &[&carol.pubkey()]).await.len(), 1);
+    // Relay lists are ordinary events, served to anyone without AUTH.
+    let list = bob.sign_raw(10051, "", vec![vec!["relay".into(), relay.url.clone()]], None);
+    publish_ok(&mut c, &list).await;
+    let mut anyone = relay.client().await;
+    assert_eq!(
+        anyone.req_ids("l", vec![json!({"kinds": [10051], "authors": [bob.pubkey()]})]).await,
+        vec![list.id.to_hex()]
+    );
+}
+
+#[tokio::test]
+async fn expired_pruned_deleted_and_replaced_key_packages_are_not_served() {
+    let relay = gateway_relay(&[UNLIMITED, ("max_keypackages_per_owner", "3")]).await;
+    let mut c = relay.client().await;
+    // Expiry from the event.
+    let bob = Member::new();
+    let soon = bob.key_package_shaped(&relay.url, 30443, false, None, |mut t| {
+        t.push(vec!["expiration".into(), (now() + 2).to_string()]);
+        t
+    });
+    publish_ok(&mut c, &soon).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert!(fetch_key_packages(&mut c, "exp", &[&bob.pubkey()]).await.is_empty());
+
+    // Pruning: at most 3 per owner, the oldest dropped.
+    let carol = Member::new();
+    let kps: Vec<_> =
+        (0..4).map(|i| carol.key_package_shaped(&relay.url, 30443, false, Some(now() - 100 + i), |t| t)).collect();
+    for kp in &kps {
+        publish_ok(&mut c, kp).await;
+    }
+    let count = c.count("n", vec![json!({"kinds": [30443], "authors": [carol.pubkey()]})]).await;
+    assert_eq!(count[2]["count"], 3);
+    assert_eq!(fetch_key_packages(&mut c, "prune", &[&carol.pubkey()]).await, vec![kps[1].id.to_hex()]);
+
+    // Kind 5 by e and by a.
+    let dave = Member::new();
+    let (x, y, z) = (
+        dave.key_package_shaped(&relay.url, 30443, false, Some(now() - 30), |t| t),
+        dave.key_package_shaped(&relay.url, 30443, false, Some(now() - 20), |t| t),
+        dave.key_package_shaped(&relay.url, 30443, false, Some(now() - 10), |t| t),
+    );
+    for kp in [&x, &y, &z] {
+        publish_ok(&mut c, kp).await;
+    }
+    let d_of =
+        |e: &nostr::Event| e.tags.iter().find(|t| t.kind().to_string() == "d").unwrap().content().unwrap().to_string();
+    let by_e = dave.sign_raw(5, "", vec![vec!["e".into(), x.id.to_hex()]], None);
+    let by_a = dave.sign_raw(5, "", vec![vec!["a".into(), format!("30443:{}:{}", dave.pubkey(), d_of(&y))]], None);
+    publish_ok(&mut c, &by_e).await;
+    publish_ok(&mut c, &by_a).await;
+    let count = c.count("d", vec![json!({"kinds": [30443], "authors": [dave.pubkey()]})]).await;
+    assert_eq!(count[2]["count"], 1);
+    assert_eq!(fetch_key_packages(&mut c, "del", &[&dave.pubkey()]).await, vec![z.id.to_hex()]);
+
+    // 30443 replacement: a newer event in the same d slot replaces the old one.
+    let erin = Member::new();
+    let first = erin.key_package_shaped(&relay.url, 30443, false, Some(now() - 50), |t| t);
+    let d = d_of(&first);
+    let newer = erin.key_package_shaped(&relay.url, 30443, false, Some(now() - 5), |t| {
+        t.into_iter()
+            .map(|mut t| {
+                if t[0] == "d" {
+                    t[1] = d.clone();
+                }
+                t
+            })
+            .collect()
+    });
+    publish_ok(&mut c, &first).await;
+    publish_ok(&mut c, &newer).await;
+    assert_eq!(fetch_key_packages(&mut c, "repl", &[&erin.pubkey()]).await, vec![newer.id.to_hex()]);
+}
+
+/// Appends a custom section, giving a different file with the same behaviour.
+fn with_custom_section(mut wasm: Vec<u8>, label: &str) -> Vec<u8> {
+    let name = b"wasm-relay-test";
+    let payload = label.as_bytes();
+    let body_len = 1 + name.len() + payload.len();
+    wasm.push(0);
+    wasm.push(body_len as u8);
+    wasm.push(name.len() as u8);
+    wasm.extend_from_slice(name);
+    wasm.extend_from_slice(payload);
+    wasm
+}
+
+#[tokio::test]
+async fn consumption_survives_restart_and_hot_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mls_gateway.wasm");
+    std::fs::copy(plugin_path("mls_gateway.wasm"), &file).unwrap();
+    let relay = TestRelay::start_with_config(&gateway_config(&file, &[UNLIMITED])).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let kps: Vec<_> =
+        (0..4).map(|i| bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 100 + i), |t| t)).collect();
+    for kp in &kps {
+        publish_ok(&mut c, kp).await;
+    }
+    assert_eq!(fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await, vec![kps[0].id.to_hex()]);
+    drop(c);
+    let relay = relay.crash_and_restart().await;
+    let mut c = relay.client().await;
+    assert_eq!(fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await, vec![kps[1].id.to_hex()]);
+    // Swap in a different file of the same plugin.
+    let bytes = with_custom_section(std::fs::read(plugin_path("mls_gateway.wasm")).unwrap(), "v2");
+    let tmp = dir.path().join("next.tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    relay.wait_for_log("plugin swapped").await;
+    assert_eq!(fetch_key_packages(&mut c, "3", &[&bob.pubkey()]).await, vec![kps[2].id.to_hex()]);
+}
