@@ -42,9 +42,91 @@ pub struct Config {
     pub limits: Limits,
     pub info: RelayInfo,
     pub log: LogConfig,
+    pub nips: NipConfig,
+    pub rate_limits: RateLimits,
+    pub access: AccessLists,
     pub plugin_runtime: PluginRuntimeConfig,
     /// Plugins, loaded in this order; each is consulted in this order.
     pub plugins: Vec<PluginConfig>,
+}
+
+/// Who may read NIP-59 gift wraps (kind 1059).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GiftWrapPolicy {
+    /// Only a connection authenticated (NIP-42) as a p-tagged recipient.
+    RecipientOnly,
+    /// Anyone.
+    Open,
+}
+
+/// Switches for individual NIPs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NipConfig {
+    /// Who may read gift wraps.
+    pub gift_wrap_policy: GiftWrapPolicy,
+    /// Seconds between sweeps that remove expired events (NIP-40).
+    pub expiration_sweep_seconds: u64,
+}
+
+impl Default for NipConfig {
+    fn default() -> Self {
+        Self { gift_wrap_policy: GiftWrapPolicy::RecipientOnly, expiration_sweep_seconds: 60 }
+    }
+}
+
+/// Rate limits; 0 disables one. Each allows a burst of one minute's worth.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// EVENT messages per minute from one IP address.
+    pub events_per_minute_per_ip: u32,
+    /// EVENT messages per minute signed by one public key.
+    pub events_per_minute_per_pubkey: u32,
+    /// REQ and COUNT messages per minute from one IP address.
+    pub reqs_per_minute_per_ip: u32,
+    /// REQ and COUNT messages per minute from one authenticated public key.
+    pub reqs_per_minute_per_pubkey: u32,
+    /// Extra limits for particular kinds.
+    pub kinds: Vec<KindRateLimit>,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            events_per_minute_per_ip: 6000,
+            events_per_minute_per_pubkey: 3000,
+            reqs_per_minute_per_ip: 6000,
+            reqs_per_minute_per_pubkey: 6000,
+            kinds: vec![],
+        }
+    }
+}
+
+/// A limit on events of one kind, counted per IP, per author, or per value of
+/// a tag (e.g. kind 445 per `h` group id: group ids are public).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KindRateLimit {
+    pub kind: u16,
+    pub per_minute: u32,
+    /// `ip`, `pubkey` or `tag:<letter>`.
+    pub per: String,
+}
+
+/// Who may write. Empty allow lists allow everyone not denied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLists {
+    /// Only these authors (64-hex public keys) may publish, when non-empty.
+    pub write_allow_pubkeys: Vec<String>,
+    /// These authors may not publish.
+    pub write_deny_pubkeys: Vec<String>,
+    /// Only these addresses or networks (CIDR) may publish, when non-empty.
+    pub write_allow_ips: Vec<ipnet::IpNet>,
+    /// These addresses or networks may not publish.
+    pub write_deny_ips: Vec<ipnet::IpNet>,
 }
 
 /// Settings shared by every plugin.
@@ -330,6 +412,17 @@ impl Config {
         if self.storage.max_batch_events == 0 {
             return fail("storage.max_batch_events must be positive");
         }
+        for k in &self.rate_limits.kinds {
+            let ok = k.per == "ip" || k.per == "pubkey" || k.per.strip_prefix("tag:").is_some_and(|l| l.len() == 1);
+            if !ok || k.per_minute == 0 {
+                return fail("rate_limits.kinds: `per` must be \"ip\", \"pubkey\" or \"tag:<letter>\" and per_minute positive");
+            }
+        }
+        for pk in self.access.write_allow_pubkeys.iter().chain(&self.access.write_deny_pubkeys) {
+            if !crate::filter::is_hex64(pk) {
+                return Err(ConfigError::OutOfRange(format!("access: \"{pk}\" is not a 64-character lowercase hex public key")));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for p in &self.plugins {
             crate::metadata::validate_namespace(&p.name)
@@ -379,8 +472,9 @@ mod tests {
         let (mut a, mut b) = (vec![], vec![]);
         keys(&example, "", &mut a);
         keys(&defaults, "", &mut b);
-        // The example shows `[[plugins]]` commented out; the default is an empty list.
-        b.retain(|k| k != "plugins");
+        // The example shows `[[plugins]]` and `[[rate_limits.kinds]]` commented
+        // out; the defaults are empty lists.
+        b.retain(|k| k != "plugins" && k != "rate_limits.kinds");
         // Optional keys (None) serialize to nothing; the example shows them commented out.
         a.sort();
         b.sort();

@@ -16,6 +16,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use nostr::event::Event;
+use serde_json::value::RawValue;
+
+use crate::config::GiftWrapPolicy;
 use crate::event::{AcceptedEvent, KindClass, kind_class, read_event, unix_now};
 use crate::fanout::{ConnId, Delivery};
 use crate::filter::{Filter, FilterLimits};
@@ -23,7 +27,7 @@ use crate::ingest::WriteResult;
 use crate::message::{self, ClientMessage, Parsed};
 use crate::plugin::{Caller, ReadPurpose};
 use crate::relay::Relay;
-use crate::store::{StoredEvent, WriteOutcome};
+use crate::store::{GIFT_WRAP, GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
 
 /// What this connection remembers of one of its subscriptions.
 struct LocalSub {
@@ -35,9 +39,18 @@ struct LocalSub {
 
 type PendingOk = std::pin::Pin<Box<dyn std::future::Future<Output = (String, WriteResult)> + Send>>;
 
+/// Kind of NIP-42 authentication events.
+const AUTH_KIND: u16 = 22242;
+/// How far an AUTH event's `created_at` may be from now.
+const AUTH_WINDOW_SECONDS: u64 = 600;
+
 pub struct Connection<S> {
     id: ConnId,
     remote: SocketAddr,
+    /// NIP-42 challenge sent on connect.
+    challenge: String,
+    /// Keys this connection proved with NIP-42.
+    authed: Vec<[u8; 32]>,
     /// This connection as plugins see it.
     caller: Caller,
     relay: Arc<Relay>,
@@ -59,7 +72,8 @@ where
     pub fn new(relay: Arc<Relay>, ws: WebSocketStream<S>, remote: SocketAddr) -> Self {
         let id = relay.next_connection_id();
         let caller = Caller { connection_id: id, authed_pubkeys: vec![], remote };
-        Self { id, remote, caller, relay, ws, subs: HashMap::new(), unflushed: false }
+        let challenge = hex::encode(rand::random::<[u8; 16]>());
+        Self { id, remote, challenge, authed: vec![], caller, relay, ws, subs: HashMap::new(), unflushed: false }
     }
 
     pub async fn run(mut self) {
@@ -70,6 +84,10 @@ where
         tracing::debug!(conn = self.id, remote = %self.remote, "connected");
         let mut pending: FuturesUnordered<PendingOk> = FuturesUnordered::new();
         let result: Result<(), WsError> = async {
+            let challenge = message::auth(&self.challenge);
+            self.feed(challenge).await?;
+            self.ws.flush().await?;
+            self.unflushed = false;
             loop {
                 let step = tokio::select! {
                     biased;
@@ -167,40 +185,8 @@ where
             Ok(Parsed::BadFilters { sub_id, reason }) => {
                 self.feed(message::closed(&sub_id, &format!("invalid: {reason}"))).await?
             }
-            Ok(Parsed::Message(ClientMessage::Event(raw))) => {
-                let now = unix_now();
-                match read_event(raw, &self.relay.config.limits, now) {
-                    Err(refusal) => {
-                        tracing::debug!(conn = self.id, reason = %refusal.message, "event refused");
-                        let reply = match refusal.event_id {
-                            Some(id) => message::ok(&id, false, &refusal.message),
-                            None => message::notice(&refusal.message),
-                        };
-                        self.feed(reply).await?;
-                    }
-                    Ok(event) => {
-                        let id = event.id.to_hex();
-                        if !self.relay.plugins.is_empty()
-                            && let Err(refusal) = self.relay.plugins.on_event(&self.caller, &event).await
-                        {
-                            tracing::debug!(conn = self.id, reason = %refusal, "event refused by a plugin");
-                            self.feed(message::ok(&id, false, &refusal)).await?;
-                            return Ok(Step::Continue);
-                        }
-                        let accepted = Arc::new(AcceptedEvent::new(event));
-                        if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
-                            self.relay.fanout.broadcast(0, &accepted);
-                            self.feed(message::ok(&id, true, "")).await?;
-                        } else {
-                            let rx: oneshot::Receiver<WriteResult> = self.relay.ingest.submit(accepted).await;
-                            pending.push(Box::pin(async move {
-                                let result = rx.await.unwrap_or_else(|_| Err("the event writer stopped".into()));
-                                (id, result)
-                            }));
-                        }
-                    }
-                }
-            }
+            Ok(Parsed::Message(ClientMessage::Event(raw))) => self.on_event(raw, pending).await?,
+            Ok(Parsed::Message(ClientMessage::Auth(raw))) => self.on_auth(raw).await?,
             Ok(Parsed::Message(ClientMessage::Req { sub_id, filters })) => self.on_req(sub_id, filters).await?,
             Ok(Parsed::Message(ClientMessage::Count { sub_id, filters })) => self.on_count(sub_id, filters).await?,
             Ok(Parsed::Message(ClientMessage::Close { sub_id })) => {
@@ -209,6 +195,133 @@ where
             }
         }
         Ok(Step::Continue)
+    }
+
+    async fn on_event(&mut self, raw: &RawValue, pending: &mut FuturesUnordered<PendingOk>) -> Result<(), WsError> {
+        let now = unix_now();
+        let event = match read_event(raw, &self.relay.config.limits, now) {
+            Ok(event) => event,
+            Err(refusal) => {
+                tracing::debug!(conn = self.id, remote = %self.remote, reason = %refusal.message, "event refused");
+                let reply = match refusal.event_id {
+                    Some(id) => message::ok(&id, false, &refusal.message),
+                    None => message::notice(&refusal.message),
+                };
+                return self.feed(reply).await;
+            }
+        };
+        let id = event.id.to_hex();
+        if let Err(refusal) = self.admit(&event).await {
+            tracing::debug!(conn = self.id, remote = %self.remote, event = %id, reason = %refusal, "event refused");
+            return self.feed(message::ok(&id, false, &refusal)).await;
+        }
+        let mut accepted = AcceptedEvent::new(event);
+        accepted.vanish_request = accepted.event.kind.as_u16() == 62 && self.addressed_to_this_relay(&accepted.event);
+        let accepted = Arc::new(accepted);
+        if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
+            self.relay.fanout.broadcast(0, &accepted);
+            return self.feed(message::ok(&id, true, "")).await;
+        }
+        let rx: oneshot::Receiver<WriteResult> = self.relay.ingest.submit(accepted).await;
+        pending.push(Box::pin(async move {
+            let result = rx.await.unwrap_or_else(|_| Err("the event writer stopped".into()));
+            (id, result)
+        }));
+        Ok(())
+    }
+
+    /// The relay's rules for a verified event, then the plugins'. `Err` is
+    /// the `OK false` message.
+    async fn admit(&mut self, event: &Event) -> Result<(), String> {
+        if event.kind.as_u16() == AUTH_KIND {
+            return Err("invalid: kind 22242 authenticates a connection; send it in an AUTH message, not EVENT".into());
+        }
+        self.relay.policy.check_write(self.remote.ip(), event)?;
+        if event.is_protected() {
+            let author = event.pubkey.to_bytes();
+            if self.authed.is_empty() {
+                return Err("auth-required: this event is protected (NIP-70); authenticate as its author to publish it".into());
+            }
+            if !self.authed.contains(&author) {
+                return Err("restricted: this event is protected (NIP-70) and only its author may publish it".into());
+            }
+        }
+        if !self.relay.plugins.is_empty() {
+            self.relay.plugins.on_event(&self.caller, event).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a NIP-62 request names this relay (or all relays).
+    fn addressed_to_this_relay(&self, event: &Event) -> bool {
+        let ours = normalize_url(&self.relay.config.server.public_url);
+        event.tags.iter().map(|t| t.as_slice()).any(|t| {
+            t.len() >= 2 && (t[0] == "relay" || t[0] == "r") && (t[1] == "ALL_RELAYS" || normalize_url(&t[1]) == ours)
+        })
+    }
+
+    /// NIP-42: checks a kind 22242 answer to this connection's challenge.
+    async fn on_auth(&mut self, raw: &RawValue) -> Result<(), WsError> {
+        let now = unix_now();
+        let event = match read_event(raw, &self.relay.config.limits, now) {
+            Ok(e) => e,
+            Err(refusal) => {
+                let reply = match refusal.event_id {
+                    Some(id) => message::ok(&id, false, &refusal.message),
+                    None => message::notice(&refusal.message),
+                };
+                return self.feed(reply).await;
+            }
+        };
+        let id = event.id.to_hex();
+        let tag = |name: &str| {
+            event.tags.iter().map(|t| t.as_slice()).find(|t| t.len() >= 2 && t[0] == name).map(|t| t[1].clone())
+        };
+        let created_at = event.created_at.as_secs();
+        let refusal = if event.kind.as_u16() != AUTH_KIND {
+            Some(format!("invalid: AUTH takes a kind {AUTH_KIND} event"))
+        } else if tag("challenge").as_deref() != Some(self.challenge.as_str()) {
+            Some("invalid: the challenge does not match the one this connection was given".into())
+        } else if tag("relay").map(|r| normalize_url(&r)) != Some(normalize_url(&self.relay.config.server.public_url)) {
+            Some(format!("invalid: the relay tag must be this relay's URL, {}", self.relay.config.server.public_url))
+        } else if created_at.abs_diff(now) > AUTH_WINDOW_SECONDS {
+            Some("invalid: the AUTH event's created_at must be within 10 minutes of now".into())
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return self.feed(message::ok(&id, false, &refusal)).await;
+        }
+        let pubkey = event.pubkey.to_bytes();
+        if !self.authed.contains(&pubkey) {
+            self.authed.push(pubkey);
+            self.caller.authed_pubkeys.push(event.pubkey.to_hex());
+            self.relay.fanout.set_authed(self.id, self.authed.clone());
+        }
+        tracing::debug!(conn = self.id, pubkey = %event.pubkey, "authenticated");
+        self.feed(message::ok(&id, true, "")).await
+    }
+
+    /// What this connection may read.
+    fn read_access(&self) -> ReadAccess {
+        let gift_wraps = match self.relay.config.nips.gift_wrap_policy {
+            GiftWrapPolicy::Open => GiftWrapAccess::All,
+            GiftWrapPolicy::RecipientOnly => GiftWrapAccess::Recipients(self.authed.clone()),
+        };
+        ReadAccess { now: unix_now(), gift_wraps }
+    }
+
+    /// Relay-level checks of a REQ/COUNT: rate limits, and gift wraps asked
+    /// for explicitly by an unauthenticated connection. `Err` is the CLOSED text.
+    fn admit_read(&self, filters: &[Filter]) -> Result<(), String> {
+        self.relay.policy.check_read(self.remote.ip(), &self.authed)?;
+        let asks_gift_wraps = filters.iter().any(|f| f.kinds.as_ref().is_some_and(|k| k.contains(&GIFT_WRAP)));
+        if asks_gift_wraps && self.authed.is_empty() && self.relay.config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly {
+            return Err(
+                "auth-required: gift wraps (kind 1059) are served only to their recipient; authenticate with NIP-42".into()
+            );
+        }
+        Ok(())
     }
 
     /// Checks a REQ/COUNT's subscription id and filters; `Err` is the CLOSED text.
@@ -235,7 +348,7 @@ where
     }
 
     async fn on_req(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
-        let filters = match self.read_filters(&sub_id, &raw) {
+        let filters = match self.read_filters(&sub_id, &raw).and_then(|f| self.admit_read(&f).map(|_| f)) {
             Ok(f) => f,
             Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
         };
@@ -258,7 +371,8 @@ where
             }
         };
         let store_filters = self.store_filters(&filters);
-        let queried = self.relay.store.query_filters(&store_filters, limits.default_limit, limits.max_limit);
+        let access = self.read_access();
+        let queried = self.relay.store.query_filters(&store_filters, limits.default_limit, limits.max_limit, &access);
         let stored = match queried.map(|stored| merge(stored, from_plugins)) {
             Ok(stored) => stored,
             Err(e) => {
@@ -280,7 +394,7 @@ where
     }
 
     async fn on_count(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
-        let filters = match self.read_filters(&sub_id, &raw) {
+        let filters = match self.read_filters(&sub_id, &raw).and_then(|f| self.admit_read(&f).map(|_| f)) {
             Ok(f) => f,
             Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
         };
@@ -289,13 +403,14 @@ where
             Err(refusal) => return self.refuse_sub(&sub_id, &refusal).await,
         };
         let store_filters = self.store_filters(&filters);
+        let access = self.read_access();
         let counted = match store_filters.as_slice() {
-            [filter] if from_plugins.is_empty() => self.relay.store.count(filter),
+            [filter] if from_plugins.is_empty() => self.relay.store.count(filter, &access),
             // Events matching several filters, or also given by a plugin, count once.
             _ => self
                 .relay
                 .store
-                .query_filters(&store_filters, usize::MAX, usize::MAX)
+                .query_filters(&store_filters, usize::MAX, usize::MAX, &access)
                 .map(|all| merge(all, from_plugins).len() as u64),
         };
         match counted {
@@ -317,7 +432,8 @@ where
         if self.relay.plugins.is_empty() {
             return Ok(Vec::new());
         }
-        self.relay.plugins.process_req(&self.caller, sub_id, purpose, filters).await
+        let access = self.read_access();
+        self.relay.plugins.process_req(&self.caller, sub_id, purpose, filters, &access).await
     }
 
     /// The filters the store answers: without plugin-managed kinds, which
@@ -331,6 +447,11 @@ where
         tracing::debug!(conn = self.id, sub = sub_id, reason, "request refused");
         self.feed(message::closed(sub_id, reason)).await
     }
+}
+
+/// A relay URL compared loosely: scheme and host case, trailing slash.
+fn normalize_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// Store results and plugin results together, in NIP-01 order, once each.
@@ -350,6 +471,10 @@ fn ok_reply(id: &str, result: WriteResult) -> String {
         Ok(WriteOutcome::Duplicate) => message::ok(id, true, "duplicate: this event is already stored"),
         Ok(WriteOutcome::Superseded) => {
             message::ok(id, false, "duplicate: a newer version of this replaceable event is already stored")
+        }
+        Ok(WriteOutcome::Deleted) => message::ok(id, false, "blocked: its author deleted this event (NIP-09)"),
+        Ok(WriteOutcome::Vanished) => {
+            message::ok(id, false, "blocked: its author (or recipient) asked this relay to erase it (NIP-62)")
         }
         Err(e) => message::ok(id, false, &format!("error: {e}")),
     }

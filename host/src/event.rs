@@ -13,12 +13,14 @@ use crate::config::Limits;
 pub struct AcceptedEvent {
     pub event: Event,
     pub json: String,
+    /// A NIP-62 request to vanish addressed to this relay (or all relays).
+    pub vanish_request: bool,
 }
 
 impl AcceptedEvent {
     pub fn new(event: Event) -> Self {
         let json = event.as_json();
-        Self { event, json }
+        Self { event, json, vanish_request: false }
     }
 }
 
@@ -84,11 +86,21 @@ pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Re
             limits.created_at_upper_limit
         )));
     }
-    if limits.created_at_lower_limit > 0 && created_at < now.saturating_sub(limits.created_at_lower_limit) {
+    // NIP-59 gift wraps carry a created_at up to two days in the past on purpose.
+    let lower = match event.kind.as_u16() {
+        crate::store::GIFT_WRAP => limits.created_at_lower_limit.saturating_add(2 * 24 * 3600),
+        _ => limits.created_at_lower_limit,
+    };
+    if limits.created_at_lower_limit > 0 && created_at < now.saturating_sub(lower) {
         return Err(refuse(format!(
             "invalid: created_at is older than {} s, the oldest this relay accepts",
             limits.created_at_lower_limit
         )));
+    }
+    if let Some(exp) = crate::store::keys::expiration(&event)
+        && exp <= now
+    {
+        return Err(refuse(format!("invalid: this event expired at {exp} (NIP-40)")));
     }
     Ok(event)
 }

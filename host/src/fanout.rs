@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, any_filter_matches};
+use crate::store::{EPHEMERAL_GIFT_WRAP, GIFT_WRAP, p_tags};
 
 pub type ConnId = u64;
 
@@ -36,12 +37,13 @@ struct Subscription {
 
 struct ConnectionEntry {
     tx: mpsc::Sender<Delivery>,
+    /// Keys the connection proved with NIP-42 (for gift wraps).
+    authed: Vec<[u8; 32]>,
     /// Woken when the connection's queue overflowed and it must close.
     overflowed: Arc<Notify>,
     subs: HashMap<Arc<str>, Subscription>,
 }
 
-#[derive(Default)]
 pub struct Fanout {
     connections: RwLock<HashMap<ConnId, ConnectionEntry>>,
     next_seq: AtomicU64,
@@ -49,15 +51,30 @@ pub struct Fanout {
     /// Kinds never delivered live: plugin-managed kinds are served only
     /// through their plugin's answers to a REQ.
     excluded_kinds: arc_swap::ArcSwap<Vec<u16>>,
+    /// Gift wraps go only to connections authenticated as a recipient.
+    gift_wraps_to_recipients_only: bool,
 }
 
 impl Fanout {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(gift_wraps_to_recipients_only: bool) -> Self {
+        Self {
+            connections: RwLock::default(),
+            next_seq: AtomicU64::new(0),
+            next_generation: AtomicU64::new(0),
+            excluded_kinds: arc_swap::ArcSwap::from_pointee(vec![]),
+            gift_wraps_to_recipients_only,
+        }
+    }
+
+    /// Records the keys a connection authenticated as.
+    pub fn set_authed(&self, conn: ConnId, authed: Vec<[u8; 32]>) {
+        if let Some(entry) = self.connections.write().unwrap_or_else(|p| p.into_inner()).get_mut(&conn) {
+            entry.authed = authed;
+        }
     }
 
     pub fn add_connection(&self, conn: ConnId, tx: mpsc::Sender<Delivery>, overflowed: Arc<Notify>) {
-        let entry = ConnectionEntry { tx, overflowed, subs: HashMap::new() };
+        let entry = ConnectionEntry { tx, authed: vec![], overflowed, subs: HashMap::new() };
         self.connections.write().unwrap_or_else(|p| p.into_inner()).insert(conn, entry);
     }
 
@@ -102,13 +119,19 @@ impl Fanout {
     /// Delivers `event` to every subscription it matches. A connection whose
     /// queue is full is dropped from the registry and told to close.
     pub fn broadcast(&self, seq: u64, event: &Arc<AcceptedEvent>) {
-        if self.excluded_kinds.load().binary_search(&event.event.kind.as_u16()).is_ok() {
+        let kind = event.event.kind.as_u16();
+        if self.excluded_kinds.load().binary_search(&kind).is_ok() {
             return;
         }
+        let gift_wrap = self.gift_wraps_to_recipients_only && (kind == GIFT_WRAP || kind == EPHEMERAL_GIFT_WRAP);
+        let recipients: Vec<[u8; 32]> = if gift_wrap { p_tags(&event.event).collect() } else { vec![] };
         let mut overflowed = Vec::new();
         {
             let conns = self.connections.read().unwrap_or_else(|p| p.into_inner());
             for (conn, entry) in conns.iter() {
+                if gift_wrap && !entry.authed.iter().any(|a| recipients.contains(a)) {
+                    continue;
+                }
                 for sub in entry.subs.values() {
                     if !any_filter_matches(&sub.filters, &event.event) {
                         continue;

@@ -13,6 +13,7 @@
 //! - [`server`]: the HTTP/WebSocket listener; [`nip11`]: relay information.
 //! - [`metadata`]: the plugins' key-value store (sled; Firestore planned).
 //! - [`plugin`]: the WebAssembly plugin runtime and its WIT bindings.
+//! - [`policy`]: access lists and rate limits.
 //! - [`relay`]: shared state and start-up.
 
 pub mod config;
@@ -25,6 +26,7 @@ pub mod message;
 pub mod metadata;
 pub mod nip11;
 pub mod plugin;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod store;

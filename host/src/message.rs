@@ -13,6 +13,8 @@ pub enum ClientMessage<'a> {
     Req { sub_id: String, filters: Vec<Value> },
     Count { sub_id: String, filters: Vec<Value> },
     Close { sub_id: String },
+    /// NIP-42 authentication.
+    Auth(&'a RawValue),
 }
 
 /// Why a message could not be read; sent back in a NOTICE.
@@ -70,6 +72,12 @@ pub fn parse_client_message(text: &str) -> Result<Parsed<'_>, MessageError> {
             }
             Ok(Parsed::Message(ClientMessage::Close { sub_id: sub_id(&parts, "CLOSE")? }))
         }
+        "AUTH" => {
+            if parts.len() != 2 {
+                return Err(MessageError("AUTH takes exactly one event".into()));
+            }
+            Ok(Parsed::Message(ClientMessage::Auth(parts[1])))
+        }
         other => Err(MessageError(format!("unknown message type \"{}\"", other.chars().take(32).collect::<String>()))),
     }
 }
@@ -106,6 +114,10 @@ pub fn eose(sub_id: &str) -> String {
 
 pub fn closed(sub_id: &str, message: &str) -> String {
     format!("[\"CLOSED\",{},{}]", json_string(sub_id), json_string(message))
+}
+
+pub fn auth(challenge: &str) -> String {
+    format!("[\"AUTH\",{}]", json_string(challenge))
 }
 
 pub fn notice(message: &str) -> String {

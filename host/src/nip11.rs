@@ -5,9 +5,9 @@ use serde_json::{Value, json};
 use crate::config::Config;
 
 /// NIPs this relay implements, each backed by integration tests.
-pub const SUPPORTED_NIPS: &[u32] = &[1, 11, 45];
+pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 40, 42, 45, 59, 62, 70];
 
-pub fn document(config: &Config) -> Value {
+pub fn document(config: &Config, restricted_writes: bool) -> Value {
     let l = &config.limits;
     let mut doc = json!({
         "name": config.info.name,
@@ -28,7 +28,7 @@ pub fn document(config: &Config) -> Value {
             "created_at_upper_limit": l.created_at_upper_limit,
             "auth_required": false,
             "payment_required": false,
-            "restricted_writes": false,
+            "restricted_writes": restricted_writes,
         },
     });
     if let Some(pk) = &config.info.pubkey {

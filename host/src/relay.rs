@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 use anyhow::Context;
 
-use crate::config::Config;
+use crate::config::{Config, GiftWrapPolicy};
+use crate::policy::Policy;
 use crate::fanout::{ConnId, Fanout};
 use crate::ingest::Ingest;
 use crate::metadata::{MetadataStore, SledMetadataStore};
@@ -24,6 +25,7 @@ pub struct Relay {
     pub fanout: Arc<Fanout>,
     pub ingest: Ingest,
     pub plugins: Arc<PluginHost>,
+    pub policy: Policy,
     next_connection: AtomicU64,
 }
 
@@ -37,7 +39,7 @@ impl Relay {
         );
         let metadata: Arc<dyn MetadataStore> =
             Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?);
-        let fanout = Arc::new(Fanout::new());
+        let fanout = Arc::new(Fanout::new(config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly));
         let cache_dir = if config.plugin_runtime.cache_dir.as_os_str().is_empty() {
             crate::plugin::runtime::default_cache_dir(data_dir)
         } else {
@@ -57,7 +59,34 @@ impl Relay {
         }
         plugins.start_ticks();
         let ingest = Ingest::start(store.clone(), fanout.clone(), config.storage.max_batch_events)?;
-        Ok(Arc::new(Self { config, store, fanout, ingest, plugins, next_connection: AtomicU64::new(1) }))
+        let policy = Policy::new(&config.rate_limits, &config.access);
+        let relay = Arc::new(Self { config, store, fanout, ingest, plugins, policy, next_connection: AtomicU64::new(1) });
+        relay.start_housekeeping();
+        Ok(relay)
+    }
+
+    /// Background work: the NIP-40 expiration sweep and forgetting idle
+    /// rate-limit keys.
+    fn start_housekeeping(self: &Arc<Self>) {
+        let every = std::time::Duration::from_secs(self.config.nips.expiration_sweep_seconds.max(1));
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                let Some(relay) = weak.upgrade() else { return };
+                let store = relay.store.clone();
+                let now = crate::event::unix_now();
+                match tokio::task::spawn_blocking(move || store.remove_expired(now)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(removed = n, "expired events removed"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "expiration sweep failed"),
+                    Err(e) => tracing::error!(error = %e, "expiration sweep panicked"),
+                }
+                relay.policy.forget_idle();
+            }
+        });
     }
 
     pub fn next_connection_id(&self) -> ConnId {

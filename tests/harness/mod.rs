@@ -203,12 +203,19 @@ pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Messages read while waiting for something else.
     buffered: VecDeque<Value>,
+    /// The NIP-42 challenge the relay sent on connect.
+    pub challenge: String,
 }
 
 impl Client {
+    /// Connects and reads the relay's NIP-42 `AUTH` challenge.
     pub async fn connect(url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
-        Self { ws, buffered: VecDeque::new() }
+        let mut c = Self { ws, buffered: VecDeque::new(), challenge: String::new() };
+        let auth = c.recv().await;
+        assert_eq!(auth[0], "AUTH", "the relay must open with an AUTH challenge, got {auth}");
+        c.challenge = auth[1].as_str().expect("challenge string").to_string();
+        c
     }
 
     pub async fn send_raw(&mut self, text: &str) {

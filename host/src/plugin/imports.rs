@@ -134,7 +134,8 @@ impl events::Host for PluginState {
     async fn query_events(&mut self, filters: Vec<types::Filter>, limit: u32) -> wasmtime::Result<Vec<types::Event>> {
         let filters: Vec<_> = filters.iter().filter_map(|f| filter_from_wit(f).ok()).collect();
         let limit = (limit as usize).min(10_000);
-        let found = match self.ctx.events.query_filters(&filters, limit, limit) {
+        let access = crate::store::ReadAccess::trusted(crate::event::unix_now());
+        let found = match self.ctx.events.query_filters(&filters, limit, limit, &access) {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(plugin = %self.ctx.name, error = %e, "plugin query failed");

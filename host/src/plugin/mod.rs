@@ -35,7 +35,7 @@ use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::filter::{Filter, any_filter_matches};
 use crate::metadata::MetadataStore;
-use crate::store::{EventStore, StoredEvent};
+use crate::store::{EventStore, ReadAccess, StoredEvent};
 
 /// Who is calling, as plugins see it.
 #[derive(Debug, Clone)]
@@ -307,6 +307,7 @@ impl PluginHost {
         sub_id: &str,
         purpose: ReadPurpose,
         filters: &[Filter],
+        access: &ReadAccess,
     ) -> Result<Vec<StoredEvent>, String> {
         let mut contributed: Vec<StoredEvent> = Vec::new();
         let mut wit_filters: Option<Vec<wit::Filter>> = None;
@@ -335,10 +336,10 @@ impl PluginHost {
                 Ok(wit::ReqResult::Continue) => {}
                 Ok(wit::ReqResult::Reject(r)) => return Err(refusal_text(&r)),
                 Ok(wit::ReqResult::AddEvents(events)) => {
-                    contributed.extend(self.check_added_events(index, slot, events, filters));
+                    contributed.extend(self.check_added_events(index, slot, events, filters, access));
                 }
                 Ok(wit::ReqResult::FilterQuery(fq)) => {
-                    contributed.extend(self.check_filter_query(index, slot, fq, filters));
+                    contributed.extend(self.check_filter_query(index, slot, fq, filters, access));
                 }
                 Err(failure) => {
                     fail(format!(
@@ -371,6 +372,7 @@ impl PluginHost {
         slot: &PluginSlot,
         events: Vec<wit::Event>,
         filters: &[Filter],
+        access: &ReadAccess,
     ) -> Vec<StoredEvent> {
         let mut out = Vec::new();
         for e in events.iter().take(self.max_results) {
@@ -382,7 +384,7 @@ impl PluginHost {
                 self.dropped(slot, &e.id, "bad id or signature");
                 continue;
             }
-            if !any_filter_matches(filters, &event) || !self.may_serve(index, event.kind.as_u16()) {
+            if !any_filter_matches(filters, &event) || !self.may_serve(index, event.kind.as_u16()) || !access.can_see(&event) {
                 self.dropped(slot, &e.id, "does not match the request");
                 continue;
             }
@@ -402,6 +404,7 @@ impl PluginHost {
         slot: &PluginSlot,
         fq: wit::FilterQuery,
         filters: &[Filter],
+        access: &ReadAccess,
     ) -> Vec<StoredEvent> {
         let plugin_filters: Option<Vec<Filter>> =
             fq.filters.iter().map(|f| filter_from_wit(f).ok()).collect::<Option<Vec<_>>>().filter(|f| !f.is_empty());
@@ -426,7 +429,8 @@ impl PluginHost {
             let Ok(event) = serde_json::from_str::<Event>(&stored.json) else { continue };
             let matches = any_filter_matches(filters, &event)
                 && plugin_filters.as_ref().is_none_or(|pf| any_filter_matches(pf, &event))
-                && self.may_serve(index, event.kind.as_u16());
+                && self.may_serve(index, event.kind.as_u16())
+                && access.can_see(&event);
             if matches {
                 out.push(stored);
             } else {

@@ -16,6 +16,10 @@ pub const AUTHOR_KIND: u8 = b'P'; // pubkey, kind
 pub const KIND: u8 = b'K'; // kind
 pub const TAG: u8 = b'T'; // letter, len, value
 pub const ADDRESS: u8 = b'R'; // pubkey, kind, d -> id (replaceable/addressable slot)
+pub const EXPIRATION: u8 = b'X'; // expiration, id (NIP-40 sweep)
+pub const DELETED: u8 = b'D'; // id -> pubkey of the author who deleted it (NIP-09)
+pub const DELETED_ADDRESS: u8 = b'Z'; // address slot -> deletion created_at (NIP-09 `a`)
+pub const VANISHED: u8 = b'V'; // pubkey -> request-to-vanish created_at (NIP-62)
 
 /// Longest tag value stored in a key; longer values are indexed by this
 /// prefix and the query re-checks the full value.
@@ -86,6 +90,33 @@ pub fn address_key(pubkey: &[u8; 32], kind: u16, d: &str) -> Vec<u8> {
     let mut k = author_kind_prefix(pubkey, kind);
     k[0] = ADDRESS;
     k.extend_from_slice(d.as_bytes());
+    k
+}
+
+pub fn expiration_key(expiration: u64, id: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(41);
+    k.push(EXPIRATION);
+    k.extend_from_slice(&expiration.to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
+
+pub fn deleted_key(id: &[u8; 32]) -> Vec<u8> {
+    let mut k = event_key(id);
+    k[0] = DELETED;
+    k
+}
+
+/// Tombstone of a deleted address: the address slot key with another tag.
+pub fn deleted_address_key(slot: &[u8]) -> Vec<u8> {
+    let mut k = slot.to_vec();
+    k[0] = DELETED_ADDRESS;
+    k
+}
+
+pub fn vanished_key(pubkey: &[u8; 32]) -> Vec<u8> {
+    let mut k = author_prefix(pubkey);
+    k[0] = VANISHED;
     k
 }
 

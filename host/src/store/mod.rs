@@ -2,11 +2,13 @@
 //! answer NIP-01 filters. Protocol code talks to the [`EventStore`] trait only,
 //! so the engine (today sled, see [`sled_store`]) can change underneath.
 
-mod keys;
+pub mod keys;
 mod query;
 pub mod sled_store;
 
 use std::sync::Arc;
+
+use nostr::event::Event;
 
 use crate::event::AcceptedEvent;
 use crate::filter::Filter;
@@ -21,6 +23,72 @@ pub enum StoreError {
     Corrupt { id: String, reason: String },
 }
 
+/// Kind of NIP-59 gift wraps, served only to their recipients by default.
+pub const GIFT_WRAP: u16 = 1059;
+/// Ephemeral gift wraps.
+pub const EPHEMERAL_GIFT_WRAP: u16 = 21059;
+
+/// Who is reading, for the rules that hide stored events from some readers.
+#[derive(Debug, Clone)]
+pub struct ReadAccess {
+    /// Events whose NIP-40 expiration is at or before this are never served.
+    pub now: u64,
+    pub gift_wraps: GiftWrapAccess,
+}
+
+/// Which gift wraps (kind 1059) a reader may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GiftWrapAccess {
+    /// All of them (policy `open`, or the relay itself).
+    All,
+    /// Only those p-tagging one of these keys (policy `recipient-only`).
+    Recipients(Vec<[u8; 32]>),
+}
+
+impl ReadAccess {
+    /// Everything that has not expired: for the relay's own use and plugins.
+    pub fn trusted(now: u64) -> Self {
+        Self { now, gift_wraps: GiftWrapAccess::All }
+    }
+
+    /// Whether an event with this kind and expiration might be visible
+    /// without looking at its tags.
+    pub fn may_see(&self, kind: u16, expiration: Option<u64>) -> Option<bool> {
+        if expiration.is_some_and(|e| e <= self.now) {
+            return Some(false);
+        }
+        match (&self.gift_wraps, kind) {
+            (GiftWrapAccess::Recipients(r), GIFT_WRAP | EPHEMERAL_GIFT_WRAP) if r.is_empty() => Some(false),
+            (GiftWrapAccess::Recipients(_), GIFT_WRAP | EPHEMERAL_GIFT_WRAP) => None,
+            _ => Some(true),
+        }
+    }
+
+    /// Whether this reader may see `event`.
+    pub fn can_see(&self, event: &Event) -> bool {
+        let kind = event.kind.as_u16();
+        match self.may_see(kind, keys::expiration(event)) {
+            Some(decided) => decided,
+            None => {
+                let GiftWrapAccess::Recipients(readers) = &self.gift_wraps else { return true };
+                p_tags(event).any(|p| readers.contains(&p))
+            }
+        }
+    }
+}
+
+/// The 32-byte keys an event p-tags.
+pub fn p_tags(event: &Event) -> impl Iterator<Item = [u8; 32]> + '_ {
+    event.tags.iter().filter_map(|t| {
+        let t = t.as_slice();
+        if t.len() < 2 || t[0] != "p" {
+            return None;
+        }
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(&t[1], &mut b).ok().map(|_| b)
+    })
+}
+
 /// What happened to one event of a written batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -31,6 +99,10 @@ pub enum WriteOutcome {
     /// A replaceable/addressable event older than the stored version (NIP-01:
     /// newest `created_at` wins, then the lowest id).
     Superseded,
+    /// Its author deleted it (NIP-09), or deleted its address up to a later time.
+    Deleted,
+    /// Its author (or the recipient of a gift wrap) asked to vanish (NIP-62).
+    Vanished,
 }
 
 /// A stored event as served: its sort key and its canonical JSON.
@@ -53,11 +125,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// Outcomes are in the order of `events`.
     fn write_batch(&self, events: &[Arc<AcceptedEvent>]) -> Result<Vec<WriteOutcome>, StoreError>;
 
-    /// Up to `limit` events matching `filter`, newest first (ties: lowest id).
-    fn query(&self, filter: &Filter, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Up to `limit` events matching `filter` that `access` may see, newest
+    /// first (ties: lowest id).
+    fn query(&self, filter: &Filter, limit: usize, access: &ReadAccess) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Number of stored events matching `filter`.
-    fn count(&self, filter: &Filter) -> Result<u64, StoreError>;
+    /// Number of stored events matching `filter` that `access` may see.
+    fn count(&self, filter: &Filter, access: &ReadAccess) -> Result<u64, StoreError>;
+
+    /// Removes every event whose NIP-40 expiration is at or before `now`;
+    /// returns how many.
+    fn remove_expired(&self, now: u64) -> Result<usize, StoreError>;
 
     /// One event by id.
     fn get(&self, id: &[u8; 32]) -> Result<Option<StoredEvent>, StoreError>;
@@ -70,6 +147,7 @@ pub trait EventStore: Send + Sync + 'static {
         filters: &[Filter],
         default_limit: usize,
         max_limit: usize,
+        access: &ReadAccess,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut all = Vec::new();
         for filter in filters {
@@ -77,7 +155,7 @@ pub trait EventStore: Send + Sync + 'static {
             if limit == 0 || filter.matches_nothing() {
                 continue;
             }
-            all.extend(self.query(filter, limit)?);
+            all.extend(self.query(filter, limit, access)?);
         }
         if filters.len() > 1 {
             all.sort_by_key(StoredEvent::order_key);

@@ -1,8 +1,8 @@
 //! The sled implementation of [`EventStore`]: one tree holds every event
-//! record and index entry (layout in `keys`), so each batch is atomic, and
-//! every batch is flushed before its outcomes are returned.
+//! record, index entry and tombstone (layout in `keys`), so each batch is
+//! atomic, and every batch is flushed before its outcomes are returned.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -10,22 +10,229 @@ use nostr::event::Event;
 
 use super::keys;
 use super::query::{IndexEntry, MergedScan, Plan, bounds, plan};
-use super::{EventStore, StoreError, StoredEvent, WriteOutcome};
+use super::{EventStore, GIFT_WRAP, ReadAccess, StoreError, StoredEvent, WriteOutcome, p_tags};
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, filter_matches};
 
 pub struct SledEventStore {
     db: sled::Db,
     tree: sled::Tree,
-    /// Writes read-then-write the replaceable slots; one writer at a time.
+    /// Writes read-then-write slots and tombstones; one writer at a time.
     write_lock: Mutex<()>,
 }
 
-/// A version of an addressable slot, as needed to compare and remove it.
-struct SlotHolder {
-    created_at: u64,
-    id: [u8; 32],
-    index_keys: Vec<Vec<u8>>,
+fn corrupt(id: &[u8], reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { id: hex::encode(id), reason: reason.to_string() }
+}
+
+fn parse(id: &[u8], json: &[u8]) -> Result<Event, StoreError> {
+    serde_json::from_slice(json).map_err(|e| corrupt(id, e))
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// A batch being built, read through: what it writes shadows the tree, so
+/// later events of a batch see the effects of earlier ones.
+struct PendingBatch<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Events inserted by this batch (not yet visible to tree scans).
+    inserted: Vec<Event>,
+}
+
+impl<'a> PendingBatch<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Self { tree, writes: BTreeMap::new(), inserted: Vec::new() }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    fn load_event(&self, id: &[u8; 32]) -> Result<Option<Event>, StoreError> {
+        self.get(&keys::event_key(id))?.map(|json| parse(id, &json)).transpose()
+    }
+
+    fn insert_event(&mut self, accepted: &AcceptedEvent) {
+        let event = &accepted.event;
+        let id = event.id.to_bytes();
+        let value = keys::index_value(event);
+        for k in keys::index_keys(event) {
+            self.put(k, value.clone());
+        }
+        if let Some(exp) = keys::expiration(event) {
+            self.put(keys::expiration_key(exp, &id), vec![]);
+        }
+        if let Some(slot) = keys::address_of(event) {
+            self.put(slot, id.to_vec());
+        }
+        self.put(keys::event_key(&id), accepted.json.as_bytes().to_vec());
+        self.inserted.push(event.clone());
+    }
+
+    /// Removes an event with every key that leads to it.
+    fn remove_event(&mut self, event: &Event) -> Result<(), StoreError> {
+        let id = event.id.to_bytes();
+        self.remove(keys::event_key(&id));
+        for k in keys::index_keys(event) {
+            self.remove(k);
+        }
+        if let Some(exp) = keys::expiration(event) {
+            self.remove(keys::expiration_key(exp, &id));
+        }
+        if let Some(slot) = keys::address_of(event)
+            && self.get(&slot)?.as_deref() == Some(&id[..])
+        {
+            self.remove(slot);
+        }
+        self.inserted.retain(|e| e.id != event.id);
+        Ok(())
+    }
+
+    /// Ids under an index prefix with `created_at <= until`.
+    fn scan_ids(&self, prefix: &[u8], until: u64) -> Result<Vec<(u16, [u8; 32])>, StoreError> {
+        let mut lower = prefix.to_vec();
+        lower.extend_from_slice(&(u64::MAX - until).to_be_bytes());
+        let mut out = Vec::new();
+        for kv in self.tree.range(lower..) {
+            let (k, v) = kv?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if let Some((_, id)) = keys::parse_suffix(&k) {
+                out.push((keys::parse_index_value(&v).0, id));
+            }
+        }
+        Ok(out)
+    }
+
+    fn vanished_at(&self, pubkey: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        Ok(self.get(&keys::vanished_key(pubkey))?.map(|v| be_u64(&v)))
+    }
+
+    /// Why `event` may not be stored because of a deletion or vanish request.
+    fn tombstoned(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError> {
+        let id = event.id.to_bytes();
+        let author = event.pubkey.to_bytes();
+        if self.get(&keys::deleted_key(&id))?.as_deref() == Some(&author[..]) {
+            return Ok(Some(WriteOutcome::Deleted));
+        }
+        let created_at = event.created_at.as_secs();
+        if self.vanished_at(&author)?.is_some_and(|t| created_at <= t) {
+            return Ok(Some(WriteOutcome::Vanished));
+        }
+        if event.kind.as_u16() == GIFT_WRAP {
+            for p in p_tags(event) {
+                if self.vanished_at(&p)?.is_some_and(|t| created_at <= t) {
+                    return Ok(Some(WriteOutcome::Vanished));
+                }
+            }
+        }
+        if let Some(slot) = keys::address_of(event)
+            && self.get(&keys::deleted_address_key(&slot))?.is_some_and(|t| created_at <= be_u64(&t))
+        {
+            return Ok(Some(WriteOutcome::Deleted));
+        }
+        Ok(None)
+    }
+
+    /// NIP-09: a kind 5 removes its author's events named by `e`, and the
+    /// versions of its author's addresses named by `a` up to its time; the
+    /// tombstones keep them from coming back.
+    fn apply_deletion(&mut self, deletion: &Event) -> Result<(), StoreError> {
+        let author = deletion.pubkey.to_bytes();
+        let until = deletion.created_at.as_secs();
+        for tag in deletion.tags.iter().map(|t| t.as_slice()) {
+            match (tag.first().map(String::as_str), tag.get(1)) {
+                (Some("e"), Some(value)) => {
+                    let mut id = [0u8; 32];
+                    if value.len() != 64 || hex::decode_to_slice(value, &mut id).is_err() {
+                        continue;
+                    }
+                    match self.load_event(&id)? {
+                        Some(target) if target.pubkey.to_bytes() != author => continue,
+                        Some(target) if target.kind.as_u16() == 5 => continue, // deletions cannot be undone
+                        Some(target) => self.remove_event(&target)?,
+                        None => {}
+                    }
+                    self.put(keys::deleted_key(&id), author.to_vec());
+                }
+                (Some("a"), Some(value)) => {
+                    let mut parts = value.splitn(3, ':');
+                    let (Some(kind), Some(pk), d) = (parts.next(), parts.next(), parts.next().unwrap_or("")) else {
+                        continue;
+                    };
+                    let (Ok(kind), true) = (kind.parse::<u16>(), pk == hex::encode(author)) else { continue };
+                    let slot = keys::address_key(&author, kind, d);
+                    let key = keys::deleted_address_key(&slot);
+                    let previous = self.get(&key)?.map(|v| be_u64(&v)).unwrap_or(0);
+                    self.put(key, previous.max(until).to_be_bytes().to_vec());
+                    if let Some(holder) = self.get(&slot)? {
+                        let id: [u8; 32] = holder.as_slice().try_into().map_err(|_| corrupt(&slot, "bad slot"))?;
+                        if let Some(target) = self.load_event(&id)?
+                            && target.created_at.as_secs() <= until
+                        {
+                            self.remove_event(&target)?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// NIP-62: removes everything by the requester up to its time, and the
+    /// gift wraps addressed to it; the tombstone keeps them from coming back.
+    fn apply_vanish(&mut self, request: &Event) -> Result<(), StoreError> {
+        let pubkey = request.pubkey.to_bytes();
+        let until = request.created_at.as_secs();
+        let previous = self.vanished_at(&pubkey)?.unwrap_or(0);
+        self.put(keys::vanished_key(&pubkey), previous.max(until).to_be_bytes().to_vec());
+        let mut doomed: Vec<[u8; 32]> = self.scan_ids(&keys::author_prefix(&pubkey), until)?.into_iter().map(|(_, id)| id).collect();
+        let (p_prefix, _) = keys::tag_prefix(b'p', &hex::encode(pubkey));
+        doomed.extend(self.scan_ids(&p_prefix, until)?.into_iter().filter(|(kind, _)| *kind == GIFT_WRAP).map(|(_, id)| id));
+        for e in &self.inserted {
+            let mine = e.pubkey.to_bytes() == pubkey;
+            let wrapped_for_me = e.kind.as_u16() == GIFT_WRAP && p_tags(e).any(|p| p == pubkey);
+            if (mine || wrapped_for_me) && e.created_at.as_secs() <= until {
+                doomed.push(e.id.to_bytes());
+            }
+        }
+        let own_id = request.id.to_bytes();
+        doomed.sort_unstable();
+        doomed.dedup();
+        for id in doomed.into_iter().filter(|id| *id != own_id) {
+            if let Some(event) = self.load_event(&id)? {
+                self.remove_event(&event)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
 }
 
 impl SledEventStore {
@@ -41,19 +248,12 @@ impl SledEventStore {
         Ok(Some(json))
     }
 
-    fn parse(id: &[u8; 32], json: &str) -> Result<Event, StoreError> {
-        serde_json::from_str(json).map_err(|e| corrupt(id, e))
-    }
-
-    fn slot_holder(&self, slot: &[u8]) -> Result<Option<SlotHolder>, StoreError> {
-        let Some(id_bytes) = self.tree.get(slot)? else { return Ok(None) };
-        let id: [u8; 32] = id_bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-            id: hex::encode(slot),
-            reason: "address slot does not hold a 32-byte id".into(),
-        })?;
-        let Some(json) = self.load(&id)? else { return Ok(None) };
-        let event = Self::parse(&id, &json)?;
-        Ok(Some(SlotHolder { created_at: event.created_at.as_secs(), id, index_keys: keys::index_keys(&event) }))
+    fn commit(&self, pending: PendingBatch<'_>) -> Result<(), StoreError> {
+        if !pending.writes.is_empty() {
+            self.tree.apply_batch(pending.into_batch())?;
+            self.db.flush()?;
+        }
+        Ok(())
     }
 
     /// Candidates of a scan plan, in order, each passed to `visit` with its
@@ -64,6 +264,7 @@ impl SledEventStore {
         prefixes: &[Vec<u8>],
         covered: bool,
         need_json: bool,
+        access: &ReadAccess,
         mut visit: impl FnMut(IndexEntry, Option<String>) -> bool,
     ) -> Result<(), StoreError> {
         let iters = prefixes
@@ -78,12 +279,20 @@ impl SledEventStore {
             if !filter.could_match_kind(entry.kind) {
                 continue;
             }
-            let json = if covered && !need_json {
+            let visibility = access.may_see(entry.kind, entry.expiration);
+            if visibility == Some(false) {
+                continue;
+            }
+            let decided = covered && visibility == Some(true);
+            let json = if decided && !need_json {
                 None
             } else {
                 let Some(json) = self.load(&entry.id)? else { continue };
-                if !covered && !filter_matches(filter, &Self::parse(&entry.id, &json)?) {
-                    continue;
+                if !decided {
+                    let event = parse(&entry.id, json.as_bytes())?;
+                    if !filter_matches(filter, &event) || !access.can_see(&event) {
+                        continue;
+                    }
                 }
                 Some(json)
             };
@@ -94,18 +303,12 @@ impl SledEventStore {
         Ok(())
     }
 
-    fn lookup_ids(&self, filter: &Filter, ids: &[[u8; 32]]) -> Result<Vec<StoredEvent>, StoreError> {
-        let only_ids = filter.authors.is_none()
-            && filter.kinds.is_none()
-            && filter.tags.is_empty()
-            && filter.since.is_none()
-            && filter.until.is_none()
-            && filter.exclude_kinds.is_empty();
+    fn lookup_ids(&self, filter: &Filter, ids: &[[u8; 32]], access: &ReadAccess) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::new();
         for id in ids {
             let Some(json) = self.load(id)? else { continue };
-            let event = Self::parse(id, &json)?;
-            if only_ids || filter_matches(filter, &event) {
+            let event = parse(id, json.as_bytes())?;
+            if filter_matches(filter, &event) && access.can_see(&event) {
                 out.push(StoredEvent { created_at: event.created_at.as_secs(), id: *id, json });
             }
         }
@@ -114,80 +317,62 @@ impl SledEventStore {
     }
 }
 
-fn corrupt(id: &[u8], reason: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt { id: hex::encode(id), reason: reason.to_string() }
-}
-
 impl EventStore for SledEventStore {
     fn write_batch(&self, events: &[Arc<AcceptedEvent>]) -> Result<Vec<WriteOutcome>, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
-        let mut in_batch: HashMap<[u8; 32], ()> = HashMap::new();
-        let mut slots: HashMap<Vec<u8>, Option<SlotHolder>> = HashMap::new();
+        let mut pending = PendingBatch::new(&self.tree);
         let mut outcomes = Vec::with_capacity(events.len());
         for accepted in events {
             let event = &accepted.event;
             let id = event.id.to_bytes();
-            let event_key = keys::event_key(&id);
-            if in_batch.contains_key(&id) || self.tree.contains_key(&event_key)? {
+            if pending.get(&keys::event_key(&id))?.is_some() {
                 outcomes.push(WriteOutcome::Duplicate);
                 continue;
             }
-            let created_at = event.created_at.as_secs();
-            let index_keys = keys::index_keys(event);
-            let index_value = keys::index_value(event);
-            if let Some(slot) = keys::address_of(event) {
-                let current = match slots.remove(&slot) {
-                    Some(holder) => holder,
-                    None => self.slot_holder(&slot)?,
-                };
-                if let Some(cur) = current {
-                    if (std::cmp::Reverse(cur.created_at), cur.id) <= (std::cmp::Reverse(created_at), id) {
-                        slots.insert(slot, Some(cur));
+            if let Some(refused) = pending.tombstoned(event)? {
+                outcomes.push(refused);
+                continue;
+            }
+            if let Some(slot) = keys::address_of(event)
+                && let Some(holder) = pending.get(&slot)?
+            {
+                let holder_id: [u8; 32] = holder.as_slice().try_into().map_err(|_| corrupt(&slot, "bad slot"))?;
+                if let Some(current) = pending.load_event(&holder_id)? {
+                    let newer = (std::cmp::Reverse(current.created_at.as_secs()), holder_id)
+                        <= (std::cmp::Reverse(event.created_at.as_secs()), id);
+                    if newer {
                         outcomes.push(WriteOutcome::Superseded);
                         continue;
                     }
-                    batch.remove(keys::event_key(&cur.id));
-                    for k in &cur.index_keys {
-                        batch.remove(k.as_slice());
-                    }
-                    in_batch.remove(&cur.id);
+                    pending.remove_event(&current)?;
                 }
-                batch.insert(slot.as_slice(), &id[..]);
-                slots.insert(slot, Some(SlotHolder { created_at, id, index_keys: index_keys.clone() }));
             }
-            batch.insert(event_key, accepted.json.as_bytes());
-            for k in index_keys {
-                batch.insert(k, index_value.as_slice());
+            pending.insert_event(accepted);
+            match event.kind.as_u16() {
+                5 => pending.apply_deletion(event)?,
+                62 if accepted.vanish_request => pending.apply_vanish(event)?,
+                _ => {}
             }
-            in_batch.insert(id, ());
             outcomes.push(WriteOutcome::Stored);
         }
-        if outcomes.contains(&WriteOutcome::Stored) {
-            self.tree.apply_batch(batch)?;
-            self.db.flush()?;
-        }
+        self.commit(pending)?;
         Ok(outcomes)
     }
 
-    fn query(&self, filter: &Filter, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    fn query(&self, filter: &Filter, limit: usize, access: &ReadAccess) -> Result<Vec<StoredEvent>, StoreError> {
         if limit == 0 || filter.matches_nothing() {
             return Ok(Vec::new());
         }
         match plan(filter) {
             Plan::Ids(ids) => {
-                let mut out = self.lookup_ids(filter, &ids)?;
+                let mut out = self.lookup_ids(filter, &ids, access)?;
                 out.truncate(limit);
                 Ok(out)
             }
             Plan::Scan { prefixes, covered } => {
                 let mut out = Vec::with_capacity(limit.min(1024));
-                self.scan(filter, &prefixes, covered, true, |entry, json| {
-                    out.push(StoredEvent {
-                        created_at: entry.created_at,
-                        id: entry.id,
-                        json: json.expect("json requested"),
-                    });
+                self.scan(filter, &prefixes, covered, true, access, |entry, json| {
+                    out.push(StoredEvent { created_at: entry.created_at, id: entry.id, json: json.expect("json requested") });
                     out.len() < limit
                 })?;
                 Ok(out)
@@ -195,15 +380,15 @@ impl EventStore for SledEventStore {
         }
     }
 
-    fn count(&self, filter: &Filter) -> Result<u64, StoreError> {
+    fn count(&self, filter: &Filter, access: &ReadAccess) -> Result<u64, StoreError> {
         if filter.matches_nothing() {
             return Ok(0);
         }
         match plan(filter) {
-            Plan::Ids(ids) => Ok(self.lookup_ids(filter, &ids)?.len() as u64),
+            Plan::Ids(ids) => Ok(self.lookup_ids(filter, &ids, access)?.len() as u64),
             Plan::Scan { prefixes, covered } => {
                 let mut n = 0u64;
-                self.scan(filter, &prefixes, covered, false, |_, _| {
+                self.scan(filter, &prefixes, covered, false, access, |_, _| {
                     n += 1;
                     true
                 })?;
@@ -214,7 +399,30 @@ impl EventStore for SledEventStore {
 
     fn get(&self, id: &[u8; 32]) -> Result<Option<StoredEvent>, StoreError> {
         let Some(json) = self.load(id)? else { return Ok(None) };
-        let event = Self::parse(id, &json)?;
+        let event = parse(id, json.as_bytes())?;
         Ok(Some(StoredEvent { created_at: event.created_at.as_secs(), id: *id, json }))
+    }
+
+    fn remove_expired(&self, now: u64) -> Result<usize, StoreError> {
+        let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = PendingBatch::new(&self.tree);
+        let upper = keys::expiration_key(now, &[0xff; 32]);
+        let mut removed = 0;
+        for kv in self.tree.range(vec![keys::EXPIRATION]..=upper) {
+            let (k, _) = kv?;
+            let Some(id) = k.get(9..41).and_then(|b| <[u8; 32]>::try_from(b).ok()) else { continue };
+            match pending.load_event(&id)? {
+                Some(event) => {
+                    pending.remove_event(&event)?;
+                    removed += 1;
+                }
+                None => pending.remove(k.to_vec()),
+            }
+            if removed >= 10_000 {
+                break; // the next sweep continues
+            }
+        }
+        self.commit(pending)?;
+        Ok(removed)
     }
 }
