@@ -237,7 +237,8 @@ impl Default for PluginRuntimeConfig {
 pub struct ServerConfig {
     /// Address the WebSocket and HTTP server listens on. Port 0 picks a free port.
     pub bind: SocketAddr,
-    /// The URL clients use to reach this relay (NIP-42 `relay` tag, NIP-11).
+    /// The URL clients use to reach this relay (NIP-42 `relay` tag, NIP-62,
+    /// the NIP-11 page). Empty: `ws://` and the address the relay listens on.
     pub public_url: String,
 }
 
@@ -315,7 +316,7 @@ pub enum LogFormat {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:7777".parse().expect("static address"), public_url: "ws://127.0.0.1:7777".into() }
+        Self { bind: "127.0.0.1:7777".parse().expect("static address"), public_url: String::new() }
     }
 }
 
@@ -415,12 +416,16 @@ impl Config {
         for k in &self.rate_limits.kinds {
             let ok = k.per == "ip" || k.per == "pubkey" || k.per.strip_prefix("tag:").is_some_and(|l| l.len() == 1);
             if !ok || k.per_minute == 0 {
-                return fail("rate_limits.kinds: `per` must be \"ip\", \"pubkey\" or \"tag:<letter>\" and per_minute positive");
+                return fail(
+                    "rate_limits.kinds: `per` must be \"ip\", \"pubkey\" or \"tag:<letter>\" and per_minute positive",
+                );
             }
         }
         for pk in self.access.write_allow_pubkeys.iter().chain(&self.access.write_deny_pubkeys) {
             if !crate::filter::is_hex64(pk) {
-                return Err(ConfigError::OutOfRange(format!("access: \"{pk}\" is not a 64-character lowercase hex public key")));
+                return Err(ConfigError::OutOfRange(format!(
+                    "access: \"{pk}\" is not a 64-character lowercase hex public key"
+                )));
             }
         }
         let mut names = std::collections::HashSet::new();

@@ -240,7 +240,9 @@ where
         if event.is_protected() {
             let author = event.pubkey.to_bytes();
             if self.authed.is_empty() {
-                return Err("auth-required: this event is protected (NIP-70); authenticate as its author to publish it".into());
+                return Err(
+                    "auth-required: this event is protected (NIP-70); authenticate as its author to publish it".into(),
+                );
             }
             if !self.authed.contains(&author) {
                 return Err("restricted: this event is protected (NIP-70) and only its author may publish it".into());
@@ -316,9 +318,13 @@ where
     fn admit_read(&self, filters: &[Filter]) -> Result<(), String> {
         self.relay.policy.check_read(self.remote.ip(), &self.authed)?;
         let asks_gift_wraps = filters.iter().any(|f| f.kinds.as_ref().is_some_and(|k| k.contains(&GIFT_WRAP)));
-        if asks_gift_wraps && self.authed.is_empty() && self.relay.config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly {
+        if asks_gift_wraps
+            && self.authed.is_empty()
+            && self.relay.config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly
+        {
             return Err(
-                "auth-required: gift wraps (kind 1059) are served only to their recipient; authenticate with NIP-42".into()
+                "auth-required: gift wraps (kind 1059) are served only to their recipient; authenticate with NIP-42"
+                    .into(),
             );
         }
         Ok(())

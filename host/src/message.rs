@@ -10,9 +10,17 @@ use serde_json::value::RawValue;
 #[derive(Debug)]
 pub enum ClientMessage<'a> {
     Event(&'a RawValue),
-    Req { sub_id: String, filters: Vec<Value> },
-    Count { sub_id: String, filters: Vec<Value> },
-    Close { sub_id: String },
+    Req {
+        sub_id: String,
+        filters: Vec<Value>,
+    },
+    Count {
+        sub_id: String,
+        filters: Vec<Value>,
+    },
+    Close {
+        sub_id: String,
+    },
     /// NIP-42 authentication.
     Auth(&'a RawValue),
 }

@@ -120,7 +120,10 @@ impl Policy {
                     Per::Pubkey => "from this public key".to_string(),
                     Per::Tag(l) => format!("for this {l} tag value"),
                 };
-                return Err(format!("rate-limited: more than {} kind {kind} events per minute {scope}; slow down", rule.per_minute));
+                return Err(format!(
+                    "rate-limited: more than {} kind {kind} events per minute {scope}; slow down",
+                    rule.per_minute
+                ));
             }
         }
         Ok(())

@@ -11,11 +11,11 @@ use tokio::sync::watch;
 use anyhow::Context;
 
 use crate::config::{Config, GiftWrapPolicy};
-use crate::policy::Policy;
 use crate::fanout::{ConnId, Fanout};
 use crate::ingest::Ingest;
 use crate::metadata::{MetadataStore, SledMetadataStore};
 use crate::plugin::PluginHost;
+use crate::policy::Policy;
 use crate::store::{EventStore, SledEventStore};
 
 /// Everything a connection needs, shared by all of them.
@@ -60,7 +60,8 @@ impl Relay {
         plugins.start_ticks();
         let ingest = Ingest::start(store.clone(), fanout.clone(), config.storage.max_batch_events)?;
         let policy = Policy::new(&config.rate_limits, &config.access);
-        let relay = Arc::new(Self { config, store, fanout, ingest, plugins, policy, next_connection: AtomicU64::new(1) });
+        let relay =
+            Arc::new(Self { config, store, fanout, ingest, plugins, policy, next_connection: AtomicU64::new(1) });
         relay.start_housekeeping();
         Ok(relay)
     }
@@ -101,10 +102,13 @@ pub struct BoundRelay {
 }
 
 impl BoundRelay {
-    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+    pub async fn bind(mut config: Config) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(config.server.bind)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.bind))?;
+        if config.server.public_url.is_empty() {
+            config.server.public_url = format!("ws://{}", listener.local_addr()?);
+        }
         let relay = Relay::open(config).await?;
         Ok(Self { relay, listener })
     }

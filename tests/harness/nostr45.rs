@@ -46,3 +46,28 @@ pub fn note(keys: &Keys, content: &str, age: u64) -> Event {
 pub fn ids(events: &[&Event]) -> Vec<String> {
     events.iter().map(|e| e.id.to_hex()).collect()
 }
+
+/// A NIP-42 AUTH event answering `challenge` for the relay at `url`.
+pub fn auth_event(keys: &Keys, challenge: &str, url: &str, created_at: u64) -> Event {
+    sign(keys, 22242, "", &[&["challenge", challenge], &["relay", url]], created_at)
+}
+
+/// Authenticates `client` as `keys` and asserts `OK true`.
+pub async fn authenticate(client: &mut Client, keys: &Keys, url: &str) {
+    let event = auth_event(keys, &client.challenge.clone(), url, now());
+    let (ok, msg) = send_auth(client, &event).await;
+    assert!(ok, "AUTH refused: {msg}");
+}
+
+/// Sends an AUTH message and returns the `OK`.
+pub async fn send_auth(client: &mut Client, event: &Event) -> (bool, String) {
+    client.send_raw(&format!("[\"AUTH\",{}]", event.as_json())).await;
+    client.expect_ok(&event.id.to_hex()).await
+}
+
+/// A gift wrap (kind 1059) for `recipient`, signed by a throwaway key, with a
+/// created_at `age` seconds in the past as NIP-59 randomises it.
+pub fn gift_wrap(recipient: &Keys, age: u64) -> Event {
+    let pk = recipient.public_key().to_hex();
+    sign(&Keys::generate(), 1059, "sealed and wrapped", &[&["p", &pk]], now() - age)
+}

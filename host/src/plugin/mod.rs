@@ -384,7 +384,10 @@ impl PluginHost {
                 self.dropped(slot, &e.id, "bad id or signature");
                 continue;
             }
-            if !any_filter_matches(filters, &event) || !self.may_serve(index, event.kind.as_u16()) || !access.can_see(&event) {
+            if !any_filter_matches(filters, &event)
+                || !self.may_serve(index, event.kind.as_u16())
+                || !access.can_see(&event)
+            {
                 self.dropped(slot, &e.id, "does not match the request");
                 continue;
             }

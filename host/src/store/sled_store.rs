@@ -202,9 +202,12 @@ impl<'a> PendingBatch<'a> {
         let until = request.created_at.as_secs();
         let previous = self.vanished_at(&pubkey)?.unwrap_or(0);
         self.put(keys::vanished_key(&pubkey), previous.max(until).to_be_bytes().to_vec());
-        let mut doomed: Vec<[u8; 32]> = self.scan_ids(&keys::author_prefix(&pubkey), until)?.into_iter().map(|(_, id)| id).collect();
+        let mut doomed: Vec<[u8; 32]> =
+            self.scan_ids(&keys::author_prefix(&pubkey), until)?.into_iter().map(|(_, id)| id).collect();
         let (p_prefix, _) = keys::tag_prefix(b'p', &hex::encode(pubkey));
-        doomed.extend(self.scan_ids(&p_prefix, until)?.into_iter().filter(|(kind, _)| *kind == GIFT_WRAP).map(|(_, id)| id));
+        doomed.extend(
+            self.scan_ids(&p_prefix, until)?.into_iter().filter(|(kind, _)| *kind == GIFT_WRAP).map(|(_, id)| id),
+        );
         for e in &self.inserted {
             let mine = e.pubkey.to_bytes() == pubkey;
             let wrapped_for_me = e.kind.as_u16() == GIFT_WRAP && p_tags(e).any(|p| p == pubkey);
@@ -303,7 +306,12 @@ impl SledEventStore {
         Ok(())
     }
 
-    fn lookup_ids(&self, filter: &Filter, ids: &[[u8; 32]], access: &ReadAccess) -> Result<Vec<StoredEvent>, StoreError> {
+    fn lookup_ids(
+        &self,
+        filter: &Filter,
+        ids: &[[u8; 32]],
+        access: &ReadAccess,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::new();
         for id in ids {
             let Some(json) = self.load(id)? else { continue };
@@ -372,7 +380,11 @@ impl EventStore for SledEventStore {
             Plan::Scan { prefixes, covered } => {
                 let mut out = Vec::with_capacity(limit.min(1024));
                 self.scan(filter, &prefixes, covered, true, access, |entry, json| {
-                    out.push(StoredEvent { created_at: entry.created_at, id: entry.id, json: json.expect("json requested") });
+                    out.push(StoredEvent {
+                        created_at: entry.created_at,
+                        id: entry.id,
+                        json: json.expect("json requested"),
+                    });
                     out.len() < limit
                 })?;
                 Ok(out)
