@@ -35,8 +35,14 @@ impl SledMetadataStore {
         k
     }
 
+    /// Flushes to disk. sled's own `flush_async` can stall under concurrent
+    /// callers, so the blocking flush runs on the blocking pool instead.
     async fn durable(&self) -> Result<(), KvError> {
-        self.db.flush_async().await.map(|_| ()).map_err(unavailable)
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(r) => r.map(|_| ()).map_err(unavailable),
+            Err(e) => Err(KvError::Unavailable(format!("flush task failed: {e}"))),
+        }
     }
 }
 

@@ -63,6 +63,24 @@ pub struct PluginState {
     pub table: ResourceTable,
     pub limits: StoreLimits,
     pub ctx: Arc<PluginContext>,
+    /// When the current call started.
+    pub call_started: std::time::Instant,
+    /// Time the current call spent waiting in host imports (key-value store,
+    /// event queries): not charged to the plugin's CPU budget.
+    pub host_wait: std::time::Duration,
+    /// Guest time the current call may use.
+    pub budget: std::time::Duration,
+}
+
+impl PluginState {
+    /// Time the current call has run guest code.
+    pub fn guest_time(&self) -> std::time::Duration {
+        self.call_started.elapsed().saturating_sub(self.host_wait)
+    }
+
+    fn charge_host(&mut self, since: std::time::Instant) {
+        self.host_wait += since.elapsed();
+    }
 }
 
 impl WasiView for PluginState {
@@ -83,15 +101,24 @@ impl types::Host for PluginState {}
 
 impl kv::Host for PluginState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::KvError>> {
-        Ok(self.ctx.metadata.get(&self.ctx.name, &key).await.map_err(kv_error))
+        let start = std::time::Instant::now();
+        let r = self.ctx.metadata.get(&self.ctx.name, &key).await.map_err(kv_error);
+        self.charge_host(start);
+        Ok(r)
     }
 
     async fn put(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
-        Ok(self.ctx.metadata.put(&self.ctx.name, &key, value).await.map_err(kv_error))
+        let start = std::time::Instant::now();
+        let r = self.ctx.metadata.put(&self.ctx.name, &key, value).await.map_err(kv_error);
+        self.charge_host(start);
+        Ok(r)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), kv::KvError>> {
-        Ok(self.ctx.metadata.delete(&self.ctx.name, &key).await.map_err(kv_error))
+        let start = std::time::Instant::now();
+        let r = self.ctx.metadata.delete(&self.ctx.name, &key).await.map_err(kv_error);
+        self.charge_host(start);
+        Ok(r)
     }
 
     async fn scan_prefix(
@@ -117,7 +144,10 @@ impl kv::Host for PluginState {
         let conditions =
             conditions.into_iter().map(|c| metadata::Condition { key: c.key, expected: c.expected }).collect();
         let writes = writes.into_iter().map(|w| metadata::Write { key: w.key, value: w.value }).collect();
-        Ok(self.ctx.metadata.transact(&self.ctx.name, conditions, writes).await.map_err(kv_error))
+        let start = std::time::Instant::now();
+        let r = self.ctx.metadata.transact(&self.ctx.name, conditions, writes).await.map_err(kv_error);
+        self.charge_host(start);
+        Ok(r)
     }
 }
 
@@ -127,7 +157,9 @@ impl events::Host for PluginState {
         if hex::decode_to_slice(&id, &mut bytes).is_err() {
             return Ok(None);
         }
+        let start = std::time::Instant::now();
         let stored = self.ctx.events.get(&bytes).ok().flatten();
+        self.charge_host(start);
         Ok(stored.and_then(|s| serde_json::from_str(&s.json).ok()).map(|e| event_to_wit(&e)))
     }
 
@@ -135,7 +167,10 @@ impl events::Host for PluginState {
         let filters: Vec<_> = filters.iter().filter_map(|f| filter_from_wit(f).ok()).collect();
         let limit = (limit as usize).min(10_000);
         let access = crate::store::ReadAccess::trusted(crate::event::unix_now());
-        let found = match self.ctx.events.query_filters(&filters, limit, limit, &access) {
+        let start = std::time::Instant::now();
+        let found = self.ctx.events.query_filters(&filters, limit, limit, &access);
+        self.charge_host(start);
+        let found = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(plugin = %self.ctx.name, error = %e, "plugin query failed");

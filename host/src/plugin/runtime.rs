@@ -22,6 +22,8 @@ use crate::store::EventStore;
 
 /// Granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
+/// Longest a call may take in wall-clock time, waits in host imports included.
+const MAX_CALL_WALL_TIME: Duration = Duration::from_secs(10);
 /// Idle instances kept per plugin version.
 const MAX_IDLE_INSTANCES: usize = 32;
 
@@ -133,11 +135,7 @@ impl PluginRuntime {
             defaults: OnceLock::new(),
             counters,
         });
-        let limits = CallLimits {
-            timeout_ms: config.call_timeout_ms,
-            deadline_ticks: (config.call_timeout_ms * 1000).div_ceil(EPOCH_TICK.as_micros() as u64).max(1),
-            memory_bytes: config.memory_limit_bytes,
-        };
+        let limits = CallLimits { timeout_ms: config.call_timeout_ms, memory_bytes: config.memory_limit_bytes };
         let mut loaded = LoadedPlugin {
             info: empty_info(),
             wit_version,
@@ -150,7 +148,7 @@ impl PluginRuntime {
         };
         // `info()` may take longer than a normal call (it runs once).
         let info = loaded
-            .call_with_deadline(loaded.limits.deadline_ticks * 10, |p, s| Box::pin(p.call_info(s)))
+            .call_with_budget(loaded.limits.budget() * 10, |p, s| Box::pin(p.call_info(s)))
             .await
             .map_err(LoadError::Info)?;
         validate_info(&info, config)?;
@@ -222,8 +220,8 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
 
 #[derive(Debug, Clone, Copy)]
 pub struct CallLimits {
+    /// Guest time one call may use, in milliseconds.
     pub timeout_ms: u64,
-    pub deadline_ticks: u64,
     pub memory_bytes: usize,
 }
 
@@ -247,6 +245,12 @@ pub struct LoadedPlugin {
 
 type CallFuture<'a, R> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>>;
 
+impl CallLimits {
+    fn budget(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
 impl LoadedPlugin {
     async fn instantiate(&self) -> Result<Instance, CallFailure> {
         let state = PluginState {
@@ -261,11 +265,22 @@ impl LoadedPlugin {
                 .trap_on_grow_failure(true)
                 .build(),
             ctx: self.ctx.clone(),
+            call_started: std::time::Instant::now(),
+            host_wait: Duration::ZERO,
+            budget: self.limits.budget(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.limits.deadline_ticks);
+        // The budget is guest time: waits in host imports (storage) do not
+        // count. Between checks the guest yields so it never hogs a worker.
+        store.epoch_deadline_callback(move |ctx| {
+            if ctx.data().guest_time() >= ctx.data().budget {
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            } else {
+                Ok(wasmtime::UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
         let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(e))?;
         Ok(Instance { store, bindings })
     }
@@ -304,10 +319,10 @@ impl LoadedPlugin {
     where
         F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
     {
-        self.call_with_deadline(self.limits.deadline_ticks, f).await
+        self.call_with_budget(self.limits.budget(), f).await
     }
 
-    async fn call_with_deadline<R, F>(&self, ticks: u64, f: F) -> Result<R, CallFailure>
+    async fn call_with_budget<R, F>(&self, budget: Duration, f: F) -> Result<R, CallFailure>
     where
         F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
     {
@@ -315,10 +330,21 @@ impl LoadedPlugin {
             Some(i) => i,
             None => self.instantiate().await?,
         };
-        instance.store.set_epoch_deadline(ticks);
+        {
+            let state = instance.store.data_mut();
+            state.call_started = std::time::Instant::now();
+            state.host_wait = Duration::ZERO;
+            state.budget = budget;
+        }
+        instance.store.set_epoch_deadline(1);
+        let wall_limit = MAX_CALL_WALL_TIME.max(budget * 2);
         let result = {
             let Instance { store, bindings } = &mut instance;
-            f(bindings.nostr_relay_plugin_plugin(), store).await
+            match tokio::time::timeout(wall_limit, f(bindings.nostr_relay_plugin_plugin(), store)).await {
+                Ok(r) => r,
+                // A host import that never returns: give up on the instance.
+                Err(_) => return Err(CallFailure::Timeout(wall_limit.as_millis() as u64)),
+            }
         };
         match result {
             Ok(value) => {
