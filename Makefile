@@ -2,7 +2,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
 
-.PHONY: all run build plugins wasm-target test lint fmt clean
+.PHONY: all run build plugins wasm-target test lint fmt clean bench
 
 all: build
 
@@ -37,9 +37,15 @@ run: build
 test: plugins
 	$(CARGO) test -p wasm-relay -p mls-e2e --no-fail-fast
 
+# Load and micro benchmarks against release builds on loopback ports; prints a
+# table and writes target/bench/results.json. `make bench ONLY=ingest` runs one group.
+bench: build
+	$(CARGO) build --release -p relay-bench
+	./target/release/relay-bench $(ONLY)
+
 lint: wasm-target
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy -p wasm-relay -p mls-e2e --all-targets -- -D warnings
+	$(CARGO) clippy -p wasm-relay -p mls-e2e -p relay-bench --all-targets -- -D warnings
 	$(CARGO) clippy --target $(WASM_TARGET) -p wasm-relay-plugin-sdk $(addprefix -p ,$(PLUGIN_CRATES)) -- -D warnings
 
 fmt:

@@ -1,0 +1,141 @@
+//! Relay processes and minimal NIP-01 clients for the load generator.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::workspace_root;
+
+pub struct RelayProcess {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Configuration for a benchmarked relay: limits off, optional plugins.
+pub fn bench_config(plugins: &[(&str, &Path)]) -> String {
+    let mut c = String::from(
+        "[rate_limits]\nevents_per_minute_per_ip = 0\nevents_per_minute_per_pubkey = 0\nreqs_per_minute_per_ip = 0\nreqs_per_minute_per_pubkey = 0\n[log]\nfilter = \"warn\"\n",
+    );
+    for (name, path) in plugins {
+        c.push_str(&format!("[[plugins]]\nname = \"{name}\"\npath = {:?}\n", path.display().to_string()));
+        if *name == "mls-gateway" {
+            c.push_str("[plugins.settings]\nrequests_per_hour = 0\n");
+        }
+    }
+    c
+}
+
+impl RelayProcess {
+    /// Starts the release binary with `config` on a fresh data directory
+    /// (or `data` prepared beforehand).
+    pub async fn start(config: &str, prepare: impl FnOnce(&Path)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        prepare(&data_dir);
+        let cfg = dir.path().join("relay.toml");
+        std::fs::write(&cfg, config)?;
+        let bin = workspace_root().join("target/release/wasm-relay");
+        anyhow::ensure!(bin.exists(), "{} is missing: run `make bench`", bin.display());
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .arg("--bind")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("WASM_RELAY_PLUGIN_RUNTIME__CACHE_DIR", workspace_root().join("target/bench/plugin-cache"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??.unwrap_or_default();
+        let url = line.strip_prefix("wasm-relay listening on ").unwrap_or_default().to_string();
+        anyhow::ensure!(!url.is_empty(), "relay did not start");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, url, _dir: dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Resident memory in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+pub struct Conn {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Conn {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let mut c = Self { ws };
+        c.recv().await?; // the AUTH challenge
+        Ok(c)
+    }
+
+    pub async fn send(&mut self, text: String) -> anyhow::Result<()> {
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    pub async fn recv(&mut self) -> anyhow::Result<Value> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("connection closed"),
+            }
+        }
+    }
+
+    /// Publishes one event JSON and waits for its OK; returns whether accepted.
+    pub async fn publish(&mut self, json: &str) -> anyhow::Result<bool> {
+        self.send(format!("[\"EVENT\",{json}]")).await?;
+        loop {
+            let v = self.recv().await?;
+            if v[0] == "OK" {
+                return Ok(v[2].as_bool() == Some(true));
+            }
+        }
+    }
+
+    /// A REQ up to EOSE; returns the number of events, or an error for CLOSED.
+    pub async fn req(&mut self, sub: &str, filter: &str) -> anyhow::Result<usize> {
+        self.send(format!("[\"REQ\",\"{sub}\",{filter}]")).await?;
+        let mut n = 0;
+        loop {
+            let v = self.recv().await?;
+            match v[0].as_str() {
+                Some("EVENT") => n += 1,
+                Some("EOSE") => {
+                    self.send(format!("[\"CLOSE\",\"{sub}\"]")).await?;
+                    return Ok(n);
+                }
+                Some("CLOSED") => anyhow::bail!("CLOSED: {}", v[2]),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The measurements. Each starts its own relay(s) and bounds its duration
+//! and connection counts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use nostr::event::{Event, EventBuilder, FinalizeEvent, Kind, Tag};
+use nostr::key::Keys;
+use nostr::types::Timestamp;
+use serde_json::json;
+use wasm_relay::event::AcceptedEvent;
+use wasm_relay::store::{EventStore, SledEventStore};
+
+use crate::client::{Conn, RelayProcess, bench_config};
+use crate::{RUN_TIME, RUNS, Row, median, percentile_ms, workspace_root};
+
+const INGEST_POOL_PER_RUN: usize = 40_000;
+const QUERY_STORE_EVENTS: usize = 100_000;
+const TAGS: usize = 1000;
+const AUTHORS: usize = 1000;
+
+fn now() -> u64 {
+    Timestamp::now().as_secs()
+}
+
+/// Signs `n` events on all cores; `make(i, keys)` builds event `i`.
+fn sign_many(n: usize, keys: &[Keys], make: impl Fn(usize) -> (u16, String, Vec<Vec<String>>) + Sync) -> Vec<Event> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let make = &make;
+                s.spawn(move || {
+                    (t * chunk..((t + 1) * chunk).min(n))
+                        .map(|i| {
+                            let (kind, content, tags) = make(i);
+                            EventBuilder::new(Kind::from(kind), content)
+                                .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))
+                                .custom_created_at(Timestamp::from(now() - (i % 10_000) as u64))
+                                .finalize(&keys[i % keys.len()])
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn keys(n: usize) -> Vec<Keys> {
+    (0..n).map(|_| Keys::generate()).collect()
+}
+
+/// A note of realistic size: ~280 characters and a few tags.
+fn note(i: usize) -> (u16, String, Vec<Vec<String>>) {
+    let text = format!("{i}: {}", "Nostr relays carry signed notes between people who choose whom to follow. ".repeat(4));
+    (1, text, vec![vec!["t".into(), format!("tag{}", i % TAGS)], vec!["client".into(), "relay-bench".into()]])
+}
+
+fn row(name: impl Into<String>, value: String, target: &str, json: serde_json::Value) -> Row {
+    Row { name: name.into(), value, target: target.into(), json }
+}
+
+pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
+    let want = |s: &str| only.is_none_or(|o| s.contains(o));
+    let mut rows = Vec::new();
+    let verify_rate = schnorr_verify_rate();
+    rows.push(row("Schnorr verification, one core", format!("{verify_rate:.0} /s"), "(bounds ingest)", json!(verify_rate)));
+    eprintln!("signing the ingest pool...");
+    let signers = keys(64);
+    let pool: Arc<Vec<String>> =
+        Arc::new(sign_many(INGEST_POOL_PER_RUN * RUNS, &signers, note).iter().map(|e| e.as_json()).collect());
+    let gateway = workspace_root().join("target/plugins/mls_gateway.wasm");
+    let mut ingest_300 = [0.0f64; 2];
+    if want("ingest") {
+        for (conns, with_gateway) in [(100, false), (300, false), (1000, false), (300, true)] {
+            let plugins: Vec<(&str, &Path)> = if with_gateway { vec![("mls-gateway", &gateway)] } else { vec![] };
+            let relay = RelayProcess::start(&bench_config(&plugins), |_| {}).await?;
+            let (rate, p50, p99) = ingest(&relay, conns, pool.clone()).await?;
+            let label = if with_gateway { " (MLS gateway loaded)" } else { "" };
+            let target = match (conns, with_gateway) {
+                (300, true) => ">= 10000/s, p99 < 50 ms",
+                _ => "",
+            };
+            if conns == 300 {
+                ingest_300[with_gateway as usize] = rate;
+            }
+            rows.push(row(
+                format!("ingest, {conns} connections{label}"),
+                format!("{rate:.0} ev/s p50 {p50:.1} p99 {p99:.1} ms ({:.0}%)", 100.0 * rate / verify_rate),
+                target,
+                json!({"events_per_s": rate, "p50_ms": p50, "p99_ms": p99, "of_verify_bound": rate / verify_rate}),
+            ));
+        }
+        rows.push(row(
+            "plugin overhead, ingest (gateway / none)",
+            format!("{:.2}", ingest_300[1] / ingest_300[0].max(1.0)),
+            ">= 0.90",
+            json!(ingest_300[1] / ingest_300[0].max(1.0)),
+        ));
+    }
+    if want("query") {
+        eprintln!("preparing a store of {QUERY_STORE_EVENTS} events...");
+        let authors = keys(AUTHORS);
+        let events = sign_many(QUERY_STORE_EVENTS, &authors, note);
+        let ids: Arc<Vec<String>> = Arc::new(events.iter().map(|e| e.id.to_hex()).collect());
+        let author_hex: Arc<Vec<String>> = Arc::new(authors.iter().map(|k| k.public_key().to_hex()).collect());
+        let accepted: Vec<Arc<AcceptedEvent>> = events.into_iter().map(|e| Arc::new(AcceptedEvent::new(e))).collect();
+        let template = tempfile::tempdir()?;
+        {
+            let store = SledEventStore::open(template.path(), 256 << 20)?;
+            for chunk in accepted.chunks(5000) {
+                store.write_batch(chunk)?;
+            }
+        }
+        let mut req_tag = [0.0f64; 2];
+        for with_gateway in [false, true] {
+            let plugins: Vec<(&str, &Path)> = if with_gateway { vec![("mls-gateway", &gateway)] } else { vec![] };
+            let relay = RelayProcess::start(&bench_config(&plugins), |dir| copy_dir(template.path(), dir)).await?;
+            let shapes: Vec<(&str, Box<dyn Fn(usize) -> String + Send + Sync>)> = if with_gateway {
+                vec![("#t", Box::new(|i| format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS)))]
+            } else {
+                let (a, d) = (author_hex.clone(), ids.clone());
+                vec![
+                    ("#t", Box::new(|i| format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS))),
+                    ("authors", Box::new(move |i| format!("{{\"authors\":[\"{}\"],\"limit\":10}}", a[i % a.len()]))),
+                    ("ids", Box::new(move |i| format!("{{\"ids\":[\"{}\"]}}", d[(i * 7919) % d.len()]))),
+                ]
+            };
+            for (shape, filter) in shapes {
+                let (rate, p50, p99) = queries(&relay, 300, Arc::new(filter)).await?;
+                if shape == "#t" {
+                    req_tag[with_gateway as usize] = rate;
+                }
+                let label = if with_gateway { " (MLS gateway loaded)" } else { "" };
+                let target = if shape == "#t" && !with_gateway { ">= 20000/s" } else { "" };
+                rows.push(row(
+                    format!("REQ {shape} limit 10, 300 connections, 100k events{label}"),
+                    format!("{rate:.0} req/s p50 {p50:.1} p99 {p99:.1} ms"),
+                    target,
+                    json!({"reqs_per_s": rate, "p50_ms": p50, "p99_ms": p99}),
+                ));
+            }
+        }
+        rows.push(row(
+            "plugin overhead, REQ #t (gateway / none)",
+            format!("{:.2}", req_tag[1] / req_tag[0].max(1.0)),
+            ">= 0.90",
+            json!(req_tag[1] / req_tag[0].max(1.0)),
+        ));
+    }
+    if want("fanout") {
+        let relay = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
+        let (p50, p99, delivered) = fanout(&relay, 1000, 200).await?;
+        rows.push(row(
+            "fan-out, 1000 subscribers, 200 ev/s",
+            format!("p50 {p50:.1} p99 {p99:.1} ms ({delivered} deliveries)"),
+            "",
+            json!({"p50_ms": p50, "p99_ms": p99, "deliveries": delivered}),
+        ));
+    }
+    if want("keypackage") {
+        let relay = RelayProcess::start(&bench_config(&[("mls-gateway", &gateway)]), |_| {}).await?;
+        let (rate, p50, p99) = keypackage_fetch(&relay).await?;
+        rows.push(row(
+            "KeyPackage fetch with consumption, 300 connections",
+            format!("{rate:.0} req/s p50 {p50:.1} p99 {p99:.1} ms"),
+            ">= 2000/s",
+            json!({"reqs_per_s": rate, "p50_ms": p50, "p99_ms": p99}),
+        ));
+    }
+    if want("swap") {
+        let (stall, failures) = hot_swap(&gateway).await?;
+        rows.push(row(
+            "hot swap under REQ load: longest request, failures",
+            format!("{stall:.1} ms, {failures} failed"),
+            "< 50 ms, 0 failed",
+            json!({"longest_ms": stall, "failures": failures}),
+        ));
+    }
+    if want("idle") {
+        let relay = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
+        let per_conn = idle_connections(&relay, 10_000).await?;
+        rows.push(row(
+            "memory per idle connection, 10,000 open",
+            format!("{:.1} KiB ({:.0} MB total)", per_conn / 1024.0, per_conn * 10_000.0 / 1e6),
+            "< 500 MB total",
+            json!({"bytes_per_connection": per_conn}),
+        ));
+    }
+    Ok(rows)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in walk(from) {
+        let rel = entry.strip_prefix(from).unwrap();
+        let dest = to.join(rel);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+        } else {
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &dest).unwrap();
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        out.push(p.clone());
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+fn schnorr_verify_rate() -> f64 {
+    let e = EventBuilder::new(Kind::from(1), "x".repeat(280)).finalize(&Keys::generate()).unwrap();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        for _ in 0..100 {
+            assert!(e.verify_signature());
+        }
+        n += 100;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `conns` connections, each with one EVENT in flight, for `RUN_TIME`.
+async fn ingest(relay: &RelayProcess, conns: usize, pool: Arc<Vec<String>>) -> anyhow::Result<(f64, f64, f64)> {
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        clients.push(Conn::connect(&relay.url).await?);
+    }
+    let (mut rates, mut p50s, mut p99s) = (vec![], vec![], vec![]);
+    for run in 0..RUNS {
+        let next = Arc::new(AtomicU64::new((run * INGEST_POOL_PER_RUN) as u64));
+        let end = ((run + 1) * INGEST_POOL_PER_RUN) as u64;
+        let deadline = Instant::now() + RUN_TIME;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for mut c in clients.drain(..) {
+            let (pool, next) = (pool.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        break;
+                    }
+                    let t = Instant::now();
+                    if c.publish(&pool[i as usize]).await.unwrap_or(false) {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    }
+                }
+                (c, lat)
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            let (c, l) = t.await?;
+            clients.push(c);
+            lat.extend(l);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        rates.push(lat.len() as f64 / secs);
+        p50s.push(percentile_ms(&mut lat, 0.5));
+        p99s.push(percentile_ms(&mut lat, 0.99));
+    }
+    Ok((median(rates), median(p50s), median(p99s)))
+}
+
+type FilterFn = Arc<Box<dyn Fn(usize) -> String + Send + Sync>>;
+
+/// `conns` connections issuing REQs (REQ to EOSE) back to back.
+async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow::Result<(f64, f64, f64)> {
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        clients.push(Conn::connect(&relay.url).await?);
+    }
+    let (mut rates, mut p50s, mut p99s) = (vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        let deadline = Instant::now() + RUN_TIME;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (n, mut c) in clients.drain(..).enumerate() {
+            let filter = filter.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = n * 7;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if c.req("q", &filter(i)).await.is_ok() {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    }
+                    i += 1;
+                }
+                (c, lat)
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            let (c, l) = t.await?;
+            clients.push(c);
+            lat.extend(l);
+        }
+        rates.push(lat.len() as f64 / start.elapsed().as_secs_f64());
+        p50s.push(percentile_ms(&mut lat, 0.5));
+        p99s.push(percentile_ms(&mut lat, 0.99));
+    }
+    Ok((median(rates), median(p50s), median(p99s)))
+}
+
+/// `subs` live subscribers; one publisher at `rate` events/s; latency from
+/// publish to delivery.
+async fn fanout(relay: &RelayProcess, subs: usize, rate: u64) -> anyhow::Result<(f64, f64, usize)> {
+    let origin = Instant::now();
+    let keys = Keys::generate();
+    let total = rate as usize * RUN_TIME.as_secs() as usize;
+    let events: Vec<String> = (0..total * RUNS)
+        .map(|i| {
+            EventBuilder::new(Kind::from(1), format!("fanout {i}"))
+                .tags([Tag::parse(["t", "fanout"]).unwrap()])
+                .finalize(&keys)
+                .unwrap()
+                .as_json()
+        })
+        .collect();
+    let (mut p50s, mut p99s, mut counts) = (vec![], vec![], vec![]);
+    for run in 0..RUNS {
+        let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+        let mut readers = Vec::new();
+        for _ in 0..subs {
+            let mut c = Conn::connect(&relay.url).await?;
+            c.req("live", "{\"#t\":[\"fanout\"],\"limit\":0}").await?;
+            // `req` closed it after EOSE; subscribe again and keep it open.
+            c.send("[\"REQ\",\"live\",{\"#t\":[\"fanout\"],\"limit\":0}]".into()).await?;
+            loop {
+                if c.recv().await?[0] == "EOSE" {
+                    break;
+                }
+            }
+            let sent_at = sent_at.clone();
+            readers.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while lat.len() < total {
+                    let Ok(Ok(v)) = tokio::time::timeout(Duration::from_secs(5), c.recv()).await else { break };
+                    if v[0] == "EVENT" {
+                        let i: usize = v[2]["content"].as_str().unwrap_or("").trim_start_matches("fanout ").parse().unwrap_or(0);
+                        let sent = sent_at[i % total].load(Ordering::Relaxed);
+                        lat.push((origin.elapsed().as_micros() as u64).saturating_sub(sent));
+                    }
+                }
+                lat
+            }));
+        }
+        let mut publisher = Conn::connect(&relay.url).await?;
+        let interval = Duration::from_micros(1_000_000 / rate);
+        let mut tick = tokio::time::interval(interval);
+        for i in 0..total {
+            tick.tick().await;
+            sent_at[i].store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
+            publisher.publish(&events[run * total + i]).await?;
+        }
+        let mut lat = Vec::new();
+        for r in readers {
+            lat.extend(r.await?);
+        }
+        counts.push(lat.len() as f64);
+        p50s.push(percentile_ms(&mut lat, 0.5));
+        p99s.push(percentile_ms(&mut lat, 0.99));
+    }
+    Ok((median(p50s), median(p99s), median(counts) as usize))
+}
+
+/// Owners with KeyPackages, then 300 connections fetching them.
+async fn keypackage_fetch(relay: &RelayProcess) -> anyhow::Result<(f64, f64, f64)> {
+    const OWNERS: usize = 1000;
+    const PER_OWNER: usize = 10;
+    let owners = keys(OWNERS);
+    let kps = sign_many(OWNERS * PER_OWNER, &owners, |i| {
+        let content = base64::engine::general_purpose::STANDARD.encode([i as u8; 300]);
+        let tags = vec![
+            vec!["d".into(), format!("slot{i}")],
+            vec!["mls_protocol_version".into(), "1.0".into()],
+            vec!["mls_ciphersuite".into(), "0x0001".into()],
+            vec!["encoding".into(), "base64".into()],
+            vec!["i".into(), format!("{i:064x}")],
+        ];
+        (30443, content, tags)
+    });
+    let mut loaders = Vec::new();
+    for chunk in kps.chunks(kps.len().div_ceil(50)) {
+        let chunk: Vec<String> = chunk.iter().map(|e| e.as_json()).collect();
+        let url = relay.url.clone();
+        loaders.push(tokio::spawn(async move {
+            let mut c = Conn::connect(&url).await.unwrap();
+            for e in chunk {
+                assert!(c.publish(&e).await.unwrap(), "KeyPackage refused");
+            }
+        }));
+    }
+    for l in loaders {
+        l.await?;
+    }
+    let owner_hex: Arc<Vec<String>> = Arc::new(owners.iter().map(|k| k.public_key().to_hex()).collect());
+    let filter: FilterFn = Arc::new(Box::new(move |i| {
+        format!("{{\"kinds\":[30443,443],\"authors\":[\"{}\"]}}", owner_hex[(i * 31) % owner_hex.len()])
+    }));
+    queries(relay, 300, filter).await
+}
+
+/// REQ load on 100 connections while the gateway's file is replaced.
+async fn hot_swap(gateway: &Path) -> anyhow::Result<(f64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("mls_gateway.wasm");
+    std::fs::copy(gateway, &file)?;
+    let relay = RelayProcess::start(&bench_config(&[("mls-gateway", &file)]), |_| {}).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..100 {
+        let mut c = Conn::connect(&relay.url).await?;
+        let (stop, failures) = (stop.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut longest = 0u64;
+            let mut i = n;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if c.req("q", &format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS)).await.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                longest = longest.max(t.elapsed().as_micros() as u64);
+                i += 1;
+            }
+            longest
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut bytes = std::fs::read(gateway)?;
+    bytes.extend_from_slice(&[0, 6, 5]);
+    bytes.extend_from_slice(b"bench");
+    let tmp = dir.path().join("next.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &file)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut longest = 0u64;
+    for t in tasks {
+        longest = longest.max(t.await?);
+    }
+    Ok((longest as f64 / 1000.0, failures.load(Ordering::Relaxed)))
+}
+
+/// Opens `n` idle connections; returns the relay's memory growth per connection.
+async fn idle_connections(relay: &RelayProcess, n: usize) -> anyhow::Result<f64> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = relay.rss_bytes();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(Conn::connect(&relay.url).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = relay.rss_bytes();
+    drop(conns);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
