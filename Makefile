@@ -39,8 +39,8 @@ test: plugins
 
 # Load and micro benchmarks against release builds on loopback ports; prints a
 # table and writes target/bench/results.json. `make bench ONLY=ingest` runs one group.
-bench: build
-	$(CARGO) build --release -p relay-bench
+bench: plugins
+	$(CARGO) build --release -p wasm-relay -p relay-bench
 	./target/release/relay-bench $(ONLY)
 
 lint: wasm-target

@@ -121,6 +121,11 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
                 let mut ws_config = WebSocketConfig::default();
                 ws_config.max_message_size = Some(max_message.saturating_mul(4).max(1 << 20));
                 ws_config.max_frame_size = ws_config.max_message_size;
+                // Small per-connection buffers (tungstenite defaults to 128 KiB
+                // each), so idle connections stay cheap; they grow with traffic.
+                ws_config.read_buffer_size = 4 * 1024;
+                ws_config.write_buffer_size = 16 * 1024;
+                ws_config.max_write_buffer_size = 8 * 1024 * 1024;
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
                 Connection::new(relay, ws, remote).run().await;
             }

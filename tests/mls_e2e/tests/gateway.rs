@@ -415,3 +415,17 @@ async fn consumption_survives_restart_and_hot_swap() {
     relay.wait_for_log("plugin swapped").await;
     assert_eq!(fetch_key_packages(&mut c, "3", &[&bob.pubkey()]).await, vec![kps[2].id.to_hex()]);
 }
+
+#[tokio::test]
+async fn group_messages_can_be_rate_limited_per_group() {
+    let relay = gateway_relay(&[("group_messages_per_minute", "2")]).await;
+    let mut c = relay.client().await;
+    let alice = Member::new();
+    let (g1, g2) = ("ab".repeat(32), "cd".repeat(32));
+    let msg = |g: &str, n: &str| alice.sign_raw(445, n, vec![vec!["h".into(), g.to_owned()]], None);
+    publish_ok(&mut c, &msg(&g1, "1")).await;
+    publish_ok(&mut c, &msg(&g1, "2")).await;
+    let (ok, text) = publish(&mut c, &msg(&g1, "3")).await;
+    assert!(!ok && text.starts_with("rate-limited:"), "{text}");
+    publish_ok(&mut c, &msg(&g2, "other group")).await;
+}
