@@ -58,7 +58,8 @@ fn keys(n: usize) -> Vec<Keys> {
 
 /// A note of realistic size: ~280 characters and a few tags.
 fn note(i: usize) -> (u16, String, Vec<Vec<String>>) {
-    let text = format!("{i}: {}", "Nostr relays carry signed notes between people who choose whom to follow. ".repeat(4));
+    let text =
+        format!("{i}: {}", "Nostr relays carry signed notes between people who choose whom to follow. ".repeat(4));
     (1, text, vec![vec!["t".into(), format!("tag{}", i % TAGS)], vec!["client".into(), "relay-bench".into()]])
 }
 
@@ -70,7 +71,12 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
     let want = |s: &str| only.is_none_or(|o| s.contains(o));
     let mut rows = Vec::new();
     let verify_rate = schnorr_verify_rate();
-    rows.push(row("Schnorr verification, one core", format!("{verify_rate:.0} /s"), "(bounds ingest)", json!(verify_rate)));
+    rows.push(row(
+        "Schnorr verification, one core",
+        format!("{verify_rate:.0} /s"),
+        "(bounds ingest)",
+        json!(verify_rate),
+    ));
     eprintln!("signing the ingest pool...");
     let signers = keys(64);
     let pool: Arc<Vec<String>> =
@@ -369,7 +375,8 @@ async fn fanout(relay: &RelayProcess, subs: usize, rate: u64) -> anyhow::Result<
                         }
                     };
                     if v[0] == "EVENT" {
-                        let i: usize = v[2]["content"].as_str().unwrap_or("").trim_start_matches("fanout ").parse().unwrap_or(0);
+                        let i: usize =
+                            v[2]["content"].as_str().unwrap_or("").trim_start_matches("fanout ").parse().unwrap_or(0);
                         let sent = sent_at[i % total].load(Ordering::Relaxed);
                         lat.push((origin.elapsed().as_micros() as u64).saturating_sub(sent));
                     }

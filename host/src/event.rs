@@ -118,16 +118,20 @@ fn id_of_unreadable(raw: &RawValue) -> Option<String> {
     }
 }
 
-/// The `d` tag value that addresses an addressable event ("" when absent).
-pub fn d_tag(event: &Event) -> &str {
+/// The first value of the first tag named `name`.
+pub fn first_tag_value<'a>(event: &'a Event, name: &str) -> Option<&'a str> {
     event
         .tags
         .iter()
         .map(|t| t.as_slice())
-        .find(|t| t.first().is_some_and(|n| n == "d"))
+        .find(|t| t.first().is_some_and(|n| n == name))
         .and_then(|t| t.get(1))
         .map(String::as_str)
-        .unwrap_or("")
+}
+
+/// The `d` tag value that addresses an addressable event ("" when absent).
+pub fn d_tag(event: &Event) -> &str {
+    first_tag_value(event, "d").unwrap_or("")
 }
 
 pub fn unix_now() -> u64 {

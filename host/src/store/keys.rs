@@ -151,13 +151,7 @@ pub fn parse_index_value(v: &[u8]) -> (u16, Option<u64>) {
 
 /// The NIP-40 `expiration` tag's time, if the event has a readable one.
 pub fn expiration(event: &Event) -> Option<u64> {
-    event
-        .tags
-        .iter()
-        .map(|t| t.as_slice())
-        .find(|t| t.first().is_some_and(|n| n == "expiration"))
-        .and_then(|t| t.get(1))
-        .and_then(|v| v.parse().ok())
+    crate::event::first_tag_value(event, "expiration").and_then(|v| v.parse().ok())
 }
 
 /// Every index key of `event` (not the event record or its address slot).

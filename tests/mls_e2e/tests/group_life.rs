@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use harness::{TestRelay, plugin_path};
-use mdk_core::{GroupId, MDK};
 use mdk_core::groups::NostrGroupConfigData;
 use mdk_core::prelude::MessageProcessingResult;
+use mdk_core::{GroupId, MDK};
 use mdk_memory_storage::MdkMemoryStorage;
 use nostr_sdk::prelude::*;
 use support::gateway_config;
@@ -52,7 +52,12 @@ impl Peer {
     /// Publishes and asserts the relay said `OK true`, with its text otherwise.
     async fn publish(&self, event: &Event, what: &str) {
         let out = self.client.send_event(event).await.unwrap_or_else(|e| panic!("{}: sending {what}: {e}", self.name));
-        assert!(out.failed.is_empty() && !out.success.is_empty(), "{}: relay refused {what}: {:?}", self.name, out.failed);
+        assert!(
+            out.failed.is_empty() && !out.success.is_empty(),
+            "{}: relay refused {what}: {:?}",
+            self.name,
+            out.failed
+        );
     }
 
     /// Subscribes and waits for EOSE, so what follows arrives live.
@@ -98,9 +103,12 @@ impl Peer {
     /// Publishes a KeyPackage as kind 30443 and its kind 443 twin.
     async fn publish_key_package(&self, url: &str) -> (Event, Event) {
         let data = self.mdk.create_key_package_for_event(&self.pk(), [RelayUrl::parse(url).unwrap()]).unwrap();
-        let kp30443 =
-            EventBuilder::new(Kind::Custom(30443), data.content.clone()).tags(data.tags_30443).sign_with_keys(&self.keys).unwrap();
-        let kp443 = EventBuilder::new(Kind::Custom(443), data.content).tags(data.tags_443).sign_with_keys(&self.keys).unwrap();
+        let kp30443 = EventBuilder::new(Kind::Custom(30443), data.content.clone())
+            .tags(data.tags_30443)
+            .sign_with_keys(&self.keys)
+            .unwrap();
+        let kp443 =
+            EventBuilder::new(Kind::Custom(443), data.content).tags(data.tags_443).sign_with_keys(&self.keys).unwrap();
         self.publish(&kp30443, "KeyPackage 30443").await;
         self.publish(&kp443, "KeyPackage 443").await;
         (kp30443, kp443)
@@ -195,7 +203,8 @@ async fn group_life(swap_midway: bool) {
     // 2. Bob listens to his inbox before anyone invites him; Eve tries to listen too.
     bob.subscribe(inbox(bob.pk())).await;
     eve.subscribe(inbox(bob.pk())).await;
-    let refused = snoop.req_refused("snoop", vec![serde_json::json!({"kinds": [1059], "#p": [bob.pk().to_hex()]})]).await;
+    let refused =
+        snoop.req_refused("snoop", vec![serde_json::json!({"kinds": [1059], "#p": [bob.pk().to_hex()]})]).await;
     assert!(refused.starts_with("auth-required:"), "{refused}");
 
     // 3. Alice fetches Bob's KeyPackage, creates the group, sends the Welcome.
@@ -271,7 +280,9 @@ impl Peer {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match tokio::time::timeout(left, self.notes.recv()).await {
-                Ok(Ok(RelayPoolNotification::Event { event, .. })) if event.kind == Kind::GiftWrap => return Some(*event),
+                Ok(Ok(RelayPoolNotification::Event { event, .. })) if event.kind == Kind::GiftWrap => {
+                    return Some(*event);
+                }
                 Ok(Ok(_)) => {}
                 _ => return None,
             }
@@ -312,8 +323,15 @@ async fn concurrent_inviters_get_different_key_packages_then_the_last_resort() {
     assert!(again.id == x.id || again.id == y.id);
     // Both KeyPackages are usable: each inviter can build a group from its own.
     for (who, kp) in [(&alice, x), (&dave, y)] {
-        let config =
-            NostrGroupConfigData::new("g".into(), "".into(), None, None, None, vec![RelayUrl::parse(&url).unwrap()], vec![who.pk()]);
+        let config = NostrGroupConfigData::new(
+            "g".into(),
+            "".into(),
+            None,
+            None,
+            None,
+            vec![RelayUrl::parse(&url).unwrap()],
+            vec![who.pk()],
+        );
         who.mdk.create_group(&who.pk(), vec![kp], config).expect("group from the fetched KeyPackage");
     }
 }
