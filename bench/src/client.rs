@@ -88,7 +88,8 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        // No Nagle: a CLOSE followed by the next REQ must not wait for a delayed ACK.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
         let mut c = Self { ws };
         c.recv().await?; // the AUTH challenge
         Ok(c)

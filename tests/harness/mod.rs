@@ -210,7 +210,7 @@ pub struct Client {
 impl Client {
     /// Connects and reads the relay's NIP-42 `AUTH` challenge.
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connect");
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await.expect("websocket connect");
         let mut c = Self { ws, buffered: VecDeque::new(), challenge: String::new() };
         let auth = c.recv().await;
         assert_eq!(auth[0], "AUTH", "the relay must open with an AUTH challenge, got {auth}");
