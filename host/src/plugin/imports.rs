@@ -63,19 +63,36 @@ pub struct PluginState {
     pub table: ResourceTable,
     pub limits: StoreLimits,
     pub ctx: Arc<PluginContext>,
-    /// When the current call started.
-    pub call_started: std::time::Instant,
-    /// Time the current call spent waiting in host imports (key-value store,
-    /// event queries): not charged to the plugin's CPU budget.
+    /// When guest time was last accounted (call start or last epoch check).
+    pub last_check: std::time::Instant,
+    /// Time spent waiting in host imports (key-value store, event queries)
+    /// since `last_check`: not charged to the plugin's CPU budget.
     pub host_wait: std::time::Duration,
+    /// Guest time charged to the current call so far.
+    pub guest_time: std::time::Duration,
     /// Guest time the current call may use.
     pub budget: std::time::Duration,
 }
 
 impl PluginState {
-    /// Time the current call has run guest code.
-    pub fn guest_time(&self) -> std::time::Duration {
-        self.call_started.elapsed().saturating_sub(self.host_wait)
+    /// Starts accounting for a new call.
+    pub fn start_call(&mut self, budget: std::time::Duration) {
+        self.last_check = std::time::Instant::now();
+        self.host_wait = std::time::Duration::ZERO;
+        self.guest_time = std::time::Duration::ZERO;
+        self.budget = budget;
+    }
+
+    /// Charges the guest for the time since the last check, less host waits,
+    /// at most `cap` (time the guest spent yielded to other tasks under load
+    /// is not its own). Returns whether the budget is spent.
+    pub fn charge_guest(&mut self, cap: std::time::Duration) -> bool {
+        let now = std::time::Instant::now();
+        let ran = now.duration_since(self.last_check).saturating_sub(self.host_wait);
+        self.last_check = now;
+        self.host_wait = std::time::Duration::ZERO;
+        self.guest_time += ran.min(cap);
+        self.guest_time >= self.budget
     }
 
     fn charge_host(&mut self, since: std::time::Instant) {

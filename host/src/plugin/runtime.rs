@@ -265,16 +265,17 @@ impl LoadedPlugin {
                 .trap_on_grow_failure(true)
                 .build(),
             ctx: self.ctx.clone(),
-            call_started: std::time::Instant::now(),
+            last_check: std::time::Instant::now(),
             host_wait: Duration::ZERO,
+            guest_time: Duration::ZERO,
             budget: self.limits.budget(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         // The budget is guest time: waits in host imports (storage) do not
         // count. Between checks the guest yields so it never hogs a worker.
-        store.epoch_deadline_callback(move |ctx| {
-            if ctx.data().guest_time() >= ctx.data().budget {
+        store.epoch_deadline_callback(move |mut ctx| {
+            if ctx.data_mut().charge_guest(EPOCH_TICK * 2) {
                 Ok(wasmtime::UpdateDeadline::Interrupt)
             } else {
                 Ok(wasmtime::UpdateDeadline::Yield(1))
@@ -330,12 +331,7 @@ impl LoadedPlugin {
             Some(i) => i,
             None => self.instantiate().await?,
         };
-        {
-            let state = instance.store.data_mut();
-            state.call_started = std::time::Instant::now();
-            state.host_wait = Duration::ZERO;
-            state.budget = budget;
-        }
+        instance.store.data_mut().start_call(budget);
         instance.store.set_epoch_deadline(1);
         let wall_limit = MAX_CALL_WALL_TIME.max(budget * 2);
         let result = {
