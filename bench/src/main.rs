@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     let only: Option<String> = std::env::args().nth(1);
     let rows = rt.block_on(scenarios::run_all(only.as_deref()))?;
     println!();
-    println!("{:<58} {:>34}  {}", "measurement (median of 3 runs)", "result", "target");
+    println!("{:<58} {:>34}  target", "measurement (median of 3 runs)", "result");
     println!("{}", "-".repeat(120));
     for r in &rows {
         println!("{:<58} {:>34}  {}", r.name, r.value, r.target);

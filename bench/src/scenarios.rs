@@ -128,7 +128,7 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
         for with_gateway in [false, true] {
             let plugins: Vec<(&str, &Path)> = if with_gateway { vec![("mls-gateway", &gateway)] } else { vec![] };
             let relay = RelayProcess::start(&bench_config(&plugins), |dir| copy_dir(template.path(), dir)).await?;
-            let shapes: Vec<(&str, Box<dyn Fn(usize) -> String + Send + Sync>)> = if with_gateway {
+            let shapes: Vec<(&str, FilterGen)> = if with_gateway {
                 vec![("#t", Box::new(|i| format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS)))]
             } else {
                 let (a, d) = (author_hex.clone(), ids.clone());
@@ -286,7 +286,9 @@ async fn ingest(relay: &RelayProcess, conns: usize, pool: Arc<Vec<String>>) -> a
     Ok((median(rates), median(p50s), median(p99s)))
 }
 
-type FilterFn = Arc<Box<dyn Fn(usize) -> String + Send + Sync>>;
+/// Builds the filter JSON of request `i`.
+type FilterGen = Box<dyn Fn(usize) -> String + Send + Sync>;
+type FilterFn = Arc<FilterGen>;
 
 /// `conns` connections issuing REQs (REQ to EOSE) back to back.
 async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow::Result<(f64, f64, f64)> {
