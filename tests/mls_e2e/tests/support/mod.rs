@@ -42,17 +42,7 @@ impl Member {
 
     /// A fresh KeyPackage as mdk publishes it: kind 30443 and its kind 443 twin.
     pub fn key_package_pair(&self, relay: &str) -> (Event, Event) {
-        let data = self
-            .mdk
-            .create_key_package_for_event(&self.keys.public_key(), [RelayUrl::parse(relay).unwrap()])
-            .expect("mdk key package");
-        let addressable = EventBuilder::new(Kind::Custom(30443), data.content.clone())
-            .tags(data.tags_30443)
-            .sign_with_keys(&self.keys)
-            .unwrap();
-        let legacy =
-            EventBuilder::new(Kind::Custom(443), data.content).tags(data.tags_443).sign_with_keys(&self.keys).unwrap();
-        (addressable, legacy)
+        key_package_pair(&self.mdk, &self.keys, relay)
     }
 
     /// A kind 30443 KeyPackage alone.
@@ -96,6 +86,19 @@ impl Member {
         }
         b.sign_with_keys(&self.keys).unwrap()
     }
+}
+
+/// A fresh KeyPackage from `mdk` for `keys`: kind 30443 and its kind 443 twin.
+pub fn key_package_pair(mdk: &MDK<MdkMemoryStorage>, keys: &Keys, relay: &str) -> (Event, Event) {
+    let data = mdk
+        .create_key_package_for_event(&keys.public_key(), [RelayUrl::parse(relay).unwrap()])
+        .expect("mdk key package");
+    let addressable = EventBuilder::new(Kind::Custom(30443), data.content.clone())
+        .tags(data.tags_30443)
+        .sign_with_keys(keys)
+        .unwrap();
+    let legacy = EventBuilder::new(Kind::Custom(443), data.content).tags(data.tags_443).sign_with_keys(keys).unwrap();
+    (addressable, legacy)
 }
 
 fn hex_encode(bytes: &[u8]) -> String {
