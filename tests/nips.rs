@@ -7,7 +7,7 @@ mod nostr45;
 
 use std::time::Duration;
 
-use harness::{Client, TestRelay};
+use harness::TestRelay;
 use nostr::key::Keys;
 use nostr45::{Publish, auth_event, authenticate, gift_wrap, ids, now, send_auth, sign};
 use serde_json::json;
@@ -289,6 +289,4 @@ async fn nip11_advertises_the_nips_and_limits_in_force() {
     }
     assert_eq!(l["restricted_writes"], false);
     assert!(doc["software"].is_string() && doc["version"].is_string() && doc["name"].is_string());
-    // Unused in this test but keeps Client in scope for the harness.
-    let _ = Client::connect(&relay.url).await;
 }

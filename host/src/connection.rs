@@ -410,7 +410,7 @@ where
         };
         let store_filters = self.store_filters(&filters);
         let access = self.read_access();
-        let counted = match store_filters.as_slice() {
+        let counted = match &*store_filters {
             [filter] if from_plugins.is_empty() => self.relay.store.count(filter, &access),
             // Events matching several filters, or also given by a plugin, count once.
             _ => self
@@ -444,8 +444,11 @@ where
 
     /// The filters the store answers: without plugin-managed kinds, which
     /// only their plugin serves.
-    fn store_filters(&self, filters: &[Filter]) -> Vec<Filter> {
+    fn store_filters<'f>(&self, filters: &'f [Filter]) -> std::borrow::Cow<'f, [Filter]> {
         let managed = self.relay.plugins.managed_kinds();
+        if managed.is_empty() {
+            return std::borrow::Cow::Borrowed(filters);
+        }
         filters.iter().map(|f| f.without_kinds(&managed)).collect()
     }
 

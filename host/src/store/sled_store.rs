@@ -38,13 +38,14 @@ fn be_u64(bytes: &[u8]) -> u64 {
 struct PendingBatch<'a> {
     tree: &'a sled::Tree,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Events inserted by this batch (not yet visible to tree scans).
-    inserted: Vec<Event>,
+    /// Events inserted by this batch (not yet visible to tree scans); kept
+    /// only when the batch holds a request to vanish, the one reader.
+    inserted: Option<Vec<Event>>,
 }
 
 impl<'a> PendingBatch<'a> {
-    fn new(tree: &'a sled::Tree) -> Self {
-        Self { tree, writes: BTreeMap::new(), inserted: Vec::new() }
+    fn new(tree: &'a sled::Tree, track_inserted: bool) -> Self {
+        Self { tree, writes: BTreeMap::new(), inserted: track_inserted.then(Vec::new) }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -80,7 +81,9 @@ impl<'a> PendingBatch<'a> {
             self.put(slot, id.to_vec());
         }
         self.put(keys::event_key(&id), accepted.json.as_bytes().to_vec());
-        self.inserted.push(event.clone());
+        if let Some(inserted) = &mut self.inserted {
+            inserted.push(event.clone());
+        }
     }
 
     /// Removes an event with every key that leads to it.
@@ -98,7 +101,9 @@ impl<'a> PendingBatch<'a> {
         {
             self.remove(slot);
         }
-        self.inserted.retain(|e| e.id != event.id);
+        if let Some(inserted) = &mut self.inserted {
+            inserted.retain(|e| e.id != event.id);
+        }
         Ok(())
     }
 
@@ -208,7 +213,7 @@ impl<'a> PendingBatch<'a> {
         doomed.extend(
             self.scan_ids(&p_prefix, until)?.into_iter().filter(|(kind, _)| *kind == GIFT_WRAP).map(|(_, id)| id),
         );
-        for e in &self.inserted {
+        for e in self.inserted.iter().flatten() {
             let mine = e.pubkey.to_bytes() == pubkey;
             let wrapped_for_me = e.kind.as_u16() == GIFT_WRAP && p_tags(e).any(|p| p == pubkey);
             if (mine || wrapped_for_me) && e.created_at.as_secs() <= until {
@@ -328,7 +333,7 @@ impl SledEventStore {
 impl EventStore for SledEventStore {
     fn write_batch(&self, events: &[Arc<AcceptedEvent>]) -> Result<Vec<WriteOutcome>, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pending = PendingBatch::new(&self.tree);
+        let mut pending = PendingBatch::new(&self.tree, events.iter().any(|e| e.vanish_request));
         let mut outcomes = Vec::with_capacity(events.len());
         for accepted in events {
             let event = &accepted.event;
@@ -417,7 +422,7 @@ impl EventStore for SledEventStore {
 
     fn remove_expired(&self, now: u64) -> Result<usize, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pending = PendingBatch::new(&self.tree);
+        let mut pending = PendingBatch::new(&self.tree, false);
         let upper = keys::expiration_key(now, &[0xff; 32]);
         let mut removed = 0;
         for kv in self.tree.range(vec![keys::EXPIRATION]..=upper) {

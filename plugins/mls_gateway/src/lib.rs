@@ -33,7 +33,15 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub fn read() -> Self {
+    /// The settings, read once per instance: they cannot change during an
+    /// instance's life (a new plugin version gets new instances), so hooks
+    /// need not ask the host five times per call.
+    pub fn get() -> &'static Self {
+        static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
+        SETTINGS.get_or_init(Self::read)
+    }
+
+    fn read() -> Self {
         Self {
             per_author: setting_or("max_keypackages_per_author", 1usize).max(1),
             requests_per_hour: setting_or("requests_per_hour", 10u64),
@@ -81,17 +89,17 @@ impl Plugin for MlsGateway {
     }
 
     fn on_event(ctx: RequestContext, event: Event) -> Decision {
-        let settings = Settings::read();
+        let settings = Settings::get();
         let now = host::now();
         let result = match event.kind {
             KIND_KEY_PACKAGE | KIND_KEY_PACKAGE_ADDRESSABLE => {
-                rules::check_key_package(&event, now).and_then(|kp| index::add(&event, kp, &settings, now))
+                rules::check_key_package(&event, now).and_then(|kp| index::add(&event, kp, settings, now))
             }
             KIND_WELCOME => Err(refusal(
                 RefusalKind::Blocked,
                 "kind 444 Welcomes must travel inside a NIP-59 gift wrap (kind 1059) addressed to the new member, never on their own",
             )),
-            KIND_GROUP_MESSAGE => rules::check_group_message(&event, &settings, now),
+            KIND_GROUP_MESSAGE => rules::check_group_message(&event, settings, now),
             KIND_DELETION => index::apply_deletion(&event),
             _ => Ok(()),
         };
@@ -106,7 +114,7 @@ impl Plugin for MlsGateway {
     }
 
     fn process_req(ctx: RequestContext, filters: Vec<Filter>) -> ReqResult {
-        delivery::answer(&ctx, &filters, &Settings::read(), host::now())
+        delivery::answer(&ctx, &filters, Settings::get(), host::now())
     }
 
     fn tick(now: u64) {
