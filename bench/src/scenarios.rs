@@ -242,74 +242,39 @@ fn schnorr_verify_rate() -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// `conns` connections, each with one EVENT in flight, for `RUN_TIME`.
-async fn ingest(relay: &RelayProcess, conns: usize, pool: Arc<Vec<String>>) -> anyhow::Result<(f64, f64, f64)> {
+/// One request of a closed-loop client (the next is sent when this one is
+/// answered): `Some(ok)`, or `None` to end the run early.
+trait Request: Send + Sync + 'static {
+    fn send(&self, c: &mut Conn, run: usize, client: usize, i: usize) -> impl Future<Output = Option<bool>> + Send;
+}
+
+/// `conns` connections each sending `request`s back to back for `RUN_TIME`,
+/// `RUNS` times: median rate of answered requests and latency p50/p99.
+async fn closed_loop<R: Request>(
+    relay: &RelayProcess,
+    conns: usize,
+    request: Arc<R>,
+) -> anyhow::Result<(f64, f64, f64)> {
     let mut clients = Vec::with_capacity(conns);
     for _ in 0..conns {
         clients.push(Conn::connect(&relay.url).await?);
     }
     let (mut rates, mut p50s, mut p99s) = (vec![], vec![], vec![]);
     for run in 0..RUNS {
-        let next = Arc::new(AtomicU64::new((run * INGEST_POOL_PER_RUN) as u64));
-        let end = ((run + 1) * INGEST_POOL_PER_RUN) as u64;
-        let deadline = Instant::now() + RUN_TIME;
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for mut c in clients.drain(..) {
-            let (pool, next) = (pool.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                while Instant::now() < deadline {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= end {
-                        break;
-                    }
-                    let t = Instant::now();
-                    if c.publish(&pool[i as usize]).await.unwrap_or(false) {
-                        lat.push(t.elapsed().as_micros() as u64);
-                    }
-                }
-                (c, lat)
-            }));
-        }
-        let mut lat = Vec::new();
-        for t in tasks {
-            let (c, l) = t.await?;
-            clients.push(c);
-            lat.extend(l);
-        }
-        let secs = start.elapsed().as_secs_f64();
-        rates.push(lat.len() as f64 / secs);
-        p50s.push(percentile_ms(&mut lat, 0.5));
-        p99s.push(percentile_ms(&mut lat, 0.99));
-    }
-    Ok((median(rates), median(p50s), median(p99s)))
-}
-
-/// Builds the filter JSON of request `i`.
-type FilterGen = Box<dyn Fn(usize) -> String + Send + Sync>;
-type FilterFn = Arc<FilterGen>;
-
-/// `conns` connections issuing REQs (REQ to EOSE) back to back.
-async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow::Result<(f64, f64, f64)> {
-    let mut clients = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        clients.push(Conn::connect(&relay.url).await?);
-    }
-    let (mut rates, mut p50s, mut p99s) = (vec![], vec![], vec![]);
-    for _ in 0..RUNS {
         let deadline = Instant::now() + RUN_TIME;
         let start = Instant::now();
         let mut tasks = Vec::new();
         for (n, mut c) in clients.drain(..).enumerate() {
-            let filter = filter.clone();
+            let request = request.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
-                let mut i = n * 7;
+                let mut i = 0;
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    if c.req("q", &filter(i)).await.is_ok() {
-                        lat.push(t.elapsed().as_micros() as u64);
+                    match request.send(&mut c, run, n, i).await {
+                        Some(true) => lat.push(t.elapsed().as_micros() as u64),
+                        Some(false) => {}
+                        None => break,
                     }
                     i += 1;
                 }
@@ -327,6 +292,43 @@ async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow
         p99s.push(percentile_ms(&mut lat, 0.99));
     }
     Ok((median(rates), median(p50s), median(p99s)))
+}
+
+/// Publishing pre-signed events: run `r` uses its own slice of the pool.
+struct Publish {
+    pool: Arc<Vec<String>>,
+    next: Vec<AtomicU64>,
+}
+
+impl Request for Publish {
+    async fn send(&self, c: &mut Conn, run: usize, _: usize, _: usize) -> Option<bool> {
+        let i = run * INGEST_POOL_PER_RUN + self.next[run].fetch_add(1, Ordering::Relaxed) as usize;
+        let json = self.pool.get(i).filter(|_| i < (run + 1) * INGEST_POOL_PER_RUN)?;
+        Some(c.publish(json).await.unwrap_or(false))
+    }
+}
+
+/// `conns` connections, each with one EVENT in flight, for `RUN_TIME`.
+async fn ingest(relay: &RelayProcess, conns: usize, pool: Arc<Vec<String>>) -> anyhow::Result<(f64, f64, f64)> {
+    closed_loop(relay, conns, Arc::new(Publish { pool, next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() })).await
+}
+
+/// Builds the filter JSON of request `i`.
+type FilterGen = Box<dyn Fn(usize) -> String + Send + Sync>;
+type FilterFn = Arc<FilterGen>;
+
+/// REQ to EOSE with the filter of request `i`.
+struct Query(FilterFn);
+
+impl Request for Query {
+    async fn send(&self, c: &mut Conn, _: usize, client: usize, i: usize) -> Option<bool> {
+        Some(c.req("q", &(self.0)(client * 7 + i)).await.is_ok())
+    }
+}
+
+/// `conns` connections issuing REQs (REQ to EOSE) back to back.
+async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow::Result<(f64, f64, f64)> {
+    closed_loop(relay, conns, Arc::new(Query(filter))).await
 }
 
 /// `subs` live subscribers; one publisher at `rate` events/s; latency from
