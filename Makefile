@@ -13,14 +13,15 @@ wasm-target:
 PLUGIN_BUILD := target/$(WASM_TARGET)/plugin
 PLUGIN_OUT := target/plugins
 # Plugin components and where they end up: target/plugins/<name>.wasm.
-PLUGIN_CRATES := mls-gateway kind-allowlist pinned-events probe
+PLUGIN_CRATES := mls-gateway kind-allowlist pinned-events probe future-wit
 
 # Plugins are WebAssembly components built for wasm32-wasip2. The probe test
-# plugin is built twice (v1, v2) for the hot-swap tests.
+# plugin is built twice (v1, v2) for the hot-swap tests; future-wit targets a
+# contract version the relay refuses.
 plugins: wasm-target
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(PLUGIN_CRATES))
 	mkdir -p $(PLUGIN_OUT)
-	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/
+	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_OUT)/
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 

@@ -46,6 +46,8 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub access: AccessLists,
     pub plugin_runtime: PluginRuntimeConfig,
+    pub metrics: MetricsConfig,
+    pub admin: AdminConfig,
     /// Plugins, loaded in this order; each is consulted in this order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -127,6 +129,33 @@ pub struct AccessLists {
     pub write_allow_ips: Vec<ipnet::IpNet>,
     /// These addresses or networks may not publish.
     pub write_deny_ips: Vec<ipnet::IpNet>,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve metrics at all.
+    pub enabled: bool,
+    /// HTTP path of the text exposition.
+    pub path: String,
+    /// When set, scrapes must send `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, path: "/metrics".into(), bearer_token: None }
+    }
+}
+
+/// The NIP-86 management API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Public keys (64 hex) allowed to call the management API with NIP-98
+    /// authorization. Empty: the API is off.
+    pub pubkeys: Vec<String>,
 }
 
 /// Settings shared by every plugin.
@@ -409,6 +438,12 @@ impl Config {
             return fail(
                 "limits.max_pending_events_per_connection must be positive and send_queue_capacity at least 16",
             );
+        }
+        if !self.metrics.path.starts_with('/') || ["/", "/health", "/ready"].contains(&self.metrics.path.as_str()) {
+            return fail("metrics.path must start with / and differ from /, /health and /ready");
+        }
+        if let Some(bad) = self.admin.pubkeys.iter().find(|k| k.len() != 64 || hex::decode(k).is_err()) {
+            return Err(ConfigError::OutOfRange(format!("admin.pubkeys: '{bad}' is not a 64-hex public key")));
         }
         if self.storage.max_batch_events == 0 {
             return fail("storage.max_batch_events must be positive");

@@ -81,6 +81,8 @@ where
         let (live_tx, mut live_rx) = mpsc::channel::<Delivery>(limits.send_queue_capacity);
         let overflowed = Arc::new(Notify::new());
         self.relay.fanout.add_connection(self.id, live_tx, overflowed.clone());
+        self.relay.metrics.connections_total.inc();
+        self.relay.metrics.connections_open.inc();
         tracing::debug!(conn = self.id, remote = %self.remote, "connected");
         let mut pending: FuturesUnordered<PendingOk> = FuturesUnordered::new();
         let result: Result<(), WsError> = async {
@@ -92,10 +94,12 @@ where
                 let step = tokio::select! {
                     biased;
                     _ = overflowed.notified() => {
+                        self.relay.metrics.slow_disconnects.inc();
                         self.feed(message::notice("error: this connection reads too slowly; closing it (reconnect and read faster)")).await?;
                         Step::Close
                     }
                     Some((id, result)) = pending.next(), if !pending.is_empty() => {
+                        self.count_write(&result);
                         self.feed(ok_reply(&id, result)).await?;
                         Step::Continue
                     }
@@ -119,6 +123,7 @@ where
                 if let Step::Close = step {
                     // Answer what was already submitted before leaving.
                     while let Some((id, result)) = pending.next().await {
+                        self.count_write(&result);
                         self.feed(ok_reply(&id, result)).await?;
                     }
                     self.ws.flush().await?;
@@ -129,6 +134,7 @@ where
         }
         .await;
         self.relay.fanout.remove_connection(self.id);
+        self.relay.metrics.connections_open.dec();
         match result {
             Ok(()) | Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {}
             Err(WsError::Capacity(e)) => {
@@ -139,6 +145,20 @@ where
             }
             Err(e) => tracing::debug!(conn = self.id, remote = %self.remote, error = %e, "connection ended"),
         }
+    }
+
+    fn count_write(&self, result: &WriteResult) {
+        let outcome = match result {
+            Ok(WriteOutcome::Stored) => "stored",
+            Ok(WriteOutcome::Duplicate) | Ok(WriteOutcome::Superseded) => "duplicate",
+            Ok(WriteOutcome::Deleted) | Ok(WriteOutcome::Vanished) => "blocked",
+            Err(_) => "error",
+        };
+        self.relay.metrics.events.with_label_values(&[outcome]).inc();
+    }
+
+    fn count_refused_event(&self, reply: &str) {
+        self.relay.metrics.events.with_label_values(&[crate::metrics::Metrics::outcome_label(reply)]).inc();
     }
 
     async fn feed(&mut self, text: String) -> Result<(), WsError> {
@@ -157,6 +177,7 @@ where
             return Ok(()); // already sent by the initial query
         }
         let sub_json = message::json_string(&d.sub_id);
+        self.relay.metrics.live_deliveries.inc();
         self.feed(message::event(&sub_json, &d.event.json)).await
     }
 
@@ -180,7 +201,18 @@ where
             }
             return Ok(Step::Continue);
         }
-        match message::parse_client_message(&text) {
+        let parsed = message::parse_client_message(&text);
+        let verb = match &parsed {
+            Err(_) => "invalid",
+            Ok(Parsed::BadFilters { .. }) => "REQ",
+            Ok(Parsed::Message(ClientMessage::Event(_))) => "EVENT",
+            Ok(Parsed::Message(ClientMessage::Auth(_))) => "AUTH",
+            Ok(Parsed::Message(ClientMessage::Req { .. })) => "REQ",
+            Ok(Parsed::Message(ClientMessage::Count { .. })) => "COUNT",
+            Ok(Parsed::Message(ClientMessage::Close { .. })) => "CLOSE",
+        };
+        self.relay.metrics.messages.with_label_values(&[verb]).inc();
+        match parsed {
             Err(e) => self.feed(message::notice(&format!("invalid: {e}"))).await?,
             Ok(Parsed::BadFilters { sub_id, reason }) => {
                 self.feed(message::closed(&sub_id, &format!("invalid: {reason}"))).await?
@@ -202,7 +234,8 @@ where
         let event = match read_event(raw, &self.relay.config.limits, now) {
             Ok(event) => event,
             Err(refusal) => {
-                tracing::debug!(conn = self.id, remote = %self.remote, reason = %refusal.message, "event refused");
+                self.count_refused_event(&refusal.message);
+                tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, reason = %refusal.message, "event refused");
                 let reply = match refusal.event_id {
                     Some(id) => message::ok(&id, false, &refusal.message),
                     None => message::notice(&refusal.message),
@@ -212,7 +245,8 @@ where
         };
         let id = event.id.to_hex();
         if let Err(refusal) = self.admit(&event).await {
-            tracing::debug!(conn = self.id, remote = %self.remote, event = %id, reason = %refusal, "event refused");
+            self.count_refused_event(&refusal);
+            tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, event = %id, reason = %refusal, "event refused");
             return self.feed(message::ok(&id, false, &refusal)).await;
         }
         let mut accepted = AcceptedEvent::new(event);
@@ -220,6 +254,7 @@ where
         let accepted = Arc::new(accepted);
         if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
             self.relay.fanout.broadcast(0, &accepted);
+            self.relay.metrics.events.with_label_values(&["ephemeral"]).inc();
             return self.feed(message::ok(&id, true, "")).await;
         }
         let rx: oneshot::Receiver<WriteResult> = self.relay.ingest.submit(accepted).await;
@@ -354,15 +389,16 @@ where
     }
 
     async fn on_req(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
+        let started = std::time::Instant::now();
         let filters = match self.read_filters(&sub_id, &raw).and_then(|f| self.admit_read(&f).map(|_| f)) {
             Ok(f) => f,
-            Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
+            Err(reason) => return self.refuse_sub(ReadPurpose::Req, &sub_id, &reason).await,
         };
         let limits = self.relay.config.limits.clone();
         if !self.subs.contains_key(sub_id.as_str()) && self.subs.len() >= limits.max_subscriptions {
             let reason =
                 format!("blocked: {} subscriptions are open, the most allowed; CLOSE one first", self.subs.len());
-            return self.refuse_sub(&sub_id, &reason).await;
+            return self.refuse_sub(ReadPurpose::Req, &sub_id, &reason).await;
         }
         let sub: Arc<str> = sub_id.into();
         let filters: Arc<[Filter]> = filters.into();
@@ -373,7 +409,7 @@ where
             Err(refusal) => {
                 self.relay.fanout.unsubscribe(self.id, &sub);
                 self.subs.remove(&sub);
-                return self.refuse_sub(&sub, &refusal).await;
+                return self.refuse_sub(ReadPurpose::Req, &sub, &refusal).await;
             }
         };
         let store_filters = self.store_filters(&filters);
@@ -385,7 +421,9 @@ where
                 tracing::error!(conn = self.id, error = %e, "query failed");
                 self.relay.fanout.unsubscribe(self.id, &sub);
                 self.subs.remove(&sub);
-                return self.refuse_sub(&sub, "error: the query failed on the relay; try again later").await;
+                return self
+                    .refuse_sub(ReadPurpose::Req, &sub, "error: the query failed on the relay; try again later")
+                    .await;
             }
         };
         let seq_mark = self.relay.fanout.current_seq();
@@ -396,17 +434,19 @@ where
             self.feed(message::event(&sub_json, &e.json)).await?;
         }
         self.subs.insert(sub.clone(), LocalSub { generation, sent: Some(sent), seq_mark });
+        self.served(ReadPurpose::Req, started);
         self.feed(message::eose(&sub)).await
     }
 
     async fn on_count(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
+        let started = std::time::Instant::now();
         let filters = match self.read_filters(&sub_id, &raw).and_then(|f| self.admit_read(&f).map(|_| f)) {
             Ok(f) => f,
-            Err(reason) => return self.refuse_sub(&sub_id, &reason).await,
+            Err(reason) => return self.refuse_sub(ReadPurpose::Count, &sub_id, &reason).await,
         };
         let from_plugins = match self.plugin_answer(&sub_id, ReadPurpose::Count, &filters).await {
             Ok(events) => events,
-            Err(refusal) => return self.refuse_sub(&sub_id, &refusal).await,
+            Err(refusal) => return self.refuse_sub(ReadPurpose::Count, &sub_id, &refusal).await,
         };
         let store_filters = self.store_filters(&filters);
         let access = self.read_access();
@@ -420,12 +460,22 @@ where
                 .map(|all| merge(all, from_plugins).len() as u64),
         };
         match counted {
-            Ok(n) => self.feed(message::count(&sub_id, n)).await,
+            Ok(n) => {
+                self.served(ReadPurpose::Count, started);
+                self.feed(message::count(&sub_id, n)).await
+            }
             Err(e) => {
                 tracing::error!(conn = self.id, error = %e, "count failed");
-                self.refuse_sub(&sub_id, "error: the count failed on the relay; try again later").await
+                self.refuse_sub(ReadPurpose::Count, &sub_id, "error: the count failed on the relay; try again later")
+                    .await
             }
         }
+    }
+
+    fn served(&self, purpose: ReadPurpose, started: std::time::Instant) {
+        let label = purpose_label(purpose);
+        self.relay.metrics.reads.with_label_values(&[label, "served"]).inc();
+        self.relay.metrics.read_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
     }
 
     /// What the plugins add to a REQ/COUNT, or the CLOSED text.
@@ -452,9 +502,18 @@ where
         filters.iter().map(|f| f.without_kinds(&managed)).collect()
     }
 
-    async fn refuse_sub(&mut self, sub_id: &str, reason: &str) -> Result<(), WsError> {
-        tracing::debug!(conn = self.id, sub = sub_id, reason, "request refused");
+    async fn refuse_sub(&mut self, purpose: ReadPurpose, sub_id: &str, reason: &str) -> Result<(), WsError> {
+        let label = crate::metrics::Metrics::outcome_label(reason);
+        self.relay.metrics.reads.with_label_values(&[purpose_label(purpose), label]).inc();
+        tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, sub = sub_id, reason, "request refused");
         self.feed(message::closed(sub_id, reason)).await
+    }
+}
+
+fn purpose_label(purpose: ReadPurpose) -> &'static str {
+    match purpose {
+        ReadPurpose::Req => "req",
+        ReadPurpose::Count => "count",
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
+use crate::metrics::Metrics;
 use crate::store::{EventStore, WriteOutcome};
 
 /// Queue depth in front of the writer; senders wait when it is full.
@@ -20,6 +21,7 @@ pub type WriteResult = Result<WriteOutcome, String>;
 struct Job {
     event: Arc<AcceptedEvent>,
     reply: oneshot::Sender<WriteResult>,
+    submitted: std::time::Instant,
 }
 
 #[derive(Clone)]
@@ -29,11 +31,16 @@ pub struct Ingest {
 
 impl Ingest {
     /// Starts the writer thread. It ends when every [`Ingest`] handle is dropped.
-    pub fn start(store: Arc<dyn EventStore>, fanout: Arc<Fanout>, max_batch: usize) -> std::io::Result<Self> {
+    pub fn start(
+        store: Arc<dyn EventStore>,
+        fanout: Arc<Fanout>,
+        max_batch: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("event-writer".into())
-            .spawn(move || writer_loop(rx, store.as_ref(), &fanout, max_batch))?;
+            .spawn(move || writer_loop(rx, store.as_ref(), &fanout, max_batch, &metrics))?;
         Ok(Self { tx })
     }
 
@@ -41,14 +48,22 @@ impl Ingest {
     /// (or refused).
     pub async fn submit(&self, event: Arc<AcceptedEvent>) -> oneshot::Receiver<WriteResult> {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { event, reply }).await {
+        if let Err(mpsc::error::SendError(job)) =
+            self.tx.send(Job { event, reply, submitted: std::time::Instant::now() }).await
+        {
             let _ = job.reply.send(Err("the event writer has stopped".into()));
         }
         rx
     }
 }
 
-fn writer_loop(mut rx: mpsc::Receiver<Job>, store: &dyn EventStore, fanout: &Fanout, max_batch: usize) {
+fn writer_loop(
+    mut rx: mpsc::Receiver<Job>,
+    store: &dyn EventStore,
+    fanout: &Fanout,
+    max_batch: usize,
+    metrics: &Metrics,
+) {
     let mut jobs = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
@@ -60,9 +75,11 @@ fn writer_loop(mut rx: mpsc::Receiver<Job>, store: &dyn EventStore, fanout: &Fan
         }
         let events: Vec<Arc<AcceptedEvent>> = jobs.iter().map(|j| j.event.clone()).collect();
         let first_seq = fanout.reserve_seqs(events.len() as u64);
+        metrics.write_batch_events.observe(events.len() as f64);
         match store.write_batch(&events) {
             Ok(outcomes) => {
                 for (i, (job, outcome)) in jobs.drain(..).zip(outcomes).enumerate() {
+                    metrics.write_seconds.observe(job.submitted.elapsed().as_secs_f64());
                     if outcome == WriteOutcome::Stored {
                         fanout.broadcast(first_seq + i as u64, &job.event);
                     }

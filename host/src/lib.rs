@@ -15,7 +15,10 @@
 //! - [`plugin`]: the WebAssembly plugin runtime and its WIT bindings.
 //! - [`policy`]: access lists and rate limits.
 //! - [`relay`]: shared state and start-up.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the NIP-86 management API.
+//! - [`tools`]: offline operator tools (plugin check, export, import).
 
+pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod event;
@@ -24,12 +27,14 @@ pub mod filter;
 pub mod ingest;
 pub mod message;
 pub mod metadata;
+pub mod metrics;
 pub mod nip11;
 pub mod plugin;
 pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod tools;
 
 pub use config::Config;
 pub use relay::{BoundRelay, Relay};

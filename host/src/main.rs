@@ -35,12 +35,109 @@ enum Command {
         #[arg(long = "plugin", value_name = "NAME=PATH", value_parser = parse_plugin)]
         plugins: Vec<(String, PathBuf)>,
     },
+    /// Inspect plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Write every stored event as JSON lines (the relay must be stopped).
+    Export {
+        /// Data directory, overriding the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Output file; `-` or nothing: standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Store events from JSON lines, checking each signature (the relay must
+    /// be stopped).
+    Import {
+        /// Data directory, overriding the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Input file of JSON lines; `-`: standard input.
+        input: PathBuf,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Load a component as the relay would and print its info() and WIT version.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Settings to check against what the plugin declares (repeatable).
+        #[arg(long = "setting", value_name = "NAME=VALUE", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
+    },
+    /// Load every plugin in the configuration and print one line for each.
+    List,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
+    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None, plugins: vec![] }) {
+        Command::Plugin(PluginCommand::Check { file, settings }) => {
+            let mut plugin = PluginConfig::new("check", file.clone());
+            for (k, v) in settings {
+                plugin.settings.insert(k, wasm_relay::config::SettingValue::Text(v));
+            }
+            let report = runtime()?
+                .block_on(wasm_relay::tools::check_plugin(&plugin))
+                .with_context(|| format!("{} cannot be loaded", file.display()))?;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::List) => {
+            let rt = runtime()?;
+            if config.plugins.is_empty() {
+                println!("no plugins configured");
+            }
+            let mut failed = 0;
+            for p in &config.plugins {
+                match rt.block_on(wasm_relay::tools::check_plugin(p)) {
+                    Ok(r) => println!(
+                        "{}\t{}\t{} {}\twit@{}\tsha256:{}",
+                        p.name,
+                        p.path.display(),
+                        r.info.name,
+                        r.info.version,
+                        r.wit_version,
+                        &r.sha256[..16]
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        println!("{}\t{}\tFAILED: {e:#}", p.name, p.path.display());
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} plugin(s) cannot be loaded");
+            }
+            Ok(())
+        }
+        Command::Export { data_dir, output } => {
+            let dir = data_dir.unwrap_or(config.storage.data_dir);
+            let mut out = wasm_relay::tools::output(output.as_ref())?;
+            let n = wasm_relay::tools::export(&dir, &mut out)?;
+            eprintln!("exported {n} events from {}", dir.display());
+            Ok(())
+        }
+        Command::Import { data_dir, input } => {
+            let dir = data_dir.unwrap_or(config.storage.data_dir);
+            let summary = wasm_relay::tools::import(&dir, &input)?;
+            eprintln!("import into {}: {summary}", dir.display());
+            Ok(())
+        }
         Command::Serve { bind, data_dir, plugins } => {
             for (name, path) in plugins {
                 config.plugins.push(PluginConfig::new(name, path));
@@ -53,9 +150,14 @@ fn main() -> anyhow::Result<()> {
                 config.storage.data_dir = dir;
             }
             init_logging(&config);
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+            runtime()?.block_on(serve(config))
         }
     }
+}
+
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    Ok((name.to_string(), value.to_string()))
 }
 
 fn parse_plugin(s: &str) -> Result<(String, PathBuf), String> {

@@ -1,8 +1,10 @@
 //! Relay-level write and read policy: access lists and rate limits, applied
 //! before any plugin or storage work.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::RwLock;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use nostr::event::Event;
@@ -29,8 +31,25 @@ struct KindRule {
     limiter: DefaultKeyedRateLimiter<String>,
 }
 
+/// Lists an operator changes at run time through the management API
+/// (NIP-86). `crate::admin` persists them; values are the operator's reasons.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct OperatorLists {
+    pub banned_pubkeys: BTreeMap<String, String>,
+    /// When non-empty (or the configured allow list is), only these and the
+    /// configured keys may publish.
+    pub allowed_pubkeys: BTreeMap<String, String>,
+    pub banned_events: BTreeMap<String, String>,
+    /// When non-empty, only these kinds are accepted.
+    pub allowed_kinds: BTreeSet<u16>,
+    pub disallowed_kinds: BTreeSet<u16>,
+    pub blocked_ips: BTreeMap<IpAddr, String>,
+}
+
 pub struct Policy {
     access: AccessLists,
+    operator: RwLock<OperatorLists>,
     events_per_ip: Keyed<IpAddr>,
     events_per_pubkey: Keyed<[u8; 32]>,
     reqs_per_ip: Keyed<IpAddr>,
@@ -56,6 +75,7 @@ impl Policy {
             .collect();
         Self {
             access: access.clone(),
+            operator: RwLock::new(OperatorLists::default()),
             events_per_ip: keyed(limits.events_per_minute_per_ip),
             events_per_pubkey: keyed(limits.events_per_minute_per_pubkey),
             reqs_per_ip: keyed(limits.reqs_per_minute_per_ip),
@@ -67,24 +87,60 @@ impl Policy {
 
     /// Whether writes are limited to allow lists (NIP-11 `restricted_writes`).
     pub fn restricted_writes(&self) -> bool {
-        !self.access.write_allow_pubkeys.is_empty() || !self.access.write_allow_ips.is_empty()
+        let operator = self.operator();
+        !self.access.write_allow_pubkeys.is_empty()
+            || !self.access.write_allow_ips.is_empty()
+            || !operator.allowed_pubkeys.is_empty()
+            || !operator.allowed_kinds.is_empty()
+    }
+
+    fn operator(&self) -> std::sync::RwLockReadGuard<'_, OperatorLists> {
+        self.operator.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the operator's lists.
+    pub fn operator_lists(&self) -> OperatorLists {
+        self.operator().clone()
+    }
+
+    /// Changes the operator's lists (the caller persists them).
+    pub fn update_operator_lists(&self, change: impl FnOnce(&mut OperatorLists)) {
+        change(&mut self.operator.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Whether an operator blocked `ip` (every request from it is refused).
+    pub fn ip_blocked(&self, ip: IpAddr) -> bool {
+        self.operator().blocked_ips.contains_key(&ip)
     }
 
     /// `Err` is the `OK false` message.
     pub fn check_write(&self, ip: IpAddr, event: &Event) -> Result<(), String> {
         let author = event.pubkey.to_hex();
         let a = &self.access;
+        let operator = self.operator();
         if a.write_deny_ips.iter().any(|n| n.contains(&ip))
             || (!a.write_allow_ips.is_empty() && !a.write_allow_ips.iter().any(|n| n.contains(&ip)))
+            || operator.blocked_ips.contains_key(&ip)
         {
             return Err("blocked: this relay does not accept events from your network".into());
         }
-        if a.write_deny_pubkeys.contains(&author) {
+        if a.write_deny_pubkeys.contains(&author) || operator.banned_pubkeys.contains_key(&author) {
             return Err("blocked: this relay does not accept events from this public key".into());
         }
-        if !a.write_allow_pubkeys.is_empty() && !a.write_allow_pubkeys.contains(&author) {
+        let allow_listed = !a.write_allow_pubkeys.is_empty() || !operator.allowed_pubkeys.is_empty();
+        if allow_listed && !a.write_allow_pubkeys.contains(&author) && !operator.allowed_pubkeys.contains_key(&author) {
             return Err("restricted: this relay accepts events only from its members' public keys".into());
         }
+        if operator.banned_events.contains_key(&event.id.to_hex()) {
+            return Err("blocked: the relay operator banned this event".into());
+        }
+        let kind = event.kind.as_u16();
+        if operator.disallowed_kinds.contains(&kind)
+            || (!operator.allowed_kinds.is_empty() && !operator.allowed_kinds.contains(&kind))
+        {
+            return Err(format!("blocked: this relay does not accept kind {kind} events"));
+        }
+        drop(operator);
         if let Some(l) = &self.events_per_ip
             && l.check_key(&ip).is_err()
         {
@@ -101,7 +157,6 @@ impl Policy {
                 self.limits.events_per_minute_per_pubkey
             ));
         }
-        let kind = event.kind.as_u16();
         for rule in self.kinds.iter().filter(|r| r.kind == kind) {
             let key = match &rule.per {
                 Per::Ip => ip.to_string(),
@@ -131,6 +186,9 @@ impl Policy {
 
     /// `Err` is the `CLOSED` message.
     pub fn check_read(&self, ip: IpAddr, authed: &[[u8; 32]]) -> Result<(), String> {
+        if self.ip_blocked(ip) {
+            return Err("blocked: this relay does not serve your network".into());
+        }
         if let Some(l) = &self.reqs_per_ip
             && l.check_key(&ip).is_err()
         {

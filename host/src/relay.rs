@@ -14,6 +14,7 @@ use crate::config::{Config, GiftWrapPolicy};
 use crate::fanout::{ConnId, Fanout};
 use crate::ingest::Ingest;
 use crate::metadata::{MetadataStore, SledMetadataStore};
+use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
 use crate::policy::Policy;
 use crate::store::{EventStore, SledEventStore};
@@ -26,6 +27,9 @@ pub struct Relay {
     pub ingest: Ingest,
     pub plugins: Arc<PluginHost>,
     pub policy: Policy,
+    /// The plugins' key-value store, also holding the operator's lists.
+    pub metadata: Arc<dyn MetadataStore>,
+    pub metrics: Arc<Metrics>,
     next_connection: AtomicU64,
 }
 
@@ -39,6 +43,7 @@ impl Relay {
         );
         let metadata: Arc<dyn MetadataStore> =
             Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?);
+        let metrics = Arc::new(Metrics::new());
         let fanout = Arc::new(Fanout::new(config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly));
         let cache_dir = if config.plugin_runtime.cache_dir.as_os_str().is_empty() {
             crate::plugin::runtime::default_cache_dir(data_dir)
@@ -48,20 +53,32 @@ impl Relay {
         let plugins = PluginHost::start(
             &config.plugins,
             cache_dir,
-            metadata,
+            metadata.clone(),
             store.clone(),
             fanout.clone(),
             config.limits.max_limit,
+            metrics.clone(),
         )
         .await?;
         if config.plugin_runtime.watch && !plugins.is_empty() {
             plugins.watch_files().context("watching plugin files")?;
         }
         plugins.start_ticks();
-        let ingest = Ingest::start(store.clone(), fanout.clone(), config.storage.max_batch_events)?;
+        let ingest = Ingest::start(store.clone(), fanout.clone(), config.storage.max_batch_events, metrics.clone())?;
         let policy = Policy::new(&config.rate_limits, &config.access);
-        let relay =
-            Arc::new(Self { config, store, fanout, ingest, plugins, policy, next_connection: AtomicU64::new(1) });
+        let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;
+        policy.update_operator_lists(|l| *l = lists);
+        let relay = Arc::new(Self {
+            config,
+            store,
+            fanout,
+            ingest,
+            plugins,
+            policy,
+            metadata,
+            metrics,
+            next_connection: AtomicU64::new(1),
+        });
         relay.start_housekeeping();
         Ok(relay)
     }
@@ -81,7 +98,10 @@ impl Relay {
                 let now = crate::event::unix_now();
                 match tokio::task::spawn_blocking(move || store.remove_expired(now)).await {
                     Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => tracing::info!(removed = n, "expired events removed"),
+                    Ok(Ok(n)) => {
+                        relay.metrics.expired_events.inc_by(n as u64);
+                        tracing::info!(removed = n, "expired events removed")
+                    }
                     Ok(Err(e)) => tracing::error!(error = %e, "expiration sweep failed"),
                     Err(e) => tracing::error!(error = %e, "expiration sweep panicked"),
                 }

@@ -1,11 +1,13 @@
 //! The listener: HTTP/1.1 on one port, upgraded to WebSocket for Nostr
-//! clients; plain GETs get the NIP-11 document or a short page.
+//! clients. Plain HTTP: the NIP-11 document or a short page at `/`, the
+//! NIP-86 management API (POST `/`), `/health`, `/ready`, and the
+//! Prometheus metrics at `metrics.path`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -53,9 +55,24 @@ pub async fn serve(
     }
 }
 
+/// Largest management API request (a plugin swap carries a component).
+const MAX_ADMIN_BODY: usize = 48 * 1024 * 1024;
+
 async fn handle(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    // The management API answers blocked addresses too (its callers prove
+    // who they are), so an operator can always undo a block.
+    if req.method() == Method::POST && path == "/" {
+        return Ok(management(req, relay).await);
+    }
+    if relay.policy.ip_blocked(remote.ip()) {
+        return Ok(text(StatusCode::FORBIDDEN, "blocked: this relay does not serve your network\n"));
+    }
     if is_websocket_upgrade(&req) {
         return Ok(upgrade(req, relay, remote));
+    }
+    if req.method() == Method::GET && relay.config.metrics.enabled && path == relay.config.metrics.path {
+        return Ok(metrics(&req, &relay).await);
     }
     let wants_nip11 = req
         .headers()
@@ -71,6 +88,8 @@ async fn handle(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) -
         (&Method::GET, "/") => Response::builder()
             .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
             .body(Body::from(landing_page(&relay))),
+        (&Method::GET, "/health") => Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, "/ready") => Ok(ready(&relay).await),
         _ => Response::builder().status(StatusCode::NOT_FOUND).body(Body::from("not found\n")),
     };
     Ok(response.expect("static response parts"))
@@ -80,7 +99,109 @@ fn cors(builder: hyper::http::response::Builder) -> hyper::http::response::Build
     builder
         .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
         .header(header::ACCESS_CONTROL_ALLOW_HEADERS, "*")
-        .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, OPTIONS")
+        .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS")
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(body))
+        .expect("static response parts")
+}
+
+fn json_response(status: StatusCode, content_type: &'static str, body: serde_json::Value) -> Response<Body> {
+    cors(Response::builder().status(status).header(header::CONTENT_TYPE, content_type))
+        .body(Body::from(body.to_string()))
+        .expect("static response parts")
+}
+
+/// `/ready`: 200 when the event store and metadata store answer and no
+/// plugin is disabled; otherwise 503 naming what is wrong.
+async fn ready(relay: &Arc<Relay>) -> Response<Body> {
+    let store = relay.store.clone();
+    let store_ok = match tokio::task::spawn_blocking(move || store.get(&[0; 32])).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let metadata_ok = match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        relay.metadata.get(crate::admin::NAMESPACE, "ready-probe"),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    };
+    let disabled: Vec<String> = relay.plugins.status().into_iter().filter(|p| p.disabled).map(|p| p.name).collect();
+    let check = |r: &Result<(), String>| match r {
+        Ok(()) => serde_json::json!("ok"),
+        Err(e) => serde_json::json!(e),
+    };
+    let is_ready = store_ok.is_ok() && metadata_ok.is_ok() && disabled.is_empty();
+    let body = serde_json::json!({
+        "ready": is_ready,
+        "event_store": check(&store_ok),
+        "metadata_store": check(&metadata_ok),
+        "plugins": relay.plugins.slots().len(),
+        "disabled_plugins": disabled,
+    });
+    let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, "application/json", body)
+}
+
+/// The Prometheus text exposition, behind the optional bearer token.
+async fn metrics(req: &Request<Incoming>, relay: &Arc<Relay>) -> Response<Body> {
+    if let Some(token) = &relay.config.metrics.bearer_token {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let expected = format!("Bearer {token}");
+        // Constant-time comparison: the token is a secret.
+        let matches = given.is_some_and(|g| {
+            g.len() == expected.len() && g.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
+        if !matches {
+            return Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header(header::WWW_AUTHENTICATE, "Bearer")
+                .body(Body::from("unauthorized: send Authorization: Bearer <metrics.bearer_token>\n"))
+                .expect("static response parts");
+        }
+    }
+    if let Some(size) = relay.store.size_on_disk() {
+        relay.metrics.store_size_bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+        .body(Body::from(relay.metrics.render()))
+        .expect("static response parts")
+}
+
+/// NIP-86: a JSON-RPC request authorized with NIP-98.
+async fn management(req: Request<Incoming>, relay: Arc<Relay>) -> Response<Body> {
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let error = serde_json::json!({ "error": format!("cannot read the request body: {e}") });
+            return json_response(StatusCode::PAYLOAD_TOO_LARGE, crate::admin::CONTENT_TYPE, error);
+        }
+    };
+    match crate::admin::authorize(&relay, auth.as_deref(), &body, crate::event::unix_now()) {
+        Ok(admin) => {
+            let reply = crate::admin::handle(&relay, &admin, &body).await;
+            json_response(StatusCode::OK, crate::admin::CONTENT_TYPE, reply)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "management API call refused");
+            json_response(
+                StatusCode::UNAUTHORIZED,
+                crate::admin::CONTENT_TYPE,
+                serde_json::json!({ "error": e.to_string() }),
+            )
+        }
+    }
 }
 
 fn landing_page(relay: &Relay) -> String {

@@ -183,13 +183,34 @@ impl TestRelay {
         next
     }
 
+    /// Stops the relay (SIGKILL) and keeps its data directory.
+    pub async fn stop(&mut self) {
+        self.child.kill().await.expect("kill relay");
+    }
+
     /// Plain HTTP GET on the relay's port; returns (status line, headers, body).
     pub async fn http_get(&self, path: &str, accept: &str) -> (String, String, String) {
+        self.http("GET", path, &[("Accept", accept)], b"").await
+    }
+
+    /// One HTTP/1.1 request on the relay's port; returns (status line,
+    /// lower-cased headers, body).
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (String, String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = TcpStream::connect(&self.addr).await.expect("connect");
-        let req =
-            format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n", self.addr);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
         let mut buf = Vec::new();
         tokio::time::timeout(REPLY_TIMEOUT, s.read_to_end(&mut buf)).await.expect("http timeout").unwrap();
         let text = String::from_utf8_lossy(&buf).to_string();

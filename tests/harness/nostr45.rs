@@ -71,3 +71,12 @@ pub fn gift_wrap(recipient: &Keys, age: u64) -> Event {
     let pk = recipient.public_key().to_hex();
     sign(&Keys::generate(), 1059, "sealed and wrapped", &[&["p", &pk]], now() - age)
 }
+
+/// A NIP-98 `Authorization` header value for a POST of `body` to `url`.
+pub fn nip98_header(keys: &Keys, url: &str, body: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let payload = hex::encode(sha2::Sha256::digest(body));
+    let event = sign(keys, 27235, "", &[&["u", url], &["method", "POST"], &["payload", &payload]], now());
+    format!("Nostr {}", base64::engine::general_purpose::STANDARD.encode(event.as_json()))
+}

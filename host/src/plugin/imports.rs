@@ -27,15 +27,23 @@ pub struct PluginContext {
     pub counters: Arc<PluginCounters>,
 }
 
-/// Counters a plugin keeps through `host.count`.
-#[derive(Debug, Default)]
+/// Counters a plugin keeps through `host.count`, exported as Prometheus
+/// metrics.
 pub struct PluginCounters {
-    values: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    plugin: String,
+    metric: prometheus::IntCounterVec,
+    names: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl PluginCounters {
     /// Most distinct counter names one plugin may create.
     const MAX_NAMES: usize = 256;
+
+    /// Counters of the plugin configured as `plugin`, exported through `metric`
+    /// (labels `plugin`, `name`).
+    pub fn new(plugin: &str, metric: prometheus::IntCounterVec) -> Self {
+        Self { plugin: plugin.to_owned(), metric, names: Default::default() }
+    }
 
     pub fn add(&self, name: &str, delta: u64) {
         let valid = !name.is_empty()
@@ -44,16 +52,21 @@ impl PluginCounters {
         if !valid {
             return;
         }
-        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = values.get_mut(name) {
-            *v = v.saturating_add(delta);
-        } else if values.len() < Self::MAX_NAMES {
-            values.insert(name.to_owned(), delta);
+        {
+            let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            if !names.contains(name) {
+                if names.len() >= Self::MAX_NAMES {
+                    return;
+                }
+                names.insert(name.to_owned());
+            }
         }
+        self.metric.with_label_values(&[self.plugin.as_str(), name]).inc_by(delta);
     }
 
-    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
-        self.values.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Current value of one counter.
+    pub fn get(&self, name: &str) -> u64 {
+        self.metric.with_label_values(&[self.plugin.as_str(), name]).get()
     }
 }
 

@@ -19,7 +19,7 @@ pub mod runtime;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::filter::{Filter, any_filter_matches};
 use crate::metadata::MetadataStore;
+use crate::metrics::Metrics;
 use crate::store::{EventStore, ReadAccess, StoredEvent};
 
 /// Who is calling, as plugins see it.
@@ -64,18 +65,92 @@ pub enum ReadPurpose {
     Count,
 }
 
-/// Counters for one plugin slot.
-#[derive(Debug, Default)]
+/// The hook a call went to, as a metric label.
+#[derive(Debug, Clone, Copy)]
+pub enum Hook {
+    OnEvent,
+    ProcessReq,
+    Tick,
+}
+
+impl Hook {
+    const ALL: [Hook; 3] = [Hook::OnEvent, Hook::ProcessReq, Hook::Tick];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::OnEvent => "on-event",
+            Hook::ProcessReq => "process-req",
+            Hook::Tick => "tick",
+        }
+    }
+}
+
+/// One plugin slot's figures, kept as Prometheus metrics labelled with the
+/// slot's configured name.
 pub struct PluginStats {
-    pub calls: AtomicU64,
-    pub failures: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub swaps: AtomicU64,
-    pub failed_swaps: AtomicU64,
-    /// The plugin's own counters (`host.count`).
+    plugin: String,
+    metrics: Arc<Metrics>,
+    /// The plugin's own counters (`host.count`), shared by all its versions.
     pub counters: Arc<PluginCounters>,
-    /// Ids or events a plugin returned that the host refused to serve.
-    pub dropped_results: AtomicU64,
+}
+
+impl PluginStats {
+    pub fn new(metrics: &Arc<Metrics>, plugin: &str) -> Self {
+        let counters = Arc::new(PluginCounters::new(plugin, metrics.plugin_counter.clone()));
+        metrics.plugin_disabled.with_label_values(&[plugin]).set(0);
+        Self { plugin: plugin.to_owned(), metrics: metrics.clone(), counters }
+    }
+
+    fn record_call(&self, hook: Hook, elapsed: Duration, failure: Option<&CallFailure>) {
+        let labels = [self.plugin.as_str(), hook.as_str()];
+        self.metrics.plugin_calls.with_label_values(&labels).inc();
+        self.metrics.plugin_call_seconds.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        if let Some(failure) = failure {
+            let reason = match failure {
+                CallFailure::Timeout(_) => "timeout",
+                CallFailure::OutOfMemory(_) => "out-of-memory",
+                CallFailure::Trap(_) => "trap",
+                CallFailure::Instantiate(_) => "instantiate",
+            };
+            self.metrics.plugin_failures.with_label_values(&[labels[0], labels[1], reason]).inc();
+        }
+    }
+
+    fn swapped(&self, ok: bool) {
+        self.metrics.plugin_swaps.with_label_values(&[self.plugin.as_str(), if ok { "ok" } else { "failed" }]).inc();
+    }
+
+    fn set_disabled(&self, disabled: bool) {
+        self.metrics.plugin_disabled.with_label_values(&[self.plugin.as_str()]).set(i64::from(disabled));
+    }
+
+    fn dropped(&self) {
+        self.metrics.plugin_dropped_results.with_label_values(&[self.plugin.as_str()]).inc();
+    }
+
+    /// Calls made to this slot, every hook and version.
+    pub fn calls(&self) -> u64 {
+        Hook::ALL
+            .iter()
+            .map(|h| self.metrics.plugin_calls.with_label_values(&[self.plugin.as_str(), h.as_str()]).get())
+            .sum()
+    }
+
+    /// Calls that failed (trap, timeout, memory, instantiation).
+    pub fn failures(&self) -> u64 {
+        let m = &self.metrics.plugin_failures;
+        let reasons = ["timeout", "out-of-memory", "trap", "instantiate"];
+        Hook::ALL
+            .iter()
+            .flat_map(|h| reasons.iter().map(move |r| (h, r)))
+            .map(|(h, r)| m.with_label_values(&[self.plugin.as_str(), h.as_str(), r]).get())
+            .sum()
+    }
+
+    /// Versions swapped in since start.
+    pub fn swaps(&self) -> u64 {
+        self.metrics.plugin_swaps.with_label_values(&[self.plugin.as_str(), "ok"]).get()
+    }
 }
 
 /// One configured plugin and the version currently serving.
@@ -90,15 +165,20 @@ pub struct PluginSlot {
 }
 
 /// A plugin's state as operators see it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PluginStatus {
     pub name: String,
     pub plugin_name: String,
     pub version: String,
     pub wit_version: String,
     pub hash: String,
+    pub path: PathBuf,
+    pub managed_kinds: Vec<u16>,
     pub disabled: bool,
     pub last_error: Option<String>,
+    pub calls: u64,
+    pub failures: u64,
+    pub swaps: u64,
 }
 
 impl PluginSlot {
@@ -106,8 +186,8 @@ impl PluginSlot {
         self.current.load_full()
     }
 
-    fn record(&self, result: &Result<(), CallFailure>) {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+    fn record(&self, hook: Hook, started: std::time::Instant, result: &Result<(), CallFailure>) {
+        self.stats.record_call(hook, started.elapsed(), result.as_ref().err());
         match result {
             Ok(()) => {
                 if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
@@ -115,14 +195,11 @@ impl PluginSlot {
                 }
             }
             Err(failure) => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if matches!(failure, CallFailure::Timeout(_)) {
-                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                }
                 let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(plugin = %self.config.name, error = %failure, consecutive = n, "plugin call failed");
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.to_string());
                 if n >= self.config.max_consecutive_failures && !self.disabled.swap(true, Ordering::Relaxed) {
+                    self.stats.set_disabled(true);
                     tracing::error!(
                         plugin = %self.config.name,
                         failures = n,
@@ -163,11 +240,12 @@ impl PluginHost {
         events: Arc<dyn EventStore>,
         fanout: Arc<Fanout>,
         max_results: usize,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let runtime = PluginRuntime::new(cache_dir)?;
         let mut slots = Vec::with_capacity(configs.len());
         for config in configs {
-            let stats = PluginStats::default();
+            let stats = PluginStats::new(&metrics, &config.name);
             let loaded = runtime
                 .load(config, metadata.clone(), events.clone(), stats.counters.clone())
                 .await
@@ -230,8 +308,13 @@ impl PluginHost {
                     version: c.info.version.clone(),
                     wit_version: c.wit_version.clone(),
                     hash: c.hash.clone(),
+                    path: s.config.path.clone(),
+                    managed_kinds: c.info.managed_kinds.clone(),
                     disabled: s.disabled.load(Ordering::Relaxed),
                     last_error: s.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    calls: s.stats.calls(),
+                    failures: s.stats.failures(),
+                    swaps: s.stats.swaps(),
                 }
             })
             .collect()
@@ -282,8 +365,9 @@ impl PluginHost {
             }
             let ctx = caller.context(None, wit::RequestPurpose::Event);
             let ev = wit_event.get_or_insert_with(|| event_to_wit(event)).clone();
+            let started = std::time::Instant::now();
             let result = loaded.call(move |p, s| Box::pin(async move { p.call_on_event(s, &ctx, &ev).await })).await;
-            slot.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+            slot.record(Hook::OnEvent, started, &result.as_ref().map(|_| ()).map_err(Clone::clone));
             match result {
                 Ok(wit::Decision::Accept) => {}
                 Ok(wit::Decision::Reject(r)) => return Err(refusal_text(&r)),
@@ -330,8 +414,9 @@ impl PluginHost {
             };
             let ctx = caller.context(Some(sub_id), purpose);
             let wf = wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone();
+            let started = std::time::Instant::now();
             let result = loaded.call(move |p, s| Box::pin(async move { p.call_process_req(s, &ctx, &wf).await })).await;
-            slot.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+            slot.record(Hook::ProcessReq, started, &result.as_ref().map(|_| ()).map_err(Clone::clone));
             match result {
                 Ok(wit::ReqResult::Continue) => {}
                 Ok(wit::ReqResult::Reject(r)) => return Err(refusal_text(&r)),
@@ -362,7 +447,7 @@ impl PluginHost {
     }
 
     fn dropped(&self, slot: &PluginSlot, what: &str, reason: &str) {
-        slot.stats.dropped_results.fetch_add(1, Ordering::Relaxed);
+        slot.stats.dropped();
         tracing::debug!(plugin = %slot.config.name, what, reason, "plugin result not served");
     }
 
@@ -443,35 +528,103 @@ impl PluginHost {
         out
     }
 
+    fn slot(&self, name: &str) -> Result<(usize, &Arc<PluginSlot>), String> {
+        self.slots.iter().enumerate().find(|(_, s)| s.config.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.slots.iter().map(|s| s.config.name.as_str()).collect();
+            format!(
+                "no plugin named '{name}'; configured: {}",
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )
+        })
+    }
+
     /// Loads the slot's file again and swaps it in if it changed and loads
     /// cleanly. Calls already running finish on the old version.
     pub async fn reload(&self, name: &str) -> Result<bool, String> {
-        let Some((index, slot)) = self.slots.iter().enumerate().find(|(_, s)| s.config.name == name) else {
-            return Err(format!("no plugin named '{name}'"));
-        };
+        self.swap_in(name, None).await
+    }
+
+    /// Replaces the plugin's file with `wasm` and swaps it in, if it loads
+    /// cleanly; otherwise the file and the serving version stay as they were.
+    pub async fn swap(&self, name: &str, wasm: &[u8]) -> Result<bool, String> {
+        self.swap_in(name, Some(wasm)).await
+    }
+
+    /// Stops calling a plugin until [`Self::enable`] or its file changes:
+    /// events it would see are refused, requests follow its `on_req_failure`.
+    pub fn disable(&self, name: &str) -> Result<(), String> {
+        let (_, slot) = self.slot(name)?;
+        slot.disabled.store(true, Ordering::Relaxed);
+        slot.stats.set_disabled(true);
+        *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some("disabled by an operator".into());
+        tracing::warn!(plugin = %name, "plugin disabled by an operator");
+        Ok(())
+    }
+
+    pub fn enable(&self, name: &str) -> Result<(), String> {
+        let (_, slot) = self.slot(name)?;
+        slot.consecutive_failures.store(0, Ordering::Relaxed);
+        slot.disabled.store(false, Ordering::Relaxed);
+        slot.stats.set_disabled(false);
+        tracing::info!(plugin = %name, "plugin enabled by an operator");
+        Ok(())
+    }
+
+    async fn swap_in(&self, name: &str, replacement: Option<&[u8]>) -> Result<bool, String> {
+        let (index, slot) = self.slot(name)?;
         let _one_at_a_time = slot.reload_lock.lock().await;
         let fail = |e: String| {
-            slot.stats.failed_swaps.fetch_add(1, Ordering::Relaxed);
+            slot.stats.swapped(false);
             tracing::error!(plugin = %name, error = %e, "plugin swap failed; the previous version keeps serving");
             *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             Err(e)
         };
-        let counters = slot.stats.counters.clone();
-        let loaded = match self.runtime.load(&slot.config, self.metadata.clone(), self.events.clone(), counters).await {
-            Ok(l) => l,
-            Err(e) => return fail(e.to_string()),
+        // A replacement is written beside the plugin's file and loaded from
+        // there; only a component that loads takes the file's place.
+        let mut config = slot.config.clone();
+        let staged = match replacement {
+            Some(bytes) => {
+                let staged = staged_path(&slot.config.path);
+                if let Err(e) = tokio::fs::write(&staged, bytes).await {
+                    return fail(format!("cannot write {}: {e}", staged.display()));
+                }
+                config.path = staged.clone();
+                Some(staged)
+            }
+            None => None,
         };
+        let counters = slot.stats.counters.clone();
+        let loaded = self.runtime.load(&config, self.metadata.clone(), self.events.clone(), counters).await;
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(staged) = &staged {
+                    let _ = tokio::fs::remove_file(staged).await;
+                }
+                return fail(e.to_string());
+            }
+        };
+        if let Some(conflict) = self.managed_conflict(Some((index, &loaded))) {
+            if let Some(staged) = &staged {
+                let _ = tokio::fs::remove_file(staged).await;
+            }
+            return fail(conflict);
+        }
+        if let Some(staged) = &staged
+            && let Err(e) = tokio::fs::rename(staged, &slot.config.path).await
+        {
+            let _ = tokio::fs::remove_file(staged).await;
+            return fail(format!("cannot replace {}: {e}", slot.config.path.display()));
+        }
         if loaded.hash == slot.current().hash && !slot.disabled.load(Ordering::Relaxed) {
             return Ok(false);
-        }
-        if let Some(conflict) = self.managed_conflict(Some((index, &loaded))) {
-            return fail(conflict);
         }
         tracing::info!(plugin = %name, version = %loaded.info.version, hash = %loaded.hash, "plugin swapped");
         slot.current.store(Arc::new(loaded));
         slot.consecutive_failures.store(0, Ordering::Relaxed);
         slot.disabled.store(false, Ordering::Relaxed);
-        slot.stats.swaps.fetch_add(1, Ordering::Relaxed);
+        slot.stats.swapped(true);
+        slot.stats.set_disabled(false);
         self.publish_managed_kinds();
         Ok(true)
     }
@@ -547,9 +700,10 @@ impl PluginHost {
                         continue;
                     }
                     let now = crate::event::unix_now();
+                    let started = std::time::Instant::now();
                     let result =
                         slot.current().call(move |p, s| Box::pin(async move { p.call_tick(s, now).await })).await;
-                    slot.record(&result);
+                    slot.record(Hook::Tick, started, &result);
                 }
             });
         }
@@ -560,6 +714,14 @@ impl PluginHost {
 fn concerns(info: &wit::PluginInfo, filters: &[Filter]) -> bool {
     let Some(req_kinds) = &info.req_kinds else { return true };
     filters.iter().any(|f| req_kinds.iter().chain(&info.managed_kinds).any(|k| f.could_match_kind(*k)))
+}
+
+/// Where a replacement for the plugin at `path` is written before it loads.
+/// The name does not end in `.wasm`, so nothing mistakes it for a plugin.
+fn staged_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".incoming-{}", std::process::id()));
+    path.with_file_name(name)
 }
 
 fn absolute(path: &Path) -> Option<PathBuf> {

@@ -116,6 +116,12 @@ impl PluginRuntime {
         let bytes = tokio::fs::read(&config.path)
             .await
             .map_err(|source| LoadError::Read { path: config.path.clone(), source })?;
+        if !bytes.starts_with(b"\0asm") {
+            return Err(LoadError::Compile(format!(
+                "{} is not a WebAssembly binary (it lacks the \\0asm header)",
+                config.path.display()
+            )));
+        }
         let hash = hex::encode(Sha256::digest(&bytes));
         let component = {
             let (hash, engine, cache_dir) = (hash.clone(), self.engine.clone(), self.cache_dir.clone());

@@ -139,6 +139,18 @@ pub trait EventStore: Send + Sync + 'static {
     /// One event by id.
     fn get(&self, id: &[u8; 32]) -> Result<Option<StoredEvent>, StoreError>;
 
+    /// Removes one event and every index entry leading to it (an operator's
+    /// ban); returns whether it was stored. Durable when it returns.
+    fn remove(&self, id: &[u8; 32]) -> Result<bool, StoreError>;
+
+    /// Up to `limit` stored events in id order, after `after` (export).
+    fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Bytes the store occupies on disk, if the engine knows.
+    fn size_on_disk(&self) -> Option<u64> {
+        None
+    }
+
     /// Events matching any of `filters` (each with its own limit: the filter's
     /// `limit` capped at `max_limit`, else `default_limit`), deduplicated, in
     /// NIP-01 order.

@@ -420,6 +420,41 @@ impl EventStore for SledEventStore {
         Ok(Some(StoredEvent { created_at: event.created_at.as_secs(), id: *id, json }))
     }
 
+    fn remove(&self, id: &[u8; 32]) -> Result<bool, StoreError> {
+        let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = PendingBatch::new(&self.tree, false);
+        let Some(event) = pending.load_event(id)? else { return Ok(false) };
+        pending.remove_event(&event)?;
+        self.commit(pending)?;
+        Ok(true)
+    }
+
+    fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let start = match after {
+            // The key right after `after`'s: its key with a 0 byte appended.
+            Some(id) => {
+                let mut k = keys::event_key(id);
+                k.push(0);
+                k
+            }
+            None => keys::event_key(&[0; 32]),
+        };
+        let end = keys::event_key(&[0xff; 32]);
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..=end).take(limit) {
+            let (k, v) = kv?;
+            let Some(id) = k.get(k.len() - 32..).and_then(|b| <[u8; 32]>::try_from(b).ok()) else { continue };
+            let json = String::from_utf8(v.to_vec()).map_err(|e| corrupt(&id, e))?;
+            let event = parse(&id, json.as_bytes())?;
+            out.push(StoredEvent { created_at: event.created_at.as_secs(), id, json });
+        }
+        Ok(out)
+    }
+
+    fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+
     fn remove_expired(&self, now: u64) -> Result<usize, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending = PendingBatch::new(&self.tree, false);

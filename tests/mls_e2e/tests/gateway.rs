@@ -237,6 +237,17 @@ async fn the_last_key_package_keeps_being_served() {
     assert_ne!(first, second);
     assert_eq!(second, third, "the last one is served again, not consumed");
     assert_eq!(first.len() + second.len(), 2);
+
+    // Operators see the same story in the gateway's metrics.
+    let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
+    let counter = |name: &str| {
+        let series = format!("wasm_relay_plugin_counter_total{{name=\"{name}\",plugin=\"mls-gateway\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    assert_eq!(counter("keypackages_stored"), 2, "{metrics}");
+    assert_eq!(counter("keypackages_served"), 3);
+    assert_eq!(counter("keypackages_consumed"), 1);
+    assert_eq!(counter("keypackages_last_resort"), 2);
 }
 
 #[tokio::test]
