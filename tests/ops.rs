@@ -62,6 +62,9 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 async fn health_and_readiness_follow_the_relay_state() {
     let admin = Keys::generate();
     let (relay, _plugins) = managed_relay(&admin).await;
+    let (_, _, nip11) = relay.http_get("/", "application/nostr+json").await;
+    let nips = serde_json::from_str::<Value>(&nip11).unwrap()["supported_nips"].clone();
+    assert!(nips.as_array().unwrap().contains(&json!(86)), "NIP-86 is advertised when admins are set: {nips}");
     let (status, _, body) = relay.http_get("/health", "*/*").await;
     assert!(status.contains("200") && body == "ok\n", "{status} {body}");
     let (status, _, body) = relay.http_get("/ready", "*/*").await;

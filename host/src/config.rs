@@ -522,6 +522,23 @@ mod tests {
     }
 
     #[test]
+    fn operator_guide_documents_every_key() {
+        let guide =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operator-guide.md")).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let mut missing = vec![];
+        for (section, table) in &defaults {
+            let Some(table) = table.as_table() else { continue };
+            for key in table.keys() {
+                if !guide.contains(&format!("| `{section}.{key}` |")) {
+                    missing.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "docs/operator-guide.md does not document: {missing:?}");
+    }
+
+    #[test]
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

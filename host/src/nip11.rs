@@ -9,12 +9,17 @@ pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 40, 42, 45, 59, 62, 70];
 
 pub fn document(config: &Config, restricted_writes: bool) -> Value {
     let l = &config.limits;
+    let mut nips = SUPPORTED_NIPS.to_vec();
+    if !config.admin.pubkeys.is_empty() {
+        // The management API (NIP-86, authorized with NIP-98) is on.
+        nips.extend([86, 98]);
+    }
     let mut doc = json!({
         "name": config.info.name,
         "description": config.info.description,
         "software": "https://github.com/wasm-relay/wasm-relay",
         "version": env!("CARGO_PKG_VERSION"),
-        "supported_nips": SUPPORTED_NIPS,
+        "supported_nips": nips,
         "limitation": {
             "max_message_length": l.max_message_length,
             "max_subscriptions": l.max_subscriptions,
