@@ -314,6 +314,14 @@ pub struct Limits {
     /// Outgoing messages queued for one connection before it is considered too
     /// slow and closed with a NOTICE.
     pub send_queue_capacity: usize,
+    /// Seconds a write to a client may stay blocked (the client is not
+    /// reading) before the connection is closed.
+    pub write_timeout_seconds: u64,
+    /// Seconds without any frame from a client (pongs to the relay's pings
+    /// count) before the connection is considered dead and closed.
+    pub idle_timeout_seconds: u64,
+    /// Seconds a new TCP connection has to send its HTTP request headers.
+    pub handshake_timeout_seconds: u64,
 }
 
 /// NIP-11 relay information.
@@ -371,6 +379,9 @@ impl Default for Limits {
             created_at_upper_limit: 15 * 60,
             max_pending_events_per_connection: 64,
             send_queue_capacity: 4096,
+            write_timeout_seconds: 30,
+            idle_timeout_seconds: 300,
+            handshake_timeout_seconds: 10,
         }
     }
 }
@@ -444,6 +455,11 @@ impl Config {
         }
         if let Some(bad) = self.admin.pubkeys.iter().find(|k| k.len() != 64 || hex::decode(k).is_err()) {
             return Err(ConfigError::OutOfRange(format!("admin.pubkeys: '{bad}' is not a 64-hex public key")));
+        }
+        if l.write_timeout_seconds == 0 || l.idle_timeout_seconds < 2 || l.handshake_timeout_seconds == 0 {
+            return fail(
+                "limits.write_timeout_seconds and handshake_timeout_seconds must be positive, idle_timeout_seconds at least 2",
+            );
         }
         if self.storage.max_batch_events == 0 {
             return fail("storage.max_batch_events must be positive");

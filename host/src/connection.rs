@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
@@ -85,14 +86,37 @@ where
         self.relay.metrics.connections_open.inc();
         tracing::debug!(conn = self.id, remote = %self.remote, "connected");
         let mut pending: FuturesUnordered<PendingOk> = FuturesUnordered::new();
+        let mut shutdown = self.relay.shutdown.subscribe();
+        let idle_timeout = Duration::from_secs(limits.idle_timeout_seconds);
+        // Pings at half the idle timeout: a live client answers in time.
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout / 2, idle_timeout / 2);
+        let mut last_heard = tokio::time::Instant::now();
         let result: Result<(), WsError> = async {
             let challenge = message::auth(&self.challenge);
             self.feed(challenge).await?;
-            self.ws.flush().await?;
-            self.unflushed = false;
+            self.flush().await?;
+            if *shutdown.borrow_and_update() {
+                self.say_goodbye().await?;
+                self.flush().await?;
+                return Ok(());
+            }
             loop {
                 let step = tokio::select! {
                     biased;
+                    // Only ever turns true; the sender lives as long as the relay.
+                    _ = shutdown.changed() => {
+                        self.say_goodbye().await?;
+                        Step::Close
+                    }
+                    _ = ping.tick() => {
+                        if last_heard.elapsed() >= idle_timeout {
+                            tracing::debug!(conn = self.id, remote = %self.remote, "closing: no frame within the idle timeout");
+                            return Err(WsError::ConnectionClosed);
+                        }
+                        self.unflushed = true;
+                        self.write(Message::Ping(Default::default())).await?;
+                        Step::Continue
+                    }
                     _ = overflowed.notified() => {
                         self.relay.metrics.slow_disconnects.inc();
                         self.feed(message::notice("error: this connection reads too slowly; closing it (reconnect and read faster)")).await?;
@@ -108,6 +132,7 @@ where
                         Step::Continue
                     }
                     frame = self.ws.next(), if pending.len() < limits.max_pending_events_per_connection => {
+                        last_heard = tokio::time::Instant::now();
                         match frame {
                             None => Step::Close,
                             Some(Ok(frame)) => self.on_frame(frame, &mut pending).await?,
@@ -117,8 +142,7 @@ where
                 };
                 // Batch writes while deliveries are queued; flush once the queue is drained.
                 if self.unflushed && (live_rx.is_empty() || matches!(step, Step::Close)) {
-                    self.ws.flush().await?;
-                    self.unflushed = false;
+                    self.flush().await?;
                 }
                 if let Step::Close = step {
                     // Answer what was already submitted before leaving.
@@ -126,8 +150,8 @@ where
                         self.count_write(&result);
                         self.feed(ok_reply(&id, result)).await?;
                     }
-                    self.ws.flush().await?;
-                    let _ = self.ws.close(None).await;
+                    self.flush().await?;
+                    let _ = tokio::time::timeout(self.write_timeout(), self.ws.close(None)).await;
                     return Ok(());
                 }
             }
@@ -141,7 +165,7 @@ where
                 tracing::info!(conn = self.id, remote = %self.remote, error = %e, "closing: frame over the size limit");
                 let reason = format!("message too big: {e}");
                 let frame = CloseFrame { code: CloseCode::Size, reason: reason.into() };
-                let _ = self.ws.close(Some(frame)).await;
+                let _ = tokio::time::timeout(self.write_timeout(), self.ws.close(Some(frame))).await;
             }
             Err(e) => tracing::debug!(conn = self.id, remote = %self.remote, error = %e, "connection ended"),
         }
@@ -163,7 +187,45 @@ where
 
     async fn feed(&mut self, text: String) -> Result<(), WsError> {
         self.unflushed = true;
-        self.ws.feed(Message::Text(text.into())).await
+        self.write(Message::Text(text.into())).await
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.relay.config.limits.write_timeout_seconds)
+    }
+
+    /// Queues a frame. A client that does not read eventually blocks the
+    /// write; past the write timeout the connection is given up.
+    async fn write(&mut self, message: Message) -> Result<(), WsError> {
+        match tokio::time::timeout(self.write_timeout(), self.ws.feed(message)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.stalled()),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), WsError> {
+        self.unflushed = false;
+        match tokio::time::timeout(self.write_timeout(), self.ws.flush()).await {
+            Ok(r) => r,
+            Err(_) => Err(self.stalled()),
+        }
+    }
+
+    fn stalled(&self) -> WsError {
+        self.relay.metrics.slow_disconnects.inc();
+        tracing::info!(conn = self.id, remote = %self.remote, "closing: the client stopped reading (write timeout)");
+        WsError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout"))
+    }
+
+    /// The relay is stopping: every open subscription is CLOSED and the
+    /// client told why, before pending OKs are answered and the socket closed.
+    async fn say_goodbye(&mut self) -> Result<(), WsError> {
+        let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+        for sub in subs {
+            self.feed(message::closed(&sub, "error: the relay is shutting down; reconnect and subscribe again"))
+                .await?;
+        }
+        self.feed(message::notice("error: the relay is shutting down; reconnect in a moment")).await
     }
 
     async fn deliver(&mut self, d: Delivery) -> Result<(), WsError> {

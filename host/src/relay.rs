@@ -30,6 +30,9 @@ pub struct Relay {
     /// The plugins' key-value store, also holding the operator's lists.
     pub metadata: Arc<dyn MetadataStore>,
     pub metrics: Arc<Metrics>,
+    /// Turns true when the relay starts shutting down; connections say
+    /// goodbye and close.
+    pub shutdown: watch::Sender<bool>,
     next_connection: AtomicU64,
 }
 
@@ -77,6 +80,7 @@ impl Relay {
             policy,
             metadata,
             metrics,
+            shutdown: watch::Sender::new(false),
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();

@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
@@ -25,11 +25,34 @@ use crate::relay::Relay;
 
 type Body = Full<Bytes>;
 
+/// How long a shutdown waits for connections to say goodbye and for their
+/// pending events to be written.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts connections until `shutdown` turns true; then stops listening,
+/// asks every connection to close (each answers its pending EVENTs first)
+/// and waits for them, at most [`DRAIN_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     relay: Arc<Relay>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    accept_until_shutdown(&listener, &relay, &mut shutdown).await;
+    drop(listener);
+    relay.shutdown.send_replace(true);
+    let open = || relay.metrics.connections_open.get();
+    tracing::info!(connections = open(), "stopped listening; closing connections");
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if open() > 0 {
+        tracing::warn!(connections = open(), "connections still open after the drain timeout");
+    }
+    Ok(())
+}
+
+async fn accept_until_shutdown(listener: &TcpListener, relay: &Arc<Relay>, shutdown: &mut watch::Receiver<bool>) {
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -41,13 +64,18 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
         let relay = relay.clone();
         tokio::spawn(async move {
+            let handshake = std::time::Duration::from_secs(relay.config.limits.handshake_timeout_seconds);
             let service = service_fn(move |req| handle(req, relay.clone(), remote));
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!(%remote, error = %e, "http connection ended");
             }

@@ -177,6 +177,22 @@ impl TestRelay {
     /// SIGKILLs the relay and starts it again on the same data directory.
     pub async fn crash_and_restart(mut self) -> Self {
         self.child.kill().await.expect("kill relay");
+        self.restart().await
+    }
+
+    /// Sends SIGTERM and waits for the relay to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("relay still running").to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the relay did not exit within 30 s of SIGTERM")
+            .expect("wait for relay")
+    }
+
+    /// Starts the relay again on the same data directory (after it stopped).
+    pub async fn restart(mut self) -> Self {
         let temp = self._temp.take();
         let mut next = Self::spawn(self.data_dir.clone(), std::mem::take(&mut self.env), self.config.take()).await;
         next._temp = temp;
@@ -239,6 +255,21 @@ impl Client {
         c
     }
 
+    /// Connects from another loopback address (e.g. `127.0.0.2`), which the
+    /// relay treats as another client IP.
+    pub async fn connect_from(url: &str, local_ip: &str) -> Self {
+        let addr: std::net::SocketAddr = url.trim_start_matches("ws://").parse().expect("ws://ip:port");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(format!("{local_ip}:0").parse().expect("local address")).expect("bind local address");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("handshake");
+        let mut c = Self { ws, buffered: VecDeque::new(), challenge: String::new() };
+        let auth = c.recv().await;
+        c.challenge = auth[1].as_str().expect("challenge string").to_string();
+        c
+    }
+
     pub async fn send_raw(&mut self, text: &str) {
         self.ws.send(Message::Text(text.into())).await.expect("send");
     }
@@ -260,6 +291,20 @@ impl Client {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("websocket error: {e}"),
                 None => panic!("connection ended"),
+            }
+        }
+    }
+
+    /// Every message until the relay closes the connection (or nothing
+    /// arrives for the reply timeout).
+    pub async fn drain_until_closed(&mut self) -> Vec<Value> {
+        let mut got: Vec<Value> = self.buffered.drain(..).collect();
+        loop {
+            match tokio::time::timeout(REPLY_TIMEOUT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => got.push(serde_json::from_str(&t).expect("relay sent invalid JSON")),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return got,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("the relay did not close the connection; got {got:?}"),
             }
         }
     }

@@ -1,0 +1,299 @@
+//! Hardening against the real binary: SIGKILL at several points while many
+//! clients publish (nothing acknowledged lost, nothing half-written
+//! visible), graceful SIGTERM, and hostile clients (bad frames, deep or huge
+//! JSON, subscription and REQ floods, clients that stop reading, silent and
+//! half-open connections). Throughout, a well-behaved client keeps being served.
+
+mod harness;
+#[path = "harness/nostr45.rs"]
+mod nostr45;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use harness::{Client, TestRelay};
+use nostr::key::Keys;
+use nostr45::{Publish, note, now, sign};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+/// A well-behaved client publishes and reads its event back.
+async fn still_serves(relay: &TestRelay) {
+    let mut c = relay.client().await;
+    let e = note(&Keys::generate(), "still here", 0);
+    c.publish_ok(&e).await;
+    assert_eq!(c.req_ids("check", vec![json!({"ids": [e.id.to_hex()]})]).await, vec![e.id.to_hex()]);
+}
+
+/// Publishes events from `key` on its own connection as fast as OKs come
+/// back (up to 32 in flight), recording every id acknowledged with `OK true`,
+/// until the connection breaks.
+async fn publish_until_cut(url: String, key: Keys, acked: Arc<Mutex<BTreeSet<String>>>) {
+    let Ok((ws, _)) = tokio_tungstenite::connect_async_with_config(&url, None, true).await else { return };
+    let (mut tx, mut rx) = ws.split();
+    let mut sent = 0u64;
+    let mut in_flight = 0;
+    loop {
+        while in_flight < 32 {
+            let e = sign(&key, 1, &format!("crash test {sent}"), &[&["t", "crash"]], now() - (sent % 600));
+            sent += 1;
+            if tx.send(Message::Text(format!("[\"EVENT\",{}]", e.as_json()).into())).await.is_err() {
+                return;
+            }
+            in_flight += 1;
+        }
+        match rx.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v[0] == "OK" {
+                    in_flight -= 1;
+                    assert_eq!(v[2], true, "{v}");
+                    acked.lock().unwrap().insert(v[1].as_str().unwrap().to_owned());
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Ids a REQ returns, as a set.
+async fn id_set(c: &mut Client, sub: &str, filter: Value) -> BTreeSet<String> {
+    c.req_ids(sub, vec![filter]).await.into_iter().collect()
+}
+
+#[tokio::test]
+async fn sigkill_at_several_points_loses_nothing_acknowledged_and_leaves_nothing_half_written() {
+    let mut relay = TestRelay::start_with_env(&[("WASM_RELAY_LIMITS__MAX_LIMIT", "100000")]).await;
+    let keys: Vec<Keys> = (0..8).map(|_| Keys::generate()).collect();
+    let authors: Vec<String> = keys.iter().map(|k| k.public_key().to_hex()).collect();
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    for (round, kill_after_ms) in [40u64, 150, 400].into_iter().enumerate() {
+        let publishers: Vec<_> =
+            keys.iter().map(|k| tokio::spawn(publish_until_cut(relay.url.clone(), k.clone(), acked.clone()))).collect();
+        tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
+        relay = relay.crash_and_restart().await;
+        for p in publishers {
+            p.await.expect("a publisher saw a wrong OK");
+        }
+        let acked_now = acked.lock().unwrap().clone();
+        assert!(!acked_now.is_empty(), "round {round}: nothing was acknowledged before the kill");
+
+        let mut c = relay.client().await;
+        let limit = 100_000;
+        let by_tag = id_set(&mut c, "t", json!({"#t": ["crash"], "limit": limit})).await;
+        let by_kind = id_set(&mut c, "k", json!({"kinds": [1], "limit": limit})).await;
+        let by_author = id_set(&mut c, "a", json!({"authors": authors, "limit": limit})).await;
+        let by_author_kind = id_set(&mut c, "ak", json!({"authors": authors, "kinds": [1], "limit": limit})).await;
+        let by_time = id_set(&mut c, "c", json!({"since": 0, "limit": limit})).await;
+        let missing: Vec<_> = acked_now.difference(&by_tag).collect();
+        assert!(missing.is_empty(), "round {round}: {} acknowledged events lost, e.g. {:?}", missing.len(), missing[0]);
+        // Every index agrees: an event is either fully there or not at all.
+        assert_eq!(by_tag, by_kind, "round {round}: tag and kind indexes disagree");
+        assert_eq!(by_tag, by_author, "round {round}: tag and author indexes disagree");
+        assert_eq!(by_tag, by_author_kind, "round {round}: author+kind index disagrees");
+        assert_eq!(by_tag, by_time, "round {round}: created_at index disagrees");
+        let sample: Vec<&String> = by_tag.iter().step_by((by_tag.len() / 200).max(1)).collect();
+        let by_id = id_set(&mut c, "i", json!({"ids": sample})).await;
+        assert_eq!(by_id.len(), sample.len(), "round {round}: indexed events missing their body");
+        let count = c.count("n", vec![json!({"#t": ["crash"]})]).await;
+        assert_eq!(count[2]["count"], by_tag.len(), "round {round}: COUNT disagrees");
+    }
+    still_serves(&relay).await;
+}
+
+#[tokio::test]
+async fn sigterm_closes_subscriptions_answers_pending_events_and_exits_cleanly() {
+    let mut relay = TestRelay::start().await;
+    let mut watcher = relay.client().await;
+    watcher.req("live", vec![json!({"kinds": [1]})]).await;
+    let mut publisher = relay.client().await;
+    let k = Keys::generate();
+    let events: Vec<_> = (0..200).map(|i| note(&k, &format!("in flight {i}"), i)).collect();
+    for e in &events {
+        publisher.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
+    }
+    let status = relay.terminate().await;
+    assert!(status.success(), "exit status {status}");
+
+    let got = watcher.drain_until_closed().await;
+    let closed = got.iter().find(|m| m[0] == "CLOSED" && m[1] == "live").expect("CLOSED for the live subscription");
+    assert!(closed[2].as_str().unwrap().starts_with("error: the relay is shutting down"), "{closed}");
+    assert!(got.iter().any(|m| m[0] == "NOTICE" && m[1].as_str().unwrap().contains("shutting down")), "{got:?}");
+
+    // Every EVENT the relay read got its OK; every OK true is durable.
+    let replies = publisher.drain_until_closed().await;
+    let acked: BTreeSet<String> =
+        replies.iter().filter(|m| m[0] == "OK" && m[2] == true).map(|m| m[1].as_str().unwrap().to_owned()).collect();
+    assert!(!acked.is_empty(), "no event was acknowledged: {replies:?}");
+    let relay = relay.restart().await;
+    let mut c = relay.client().await;
+    let stored: BTreeSet<String> =
+        c.req_ids("all", vec![json!({"authors": [k.public_key().to_hex()]})]).await.into_iter().collect();
+    assert!(acked.is_subset(&stored), "{} acknowledged events are missing", acked.difference(&stored).count());
+}
+
+#[tokio::test]
+async fn malformed_frames_close_only_the_offender() {
+    let relay = TestRelay::start().await;
+    // Invalid UTF-8 in a text frame: the relay closes that connection.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
+    let bad = Frame::message(vec![b'[', 0xff, 0xfe, b']'], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(bad)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a frame with invalid UTF-8 must end the connection");
+    still_serves(&relay).await;
+
+    // Deeply nested JSON within the size limit: a NOTICE, and the connection stays usable.
+    let mut c = relay.client().await;
+    let depth = 50_000;
+    c.send_raw(&format!("[\"REQ\",\"deep\",{{\"#t\":{}{}}}]", "[".repeat(depth), "]".repeat(depth))).await;
+    let closed = c.recv_where("CLOSED deep", |m| m[0] == "CLOSED" && m[1] == "deep").await;
+    assert!(closed[2].as_str().unwrap().starts_with("invalid:"), "{closed}");
+    c.send_raw(&format!("{}{}", "[".repeat(depth), "]".repeat(depth))).await;
+    assert!(c.notice().await.starts_with("invalid:"));
+    // A huge flat JSON value is refused by size.
+    c.send_raw(&format!("[\"EVENT\",{{\"content\":\"{}\"}}]", "a".repeat(300_000))).await;
+    assert!(c.notice().await.contains("262144"));
+    c.publish_ok(&note(&Keys::generate(), "usable", 0)).await;
+
+    // Far over the limit: the connection is closed with 1009 (message too big).
+    let (mut ws, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
+    let _ = ws.send(Message::Text("x".repeat(2 << 20).into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("an oversized frame must end the connection");
+    assert!(closed.is_none_or(|code| code == 1009), "close code {closed:?}");
+    still_serves(&relay).await;
+}
+
+#[tokio::test]
+async fn subscription_and_req_floods_are_refused_without_hurting_others() {
+    let relay = TestRelay::start_with_env(&[("WASM_RELAY_RATE_LIMITS__REQS_PER_MINUTE_PER_IP", "600")]).await;
+    let mut flooder = relay.client().await;
+    let n = 1000;
+    for i in 0..n {
+        flooder.send_raw(&format!("[\"REQ\",\"s{i}\",{{\"kinds\":[1],\"limit\":0}}]")).await;
+    }
+    let mut eose = 0;
+    let mut refused = Vec::new();
+    for _ in 0..n {
+        let m = flooder.recv_where("EOSE or CLOSED", |m| m[0] == "EOSE" || m[0] == "CLOSED").await;
+        if m[0] == "EOSE" {
+            eose += 1;
+        } else {
+            refused.push(m[2].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(eose, 50, "exactly the allowed subscriptions open");
+    assert!(refused.iter().all(|r| r.starts_with("blocked:") || r.starts_with("rate-limited:")), "{refused:?}");
+    assert!(refused.iter().any(|r| r.starts_with("rate-limited:")), "600 per minute allows a burst of 600, not 1000");
+    // A client from another address is served normally meanwhile.
+    let mut other = Client::connect_from(&relay.url, "127.0.0.2").await;
+    let e = note(&Keys::generate(), "unaffected", 0);
+    other.publish_ok(&e).await;
+    assert_eq!(other.req_ids("mine", vec![json!({"ids": [e.id.to_hex()]})]).await, vec![e.id.to_hex()]);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_and_does_not_slow_others() {
+    let relay = TestRelay::start_with_env(&[
+        ("WASM_RELAY_LIMITS__SEND_QUEUE_CAPACITY", "16"),
+        ("WASM_RELAY_LIMITS__WRITE_TIMEOUT_SECONDS", "1"),
+    ])
+    .await;
+    let mut sleeper = relay.client().await;
+    sleeper.req("all", vec![json!({"kinds": [1]})]).await;
+    // From here on the sleeper never reads. 300 events of 60 KB overflow any socket buffer.
+    let mut publisher = relay.client().await;
+    let k = Keys::generate();
+    let content = "z".repeat(60_000);
+    for i in 0..300 {
+        publisher.publish_ok(&sign(&k, 1, &content, &[], now() - i)).await;
+    }
+    relay.wait_for_log("closing").await;
+    let got = sleeper.drain_until_closed().await;
+    assert!(got.len() < 300, "the slow reader was cut off, not served everything ({} messages)", got.len());
+    still_serves(&relay).await;
+    let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
+    assert!(metrics.contains("wasm_relay_slow_disconnects_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn silent_and_half_open_connections_are_closed() {
+    let relay = TestRelay::start_with_env(&[
+        ("WASM_RELAY_LIMITS__HANDSHAKE_TIMEOUT_SECONDS", "1"),
+        ("WASM_RELAY_LIMITS__IDLE_TIMEOUT_SECONDS", "2"),
+    ])
+    .await;
+    // A TCP connection that never sends its HTTP request.
+    let mut silent = tokio::net::TcpStream::connect(&relay.addr).await.unwrap();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "the relay must drop a connection that never sends a request");
+    // A partial request is dropped too.
+    let mut partial = tokio::net::TcpStream::connect(&relay.addr).await.unwrap();
+    partial.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), partial.read(&mut buf)).await;
+    assert!(read.is_ok(), "a request that never completes must be dropped");
+
+    // A WebSocket peer that has gone away (never reads, so never answers pings).
+    let (mut gone, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match gone.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a peer that answers no ping must be disconnected");
+
+    // A client that reads (and so answers pings) stays connected past the timeout.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&relay.url, None, true).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        while let Some(Ok(m)) = rx.next().await {
+            if m.is_ping() {
+                pings += 1;
+            }
+            if pings >= 3 {
+                return rx;
+            }
+        }
+        panic!("the connection ended while the client was reading");
+    });
+    let mut rx = tokio::time::timeout(Duration::from_secs(15), reader).await.expect("pings arrive").unwrap();
+    let e = note(&Keys::generate(), "alive", 0);
+    tx.send(Message::Text(format!("[\"EVENT\",{}]", e.as_json()).into())).await.unwrap();
+    loop {
+        let m = rx.next().await.expect("still connected").unwrap();
+        if m.to_text().is_ok_and(|t| t.starts_with("[\"OK\"")) {
+            break;
+        }
+    }
+}
