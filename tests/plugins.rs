@@ -386,3 +386,62 @@ async fn a_broken_replacement_is_refused_and_the_old_version_keeps_serving() {
     assert!(!ok && msg == "blocked: probe v1 rejects kind 7", "{msg}");
     c.publish_ok(&sign(&k, 1, "still served", &[], now())).await;
 }
+
+#[tokio::test]
+async fn a_plugin_cannot_reach_files_environment_or_network() {
+    let relay = probe_relay(&[("on-event", "escape"), ("fail-kinds", "666")], "").await;
+    let mut c = relay.client().await;
+    let (ok, msg) = c.publish(&sign(&Keys::generate(), 666, "try", &[], now())).await;
+    assert!(!ok && msg.starts_with("blocked: probe v1 escape:"), "{msg}");
+    assert!(!msg.contains("ESCAPED"), "the sandbox leaked: {msg}");
+    assert!(msg.contains("env: 0 vars"), "{msg}");
+    for what in ["file: denied", "dir: denied", "write: denied", "tcp: denied", "udp: denied"] {
+        assert!(msg.contains(what), "{what} missing: {msg}");
+    }
+}
+
+#[tokio::test]
+async fn huge_plugin_answers_are_capped_and_checked() {
+    // Building 200,000 ids takes the guest longer than the default budget.
+    let relay = probe_relay(&[("req", "huge"), ("fail-kinds", "1")], "call_timeout_ms = 5000").await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    let e = sign(&k, 1, "real", &[], now());
+    c.publish_ok(&e).await;
+    // 200,000 ids that name no stored event: none served, the real one still is.
+    assert_eq!(c.req_ids("h", vec![json!({"kinds": [1]})]).await, ids(&[&e]));
+    let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wasm_relay_plugin_dropped_results_total{plugin=\"probe\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    // The host looks at no more than limits.max_limit of them.
+    assert_eq!(dropped, 5000, "{metrics}");
+    c.publish_ok(&sign(&k, 1, "after", &[], now())).await;
+}
+
+#[tokio::test]
+async fn a_failing_plugin_does_not_stop_the_others() {
+    let probe = plugin_path("probe.wasm");
+    let config = plugin_entry(
+        "looping",
+        &probe,
+        "call_timeout_ms = 50",
+        &[("on-event", "loop"), ("fail-kinds", "666"), ("req", "trap"), ("req-kinds", "666")],
+    ) + &plugin_entry("guard", &probe, "", &[("reject-kinds", "7")]);
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    for _ in 0..3 {
+        let (ok, msg) = c.publish(&sign(&k, 666, "spin", &[], now())).await;
+        assert!(!ok && msg.contains("'looping' failed") && msg.contains("timed out"), "{msg}");
+        let (ok, msg) = c.publish(&sign(&k, 7, "+", &[], now())).await;
+        assert_eq!((ok, msg.as_str()), (false, "blocked: probe v1 rejects kind 7"));
+        let refused = c.req_refused("r", vec![json!({"kinds": [666]})]).await;
+        assert!(refused.contains("'looping' failed"), "{refused}");
+    }
+    let e = sign(&k, 1, "fine", &[], now());
+    c.publish_ok(&e).await;
+    assert_eq!(c.req_ids("ok", vec![json!({"kinds": [1]})]).await, ids(&[&e]));
+}

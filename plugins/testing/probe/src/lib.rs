@@ -3,9 +3,9 @@
 //! blow-up) so the relay's containment can be tested.
 //!
 //! Settings: `managed-kinds`, `event-kinds` (empty: all), `req-kinds` (empty:
-//! all), `reject-kinds`, `on-event` (accept | trap | loop | oom),
+//! all), `reject-kinds`, `on-event` (accept | trap | loop | oom | escape),
 //! `req` (continue | claim | filter-query-all | bogus-ids | add-forged |
-//! reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
+//! huge | reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
 //! mode; empty: all), `tick-seconds`.
 
 use std::hint::black_box;
@@ -46,6 +46,22 @@ fn misbehave(mode: &str) {
         }
         _ => {}
     }
+}
+
+/// Tries to leave the sandbox (files, environment, network) and reports
+/// what happened, e.g. `file: denied; env: 0 vars; tcp: denied; udp: denied`.
+fn escape_report() -> String {
+    let outcome = |r: Result<(), String>| match r {
+        Ok(()) => "ESCAPED".to_string(),
+        Err(e) => format!("denied ({e})"),
+    };
+    let file = outcome(std::fs::read("/etc/passwd").map(|_| ()).map_err(|e| e.to_string()));
+    let dir = outcome(std::fs::read_dir(".").map(|_| ()).map_err(|e| e.to_string()));
+    let write = outcome(std::fs::write("/tmp/probe-escape", b"x").map_err(|e| e.to_string()));
+    let env = std::env::vars().count();
+    let tcp = outcome(std::net::TcpStream::connect("127.0.0.1:1").map(|_| ()).map_err(|e| e.to_string()));
+    let udp = outcome(std::net::UdpSocket::bind("0.0.0.0:0").map(|_| ()).map_err(|e| e.to_string()));
+    format!("probe {VERSION} escape: file: {file}; dir: {dir}; write: {write}; env: {env} vars; tcp: {tcp}; udp: {udp}")
 }
 
 fn setting(name: &str) -> String {
@@ -110,7 +126,11 @@ impl Plugin for Probe {
 
     fn on_event(_ctx: RequestContext, event: Event) -> Decision {
         if fails_for(&[event.kind]) {
-            misbehave(&setting("on-event"));
+            let mode = setting("on-event");
+            if mode == "escape" {
+                return reject(RefusalKind::Blocked, escape_report());
+            }
+            misbehave(&mode);
         }
         if setting_kinds("reject-kinds").contains(&event.kind) {
             return reject(RefusalKind::Blocked, format!("probe {VERSION} rejects kind {}", event.kind));
@@ -151,6 +171,11 @@ impl Plugin for Probe {
                 };
                 ids.extend(ids_of(&events::query_events(&[unrelated], 5)));
                 ids.extend(ids_of(&events::query_events(&filters, 1000)));
+                ReqResult::FilterQuery(FilterQuery { ids, filters })
+            }
+            "huge" => {
+                // Far more ids than any answer may hold, each well-formed.
+                let ids = (0..200_000u32).map(|i| format!("{i:064x}")).collect();
                 ReqResult::FilterQuery(FilterQuery { ids, filters })
             }
             "add-forged" => {
