@@ -2,7 +2,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
 
-.PHONY: all run build plugins wasm-target test lint fmt clean bench
+.PHONY: all run build plugins wasm-target test lint fmt clean bench fuzz
 
 all: build
 
@@ -43,6 +43,17 @@ test: plugins
 bench: plugins
 	$(CARGO) build --release -p wasm-relay -p relay-bench
 	./target/release/relay-bench $(ONLY)
+
+# Fuzz targets (fuzz/fuzz_targets), each for FUZZ_SECONDS, on the nightly
+# toolchain with cargo-fuzz (installed if missing). A crash stops the run and
+# leaves its input in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := client_message filter_matching event_check plugin_results mls_key_packages
+fuzz: plugins
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 || exit 1; \
+	done
 
 lint: wasm-target
 	$(CARGO) fmt --all --check

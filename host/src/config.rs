@@ -48,6 +48,9 @@ pub struct Config {
     pub plugin_runtime: PluginRuntimeConfig,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
+    pub metadata: MetadataConfig,
+    pub firestore: FirestoreConfig,
+    pub replication: ReplicationConfig,
     /// Plugins, loaded in this order; each is consulted in this order.
     pub plugins: Vec<PluginConfig>,
 }
@@ -146,6 +149,59 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self { enabled: true, path: "/metrics".into(), bearer_token: None }
+    }
+}
+
+/// Where plugin metadata (the key-value store) lives.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetadataBackend {
+    /// Embedded, in the data directory.
+    #[default]
+    Sled,
+    /// Firestore (see `[firestore]`), shared by every replica.
+    Firestore,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataConfig {
+    pub backend: MetadataBackend,
+}
+
+/// The Firestore database used by the Firestore metadata backend and by
+/// replication. Credentials come the usual Google way (application default
+/// credentials, `GOOGLE_APPLICATION_CREDENTIALS`, the metadata server);
+/// `FIRESTORE_EMULATOR_HOST` points at an emulator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirestoreConfig {
+    pub project_id: String,
+    pub database_id: String,
+    /// Prefix of every collection this relay uses (`<prefix>kv`, `<prefix>events`).
+    pub collection_prefix: String,
+}
+
+impl Default for FirestoreConfig {
+    fn default() -> Self {
+        Self { project_id: String::new(), database_id: "(default)".into(), collection_prefix: "wasm_relay_".into() }
+    }
+}
+
+/// Several replicas behaving as one relay: every stored event is also
+/// written to Firestore, and each replica applies the others' events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Needs `metadata.backend = "firestore"`.
+    pub enabled: bool,
+    /// How often a replica asks Firestore for events from the others.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self { enabled: false, poll_interval_ms: 200 }
     }
 }
 
@@ -449,6 +505,15 @@ impl Config {
             return fail(
                 "limits.max_pending_events_per_connection must be positive and send_queue_capacity at least 16",
             );
+        }
+        if self.metadata.backend == MetadataBackend::Firestore && self.firestore.project_id.is_empty() {
+            return fail("metadata.backend = \"firestore\" needs firestore.project_id");
+        }
+        if self.replication.enabled && self.metadata.backend != MetadataBackend::Firestore {
+            return fail("replication.enabled needs metadata.backend = \"firestore\" (replicas share state through it)");
+        }
+        if self.replication.poll_interval_ms == 0 {
+            return fail("replication.poll_interval_ms must be positive");
         }
         if !self.metrics.path.starts_with('/') || ["/", "/health", "/ready"].contains(&self.metrics.path.as_str()) {
             return fail("metrics.path must start with / and differ from /, /health and /ready");

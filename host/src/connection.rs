@@ -21,7 +21,7 @@ use nostr::event::Event;
 use serde_json::value::RawValue;
 
 use crate::config::GiftWrapPolicy;
-use crate::event::{AcceptedEvent, KindClass, kind_class, read_event, unix_now};
+use crate::event::{AcceptedEvent, KindClass, is_vanish_request_for, kind_class, normalize_url, read_event, unix_now};
 use crate::fanout::{ConnId, Delivery};
 use crate::filter::{Filter, FilterLimits};
 use crate::ingest::WriteResult;
@@ -312,7 +312,7 @@ where
             return self.feed(message::ok(&id, false, &refusal)).await;
         }
         let mut accepted = AcceptedEvent::new(event);
-        accepted.vanish_request = accepted.event.kind.as_u16() == 62 && self.addressed_to_this_relay(&accepted.event);
+        accepted.vanish_request = is_vanish_request_for(&accepted.event, &self.relay.config.server.public_url);
         let accepted = Arc::new(accepted);
         if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
             self.relay.fanout.broadcast(0, &accepted);
@@ -349,14 +349,6 @@ where
             self.relay.plugins.on_event(&self.caller, event).await?;
         }
         Ok(())
-    }
-
-    /// Whether a NIP-62 request names this relay (or all relays).
-    fn addressed_to_this_relay(&self, event: &Event) -> bool {
-        let ours = normalize_url(&self.relay.config.server.public_url);
-        event.tags.iter().map(|t| t.as_slice()).any(|t| {
-            t.len() >= 2 && (t[0] == "relay" || t[0] == "r") && (t[1] == "ALL_RELAYS" || normalize_url(&t[1]) == ours)
-        })
     }
 
     /// NIP-42: checks a kind 22242 answer to this connection's challenge.
@@ -577,11 +569,6 @@ fn purpose_label(purpose: ReadPurpose) -> &'static str {
         ReadPurpose::Req => "req",
         ReadPurpose::Count => "count",
     }
-}
-
-/// A relay URL compared loosely: scheme and host case, trailing slash.
-fn normalize_url(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// Store results and plugin results together, in NIP-01 order, once each.

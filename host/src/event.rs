@@ -15,13 +15,30 @@ pub struct AcceptedEvent {
     pub json: String,
     /// A NIP-62 request to vanish addressed to this relay (or all relays).
     pub vanish_request: bool,
+    /// Applied from another replica (already in Firestore), not from a client.
+    pub replicated: bool,
 }
 
 impl AcceptedEvent {
     pub fn new(event: Event) -> Self {
         let json = event.as_json();
-        Self { event, json, vanish_request: false }
+        Self { event, json, vanish_request: false, replicated: false }
     }
+}
+
+/// A relay URL compared loosely: scheme and host case, trailing slash.
+pub fn normalize_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Whether `event` is a NIP-62 request to vanish that names the relay at
+/// `public_url` (or all relays) in a `relay` or `r` tag.
+pub fn is_vanish_request_for(event: &Event, public_url: &str) -> bool {
+    let ours = normalize_url(public_url);
+    event.kind.as_u16() == 62
+        && event.tags.iter().map(|t| t.as_slice()).any(|t| {
+            t.len() >= 2 && (t[0] == "relay" || t[0] == "r") && (t[1] == "ALL_RELAYS" || normalize_url(&t[1]) == ours)
+        })
 }
 
 /// How NIP-01 stores a kind.

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
+use crate::replication::Replicator;
 use crate::store::{EventStore, WriteOutcome};
 
 /// Queue depth in front of the writer; senders wait when it is full.
@@ -31,16 +32,21 @@ pub struct Ingest {
 
 impl Ingest {
     /// Starts the writer thread. It ends when every [`Ingest`] handle is dropped.
+    /// With `replicator`, client events are written to Firestore before the
+    /// local store (see [`crate::replication`]); must be called inside a
+    /// Tokio runtime, which those writes use.
     pub fn start(
         store: Arc<dyn EventStore>,
         fanout: Arc<Fanout>,
         max_batch: usize,
         metrics: Arc<Metrics>,
+        replicator: Option<Arc<Replicator>>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        std::thread::Builder::new()
-            .name("event-writer".into())
-            .spawn(move || writer_loop(rx, store.as_ref(), &fanout, max_batch, &metrics))?;
+        let replication = replicator.map(|r| (r, tokio::runtime::Handle::current()));
+        std::thread::Builder::new().name("event-writer".into()).spawn(move || {
+            writer_loop(rx, store.as_ref(), &fanout, max_batch, &metrics, replication.as_ref())
+        })?;
         Ok(Self { tx })
     }
 
@@ -63,6 +69,7 @@ fn writer_loop(
     fanout: &Fanout,
     max_batch: usize,
     metrics: &Metrics,
+    replication: Option<&(Arc<Replicator>, tokio::runtime::Handle)>,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -71,6 +78,26 @@ fn writer_loop(
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
+            }
+        }
+        if let Some((replicator, runtime)) = replication {
+            // Client events go to Firestore first; one that cannot be
+            // replicated is refused and not stored here either.
+            let (local, replicated): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(|j| !j.event.replicated);
+            let events: Vec<Arc<AcceptedEvent>> = local.iter().map(|j| j.event.clone()).collect();
+            let outcomes =
+                if events.is_empty() { vec![] } else { runtime.block_on(replicator.publish(&events)) };
+            for (job, outcome) in local.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => jobs.push(job),
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
+                    }
+                }
+            }
+            jobs.extend(replicated);
+            if jobs.is_empty() {
+                continue;
             }
         }
         let events: Vec<Arc<AcceptedEvent>> = jobs.iter().map(|j| j.event.clone()).collect();

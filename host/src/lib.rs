@@ -11,7 +11,8 @@
 //! - [`fanout`]: live subscriptions and delivery.
 //! - [`connection`]: one client's session.
 //! - [`server`]: the HTTP/WebSocket listener; [`nip11`]: relay information.
-//! - [`metadata`]: the plugins' key-value store (sled; Firestore planned).
+//! - [`metadata`]: the plugins' key-value store (sled or Firestore).
+//! - [`firestore`]: the Firestore client; [`replication`]: replicas sharing events.
 //! - [`plugin`]: the WebAssembly plugin runtime and its WIT bindings.
 //! - [`policy`]: access lists and rate limits.
 //! - [`relay`]: shared state and start-up.
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod event;
 pub mod fanout;
 pub mod filter;
+pub mod firestore;
 pub mod ingest;
 pub mod message;
 pub mod metadata;
@@ -32,6 +34,7 @@ pub mod nip11;
 pub mod plugin;
 pub mod policy;
 pub mod relay;
+pub mod replication;
 pub mod server;
 pub mod store;
 pub mod tools;

@@ -13,7 +13,9 @@ use anyhow::Context;
 use crate::config::{Config, GiftWrapPolicy};
 use crate::fanout::{ConnId, Fanout};
 use crate::ingest::Ingest;
-use crate::metadata::{MetadataStore, SledMetadataStore};
+use crate::config::MetadataBackend;
+use crate::metadata::{FirestoreMetadataStore, MetadataStore, SledMetadataStore};
+use crate::replication::Replicator;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
 use crate::policy::Policy;
@@ -44,8 +46,25 @@ impl Relay {
         let store: Arc<dyn EventStore> = Arc::new(
             SledEventStore::open(data_dir, config.storage.cache_capacity_bytes).context("opening the event store")?,
         );
-        let metadata: Arc<dyn MetadataStore> =
-            Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?);
+        let firestore = match (config.metadata.backend, config.replication.enabled) {
+            (MetadataBackend::Firestore, _) | (_, true) => Some(
+                crate::firestore::Firestore::connect(&config.firestore).await.context("connecting to Firestore")?,
+            ),
+            _ => None,
+        };
+        let metadata: Arc<dyn MetadataStore> = match (&firestore, config.metadata.backend) {
+            (Some(fs), MetadataBackend::Firestore) => Arc::new(FirestoreMetadataStore::new(fs.clone())),
+            _ => Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?),
+        };
+        let replicator = match (&firestore, config.replication.enabled) {
+            (Some(fs), true) => Some(Arc::new(Replicator::new(
+                fs.clone(),
+                config.server.public_url.clone(),
+                data_dir,
+                std::time::Duration::from_millis(config.replication.poll_interval_ms),
+            ))),
+            _ => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let fanout = Arc::new(Fanout::new(config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly));
         let cache_dir = if config.plugin_runtime.cache_dir.as_os_str().is_empty() {
@@ -67,7 +86,17 @@ impl Relay {
             plugins.watch_files().context("watching plugin files")?;
         }
         plugins.start_ticks();
-        let ingest = Ingest::start(store.clone(), fanout.clone(), config.storage.max_batch_events, metrics.clone())?;
+        let ingest = Ingest::start(
+            store.clone(),
+            fanout.clone(),
+            config.storage.max_batch_events,
+            metrics.clone(),
+            replicator.clone(),
+        )?;
+        if let Some(replicator) = &replicator {
+            plugins.set_missing_event_source(replicator.clone());
+            replicator.clone().follow(ingest.clone());
+        }
         let policy = Policy::new(&config.rate_limits, &config.access);
         let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;
         policy.update_operator_lists(|l| *l = lists);
@@ -84,6 +113,9 @@ impl Relay {
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();
+        if relay.config.metadata.backend == MetadataBackend::Firestore {
+            relay.follow_operator_lists();
+        }
         Ok(relay)
     }
 
@@ -110,6 +142,35 @@ impl Relay {
                     Err(e) => tracing::error!(error = %e, "expiration sweep panicked"),
                 }
                 relay.policy.forget_idle();
+            }
+        });
+    }
+
+    /// With a shared metadata store, other replicas' management API calls
+    /// change the operator's lists: reload them every few seconds, and remove
+    /// newly banned events from this replica's store.
+    fn follow_operator_lists(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let Some(relay) = weak.upgrade() else { return };
+                match crate::admin::load_lists(relay.metadata.as_ref()).await {
+                    Ok(lists) => {
+                        let known = relay.policy.operator_lists().banned_events;
+                        let newly_banned: Vec<String> =
+                            lists.banned_events.keys().filter(|id| !known.contains_key(*id)).cloned().collect();
+                        relay.policy.update_operator_lists(|l| *l = lists);
+                        for id in newly_banned {
+                            let mut bytes = [0u8; 32];
+                            if hex::decode_to_slice(&id, &mut bytes).is_ok() {
+                                let store = relay.store.clone();
+                                let _ = tokio::task::spawn_blocking(move || store.remove(&bytes)).await;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reloading the operator's lists failed"),
+                }
             }
         });
     }

@@ -1,11 +1,15 @@
 //! The metadata store: the namespaced key-value store plugins keep their state
 //! in (the `kv` interface of the WIT contract). One trait, with an embedded
-//! sled backend ([`SledMetadataStore`]) and room for a distributed one.
+//! sled backend ([`SledMetadataStore`], the default) and a distributed one on
+//! Firestore ([`FirestoreMetadataStore`]) that several relay replicas share.
+//! Both pass the same [`conformance`] suite.
 
+mod firestore_backend;
 mod sled_backend;
 
 use async_trait::async_trait;
 
+pub use firestore_backend::FirestoreMetadataStore;
 pub use sled_backend::SledMetadataStore;
 
 /// Longest key, in bytes.
@@ -103,9 +107,11 @@ fn validate_transaction(conditions: &[Condition], writes: &[Write]) -> Result<()
     Ok(())
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
-    //! The behaviour every backend must show. Each backend's tests call these.
+#[doc(hidden)]
+pub mod conformance {
+    //! The behaviour every backend must show. Each backend's tests call these
+    //! (the sled backend's unit tests; the Firestore backend's integration
+    //! test against the emulator).
     use std::sync::Arc;
 
     use super::*;

@@ -65,6 +65,14 @@ pub enum ReadPurpose {
     Count,
 }
 
+/// Where the host looks for an event a plugin named in `filter-query` that
+/// is not in the local store yet (another replica stored it; replication has
+/// not brought it here). Returns the event's JSON.
+#[async_trait::async_trait]
+pub trait EventSource: Send + Sync {
+    async fn fetch(&self, id: &[u8; 32]) -> Option<String>;
+}
+
 /// The hook a call went to, as a metric label.
 #[derive(Debug, Clone, Copy)]
 pub enum Hook {
@@ -228,6 +236,7 @@ pub struct PluginHost {
     managed: ArcSwap<Vec<u16>>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
     max_results: usize,
+    missing_events: std::sync::OnceLock<Arc<dyn EventSource>>,
 }
 
 impl PluginHost {
@@ -276,6 +285,7 @@ impl PluginHost {
             managed: ArcSwap::from_pointee(vec![]),
             watcher: Mutex::new(None),
             max_results,
+            missing_events: std::sync::OnceLock::new(),
         });
         if let Some(conflict) = host.managed_conflict(None) {
             anyhow::bail!("{conflict}");
@@ -286,6 +296,11 @@ impl PluginHost {
 
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+
+    /// Where to look for `filter-query` ids missing from the local store.
+    pub fn set_missing_event_source(&self, source: Arc<dyn EventSource>) {
+        let _ = self.missing_events.set(source);
     }
 
     pub fn slots(&self) -> &[Arc<PluginSlot>] {
@@ -424,7 +439,7 @@ impl PluginHost {
                     contributed.extend(self.check_added_events(index, slot, events, filters, access));
                 }
                 Ok(wit::ReqResult::FilterQuery(fq)) => {
-                    contributed.extend(self.check_filter_query(index, slot, fq, filters, access));
+                    contributed.extend(self.check_filter_query(index, slot, fq, filters, access).await);
                 }
                 Err(failure) => {
                     fail(format!(
@@ -486,7 +501,7 @@ impl PluginHost {
         out
     }
 
-    fn check_filter_query(
+    async fn check_filter_query(
         &self,
         index: usize,
         slot: &PluginSlot,
@@ -505,10 +520,13 @@ impl PluginHost {
             }
             let stored = match self.events.get(&bytes) {
                 Ok(Some(stored)) => stored,
-                Ok(None) => {
-                    self.dropped(slot, id, "no such stored event");
-                    continue;
-                }
+                Ok(None) => match self.fetch_missing(&bytes).await {
+                    Some(stored) => stored,
+                    None => {
+                        self.dropped(slot, id, "no such stored event");
+                        continue;
+                    }
+                },
                 Err(e) => {
                     tracing::error!(error = %e, "loading a plugin-selected event failed");
                     continue;
@@ -536,6 +554,17 @@ impl PluginHost {
                 if known.is_empty() { "none".into() } else { known.join(", ") }
             )
         })
+    }
+
+    /// An event another replica stored, verified, if there is a source.
+    async fn fetch_missing(&self, id: &[u8; 32]) -> Option<StoredEvent> {
+        let json = self.missing_events.get()?.fetch(id).await?;
+        let event: Event = serde_json::from_str(&json).ok()?;
+        if event.id.to_bytes() != *id || !event.verify_id() || !event.verify_signature() {
+            return None;
+        }
+        let accepted = AcceptedEvent::new(event);
+        Some(StoredEvent { created_at: accepted.event.created_at.as_secs(), id: *id, json: accepted.json })
     }
 
     /// Loads the slot's file again and swaps it in if it changed and loads

@@ -3,6 +3,8 @@
 //! concurrency, last resort, twins, every read path, rate limit, lifecycle,
 //! restart and hot swap.
 
+#[path = "../../harness/emulator.rs"]
+mod emulator;
 #[path = "../../harness/mod.rs"]
 mod harness;
 mod support;
@@ -175,9 +177,15 @@ fn assert_consumed_once(got: &[Vec<String>], last_resort: Option<&str>) {
 }
 
 async fn concurrent_fetches(relay: &TestRelay, owner: &str, requesters: usize) -> Vec<Vec<String>> {
+    concurrent_fetches_on(&[relay], owner, requesters).await
+}
+
+/// `requesters` concurrent KeyPackage requests for `owner`, spread round-robin
+/// over `relays`.
+async fn concurrent_fetches_on(relays: &[&TestRelay], owner: &str, requesters: usize) -> Vec<Vec<String>> {
     let mut tasks = Vec::new();
     for i in 0..requesters {
-        let (url, owner) = (relay.url.clone(), owner.to_owned());
+        let (url, owner) = (relays[i % relays.len()].url.clone(), owner.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&url).await;
             fetch_key_packages(&mut c, &format!("f{i}"), &[&owner]).await
@@ -221,6 +229,32 @@ async fn concurrent_requesters_never_receive_the_same_key_package() {
     assert_consumed_once(&got, Some(&last));
     let distinct: std::collections::HashSet<_> = got.iter().flatten().collect();
     assert_eq!(distinct.len(), 40, "all forty were handed out");
+}
+
+#[tokio::test]
+async fn requesters_spread_over_two_replicas_never_receive_the_same_key_package() {
+    let config = emulator::replica_config(&emulator::fresh_project())
+        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED, ("max_keypackages_per_owner", "100")]);
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator::emulator_host())];
+    let a = TestRelay::start_with(Some(&config), &env).await;
+    let b = TestRelay::start_with(Some(&config), &env).await;
+    // Erin publishes 20 KeyPackages, half through each replica.
+    let erin = Member::new();
+    let mut all = Vec::new();
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    for i in 0..20 {
+        let c = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let kp = erin.key_package_shaped(&a.url, 30443, false, Some(now() - 1000 + i), |t| t);
+        publish_ok(c, &kp).await;
+        all.push(kp.id.to_hex());
+    }
+    // 30 requesters, alternating replicas: 19 KeyPackages once each, then the last resort.
+    let got = concurrent_fetches_on(&[&a, &b], &erin.pubkey(), 30).await;
+    assert!(got.iter().all(|ids| ids.len() == 1), "every requester gets one: {got:?}");
+    let last = all.last().unwrap().clone();
+    assert_consumed_once(&got, Some(&last));
+    let distinct: std::collections::HashSet<_> = got.iter().flatten().collect();
+    assert_eq!(distinct.len(), 20, "all twenty were handed out");
 }
 
 #[tokio::test]

@@ -5,10 +5,12 @@
 //! Alice creates a group with Bob from his fetched KeyPackage, Bob joins from
 //! a gift-wrapped Welcome received live, both talk, Bob updates his keys,
 //! Alice adds Carol, all three talk; KeyPackage consumption and gift-wrap
-//! privacy are checked along the way, and once with a hot swap of the gateway
-//! in the middle. (The two-replica Firestore case waits for the Firestore
-//! store.)
+//! privacy are checked along the way, once with a hot swap of the gateway
+//! in the middle, and once on two relay replicas sharing a Firestore database
+//! (the emulator): Alice, Carol and the snoop on one, Bob and Eve on the other.
 
+#[path = "../../harness/emulator.rs"]
+mod emulator;
 #[path = "../../harness/mod.rs"]
 mod harness;
 mod support;
@@ -185,21 +187,40 @@ fn swap_gateway(file: &PathBuf) {
     std::fs::rename(&tmp, file).unwrap();
 }
 
-async fn group_life(swap_midway: bool) {
+/// How the relay is deployed for one run of the story.
+enum Deployment {
+    /// One relay.
+    Single,
+    /// One relay whose gateway is hot-swapped in the middle.
+    SwapMidway,
+    /// Two replicas on one Firestore database.
+    Replicas,
+}
+
+async fn group_life(deployment: Deployment) {
     let dir = tempfile::tempdir().unwrap();
     let gateway = dir.path().join("mls_gateway.wasm");
     std::fs::copy(plugin_path("mls_gateway.wasm"), &gateway).unwrap();
-    let relay = TestRelay::start_with_config(&gateway_config(&gateway, &[])).await;
+    let relays = match deployment {
+        Deployment::Replicas => {
+            let config = emulator::replica_config(&emulator::fresh_project()) + &gateway_config(&gateway, &[]);
+            let env = [("FIRESTORE_EMULATOR_HOST", emulator::emulator_host())];
+            vec![TestRelay::start_with(Some(&config), &env).await, TestRelay::start_with(Some(&config), &env).await]
+        }
+        _ => vec![TestRelay::start_with_config(&gateway_config(&gateway, &[])).await],
+    };
+    let relay = &relays[0];
     let url = relay.url.clone();
+    let other_url = relays.last().unwrap().url.clone();
     let mut alice = Peer::connect("alice", &url).await;
-    let mut bob = Peer::connect("bob", &url).await;
+    let mut bob = Peer::connect("bob", &other_url).await;
     let mut carol = Peer::connect("carol", &url).await;
-    let mut eve = Peer::connect("eve", &url).await;
+    let mut eve = Peer::connect("eve", &other_url).await;
     // An unauthenticated eavesdropper on the raw protocol.
     let mut snoop = harness::Client::connect(&url).await;
 
     // 1. Bob publishes his KeyPackage as 30443 and its 443 twin.
-    let (bob_kp, _) = bob.publish_key_package(&url).await;
+    let (bob_kp, _) = bob.publish_key_package(&other_url).await;
     // 2. Bob listens to his inbox before anyone invites him; Eve tries to listen too.
     bob.subscribe(inbox(bob.pk())).await;
     eve.subscribe(inbox(bob.pk())).await;
@@ -232,7 +253,7 @@ async fn group_life(swap_midway: bool) {
     let m = bob.say(&group, "hi alice").await;
     alice.hear(m.id, "hi alice").await;
 
-    if swap_midway {
+    if let Deployment::SwapMidway = deployment {
         swap_gateway(&gateway);
         relay.wait_for_log("plugin swapped").await;
     }
@@ -292,12 +313,17 @@ impl Peer {
 
 #[tokio::test]
 async fn a_group_forms_talks_updates_and_grows_through_the_relay() {
-    group_life(false).await;
+    group_life(Deployment::Single).await;
+}
+
+#[tokio::test]
+async fn a_group_lives_across_two_replicas_sharing_firestore() {
+    group_life(Deployment::Replicas).await;
 }
 
 #[tokio::test]
 async fn the_group_keeps_working_across_a_gateway_hot_swap() {
-    group_life(true).await;
+    group_life(Deployment::SwapMidway).await;
 }
 
 #[tokio::test]

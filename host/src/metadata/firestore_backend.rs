@@ -1,0 +1,225 @@
+//! The distributed metadata store: one Firestore collection
+//! (`<prefix>kv`), one document per key, shared by every relay replica
+//! configured with the same project.
+//!
+//! Documents: id `<hex(namespace)>.<hex(key)>` (keys may hold `/`, which
+//! document ids may not), fields `ns`, `key` (strings, for prefix scans:
+//! needs the composite index `ns ASC, key ASC` from `firestore.indexes.json`)
+//! and `value` (bytes). `transact` is a Firestore read-write transaction:
+//! conditions are read inside it and the writes commit only if they hold;
+//! contention (`ABORTED`) reruns it. Reads, puts and deletes are idempotent
+//! and retried with backoff; a commit whose outcome is unknown (the service
+//! became unreachable mid-commit) is not retried but surfaces as an error.
+
+use async_trait::async_trait;
+use firestore::gcloud_sdk::google::firestore::v1 as fs;
+
+use super::{Condition, KvError, MetadataStore, Write, validate_key, validate_transaction, validate_value};
+use crate::firestore::{
+    Firestore, FirestoreError, and, ascending, bytes_value, call, field_bytes, field_filter, field_string, run_query,
+    string_value,
+};
+
+const COLLECTION: &str = "kv";
+/// Reruns of a contended transaction before giving up.
+const TRANSACTION_ATTEMPTS: u32 = 20;
+
+pub struct FirestoreMetadataStore {
+    firestore: Firestore,
+}
+
+fn kv_error(e: FirestoreError) -> KvError {
+    KvError::Unavailable(e.to_string())
+}
+
+impl FirestoreMetadataStore {
+    pub fn new(firestore: Firestore) -> Self {
+        Self { firestore }
+    }
+
+    fn doc_id(ns: &str, key: &str) -> String {
+        format!("{}.{}", hex::encode(ns), hex::encode(key))
+    }
+
+    fn doc_name(&self, ns: &str, key: &str) -> String {
+        self.firestore.document(COLLECTION, &Self::doc_id(ns, key))
+    }
+
+    fn document(&self, ns: &str, key: &str, value: Vec<u8>) -> fs::Document {
+        fs::Document {
+            name: self.doc_name(ns, key),
+            fields: [
+                ("ns".to_string(), string_value(ns)),
+                ("key".to_string(), string_value(key)),
+                ("value".to_string(), bytes_value(value)),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn write(&self, ns: &str, w: &Write) -> fs::Write {
+        let operation = match &w.value {
+            Some(v) => fs::write::Operation::Update(self.document(ns, &w.key, v.clone())),
+            None => fs::write::Operation::Delete(self.doc_name(ns, &w.key)),
+        };
+        fs::Write { operation: Some(operation), ..Default::default() }
+    }
+
+    /// The value at `name`, read inside `transaction` when given.
+    async fn read(
+        mut client: crate::firestore::Client,
+        name: String,
+        transaction: Option<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>, FirestoreError> {
+        let request = fs::GetDocumentRequest {
+            name,
+            consistency_selector: transaction.map(fs::get_document_request::ConsistencySelector::Transaction),
+            ..Default::default()
+        };
+        match call(client.get_document(request)).await {
+            Ok(doc) => Ok(Some(field_bytes(&doc, "value").unwrap_or_default())),
+            Err(FirestoreError::Refused(m)) if m == "not found" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One attempt at a transaction: `Ok(None)` means contention (rerun).
+    async fn try_transact(
+        &self,
+        ns: &str,
+        conditions: &[Condition],
+        writes: &[Write],
+    ) -> Result<Option<bool>, FirestoreError> {
+        let mut client = self.firestore.client();
+        let database = self.firestore.database();
+        let begin = fs::BeginTransactionRequest { database: database.clone(), ..Default::default() };
+        let transaction = call(client.begin_transaction(begin)).await?.transaction;
+        let mut holds = true;
+        for c in conditions {
+            match Self::read(client.clone(), self.doc_name(ns, &c.key), Some(transaction.clone())).await {
+                Ok(current) => {
+                    if current != c.expected {
+                        holds = false;
+                        break;
+                    }
+                }
+                Err(FirestoreError::Contention(_)) => return Ok(None),
+                Err(e) => {
+                    let rollback = fs::RollbackRequest { database: database.clone(), transaction, ..Default::default() };
+                    let _ = call(client.rollback(rollback)).await;
+                    return Err(e);
+                }
+            }
+        }
+        if !holds {
+            let rollback = fs::RollbackRequest { database, transaction, ..Default::default() };
+            let _ = call(client.rollback(rollback)).await;
+            return Ok(Some(false));
+        }
+        let commit = fs::CommitRequest {
+            database,
+            writes: writes.iter().map(|w| self.write(ns, w)).collect(),
+            transaction,
+            ..Default::default()
+        };
+        match call(client.commit(commit)).await {
+            Ok(_) => Ok(Some(true)),
+            Err(FirestoreError::Contention(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl MetadataStore for FirestoreMetadataStore {
+    async fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        validate_key(key)?;
+        let name = self.doc_name(ns, key);
+        self.firestore.retry("get", |client| Self::read(client, name.clone(), None)).await.map_err(kv_error)
+    }
+
+    async fn put(&self, ns: &str, key: &str, value: Vec<u8>) -> Result<(), KvError> {
+        validate_key(key)?;
+        validate_value(&value)?;
+        let write = self.write(ns, &Write { key: key.into(), value: Some(value) });
+        let database = self.firestore.database();
+        // An unconditional upsert: repeating it is harmless.
+        self.firestore
+            .retry("put", |mut client| {
+                let request = fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
+                async move { call(client.commit(request)).await.map(|_| ()) }
+            })
+            .await
+            .map_err(kv_error)
+    }
+
+    async fn delete(&self, ns: &str, key: &str) -> Result<(), KvError> {
+        validate_key(key)?;
+        let write = self.write(ns, &Write { key: key.into(), value: None });
+        let database = self.firestore.database();
+        self.firestore
+            .retry("delete", |mut client| {
+                let request = fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
+                async move { call(client.commit(request)).await.map(|_| ()) }
+            })
+            .await
+            .map_err(kv_error)
+    }
+
+    async fn scan_prefix(
+        &self,
+        ns: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        use fs::structured_query::field_filter::Operator;
+        let lower = match start_after {
+            Some(after) if after >= prefix => field_filter("key", Operator::GreaterThan, string_value(after)),
+            _ => field_filter("key", Operator::GreaterThanOrEqual, string_value(prefix)),
+        };
+        let query = fs::StructuredQuery {
+            from: vec![fs::structured_query::CollectionSelector {
+                collection_id: self.firestore.collection(COLLECTION),
+                all_descendants: false,
+            }],
+            r#where: Some(and(vec![field_filter("ns", Operator::Equal, string_value(ns)), lower])),
+            order_by: vec![ascending("key")],
+            limit: Some(i32::try_from(limit).unwrap_or(i32::MAX)),
+            ..Default::default()
+        };
+        let parent = self.firestore.documents();
+        let docs = self
+            .firestore
+            .retry("scan", |client| run_query(client, parent.clone(), query.clone(), None))
+            .await
+            .map_err(kv_error)?;
+        // Keys are ordered, so those with the prefix come first and together.
+        Ok(docs
+            .iter()
+            .filter_map(|d| Some((field_string(d, "key")?.to_owned(), field_bytes(d, "value").unwrap_or_default())))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect())
+    }
+
+    async fn transact(&self, ns: &str, conditions: Vec<Condition>, writes: Vec<Write>) -> Result<bool, KvError> {
+        validate_transaction(&conditions, &writes)?;
+        let mut delay = std::time::Duration::from_millis(10);
+        for _ in 0..TRANSACTION_ATTEMPTS {
+            match self.try_transact(ns, &conditions, &writes).await {
+                Ok(Some(outcome)) => return Ok(outcome),
+                // Contention: another transaction holds these documents. Rerun,
+                // re-reading the conditions.
+                Ok(None) | Err(FirestoreError::Contention(_)) => {}
+                Err(e) => return Err(kv_error(e)),
+            }
+            tokio::time::sleep(delay + std::time::Duration::from_millis(rand::random::<u64>() % 20)).await;
+            delay = (delay * 2).min(std::time::Duration::from_millis(500));
+        }
+        Err(KvError::Unavailable(format!(
+            "the transaction lost to concurrent writers {TRANSACTION_ATTEMPTS} times; try again"
+        )))
+    }
+}

@@ -1,0 +1,78 @@
+//! The Firestore emulator for tests: one per test binary, started on a free
+//! loopback port the first time a test asks for it, and stopped when the test
+//! binary exits (a watchdog shell in the emulator's own process group ends the
+//! whole group, Java child included, once the test process is gone). Each
+//! test uses a fresh project id, so tests never see each other's data.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// `host:port` of the running emulator; also exported to this process as
+/// `FIRESTORE_EMULATOR_HOST`.
+pub fn emulator_host() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(start)
+}
+
+/// A project id no other test uses.
+pub fn fresh_project() -> String {
+    format!("test-{:016x}", rand_u64())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+fn start() -> String {
+    let gcloud = Command::new("sh").args(["-c", "command -v gcloud"]).output().map(|o| o.status.success());
+    assert!(
+        matches!(gcloud, Ok(true)),
+        "the Firestore emulator is needed by this test and `gcloud` is not installed: install the Google Cloud SDK \
+         (https://cloud.google.com/sdk/docs/install), then `gcloud components install cloud-firestore-emulator` \
+         (it needs Java 11+)"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let host = format!("127.0.0.1:{port}");
+    let log: PathBuf = std::env::temp_dir().join(format!("firestore-emulator-{port}.log"));
+    let test_pid = std::process::id();
+    // The shell leads a new process group (setsid): when this test process
+    // ends, it kills the group, which holds gcloud and its Java child.
+    let script = format!(
+        "gcloud emulators firestore start --host-port={host} >{log} 2>&1 & \
+         while kill -0 {test_pid} 2>/dev/null; do sleep 1; done; kill -TERM 0",
+        log = log.display()
+    );
+    Command::new("setsid").args(["sh", "-c", &script]).spawn().expect("start the Firestore emulator");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Dev App Server is now running") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Firestore emulator did not start within 90 s; its output:\n{text}\n\
+             (install it with `gcloud components install cloud-firestore-emulator`; it needs Java)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: set once, before any test of this binary reads it (they all
+    // come through this function first).
+    unsafe { std::env::set_var("FIRESTORE_EMULATOR_HOST", &host) };
+    host
+}
+
+/// Configuration of a relay replica on `project` (TOML): Firestore metadata
+/// and replication, polling every 100 ms.
+pub fn replica_config(project: &str) -> String {
+    format!(
+        "[metadata]\nbackend = \"firestore\"\n[firestore]\nproject_id = \"{project}\"\n\
+         [replication]\nenabled = true\npoll_interval_ms = 100\n"
+    )
+}

@@ -1,0 +1,224 @@
+//! Several relay replicas on one Firestore database (the emulator, started by
+//! the tests) behave as one relay: the metadata store passes the shared
+//! conformance suite on Firestore; events accepted by one replica are queried
+//! and delivered live on the other; deletions and the operator's lists apply
+//! everywhere; a replica that was down catches up without losing or
+//! duplicating events; and an unreachable Firestore refuses events clearly.
+
+mod harness;
+#[path = "harness/emulator.rs"]
+mod emulator;
+#[path = "harness/nostr45.rs"]
+mod nostr45;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use emulator::{emulator_host, fresh_project, replica_config};
+use harness::{Client, TestRelay};
+use nostr::key::Keys;
+use nostr45::{Publish, note, now, sign};
+use serde_json::{Value, json};
+use wasm_relay::config::FirestoreConfig;
+use wasm_relay::firestore::Firestore;
+use wasm_relay::metadata::{FirestoreMetadataStore, MetadataStore, conformance};
+
+/// Two replicas of one relay on a fresh Firestore project.
+async fn two_replicas() -> (TestRelay, TestRelay) {
+    let project = fresh_project();
+    let host = emulator_host();
+    let config = replica_config(&project);
+    let env = [("FIRESTORE_EMULATOR_HOST", host)];
+    let a = TestRelay::start_with(Some(&config), &env).await;
+    let b = TestRelay::start_with(Some(&config), &env).await;
+    (a, b)
+}
+
+/// Polls a REQ on `c` until it returns `expected` ids (in any order).
+async fn eventually_ids(c: &mut Client, filter: Value, expected: &[String]) {
+    let mut want: Vec<String> = expected.to_vec();
+    want.sort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let mut got = c.req_ids(&format!("poll{n}"), vec![filter.clone()]).await;
+        c.send(json!(["CLOSE", format!("poll{n}")])).await;
+        got.sort();
+        if got == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "expected {want:?}, still {got:?} after 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_firestore_metadata_store_passes_the_conformance_suite() {
+    emulator_host();
+    let config = FirestoreConfig { project_id: fresh_project(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
+    let store: Arc<dyn MetadataStore> = Arc::new(FirestoreMetadataStore::new(firestore));
+    conformance::run_all(store).await;
+}
+
+#[tokio::test]
+async fn an_event_accepted_by_one_replica_is_served_and_delivered_by_the_other() {
+    let (a, b) = two_replicas().await;
+    let mut on_b = b.client().await;
+    on_b.req("live", vec![json!({"kinds": [1], "limit": 0})]).await;
+
+    let k = Keys::generate();
+    let e = note(&k, "written on A", 0);
+    a.client().await.publish_ok(&e).await;
+    // Live on B, then stored on B.
+    assert_eq!(on_b.next_event("live").await["id"], e.id.to_hex());
+    let mut c = b.client().await;
+    eventually_ids(&mut c, json!({"authors": [k.public_key().to_hex()]}), &[e.id.to_hex()]).await;
+
+    // And the other way round, with a deletion from B applying on A.
+    let mut on_a = a.client().await;
+    let second = note(&k, "written on B", 0);
+    c.publish_ok(&second).await;
+    eventually_ids(&mut on_a, json!({"authors": [k.public_key().to_hex()]}), &[e.id.to_hex(), second.id.to_hex()])
+        .await;
+    let deletion = sign(&k, 5, "", &[&["e", &e.id.to_hex()]], now());
+    c.publish_ok(&deletion).await;
+    eventually_ids(&mut on_a, json!({"kinds": [1], "authors": [k.public_key().to_hex()]}), &[second.id.to_hex()])
+        .await;
+    // The deleted event stays out on both replicas.
+    let (ok, msg) = on_a.publish(&e).await;
+    assert!(!ok && msg.starts_with("blocked:"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_replica_that_was_down_catches_up_exactly_once() {
+    let (a, mut b) = two_replicas().await;
+    let k = Keys::generate();
+    let mut c = a.client().await;
+    let first = note(&k, "before", 100);
+    c.publish_ok(&first).await;
+    eventually_ids(&mut b.client().await, json!({"authors": [k.public_key().to_hex()]}), &[first.id.to_hex()]).await;
+
+    b.stop().await;
+    let mut expected = vec![first.id.to_hex()];
+    for i in 0..60 {
+        let e = note(&k, &format!("while B was down {i}"), i);
+        c.publish_ok(&e).await;
+        expected.push(e.id.to_hex());
+    }
+    let b = b.restart().await;
+    let mut on_b = b.client().await;
+    eventually_ids(&mut on_b, json!({"authors": [k.public_key().to_hex()], "limit": 500}), &expected).await;
+    let count = on_b.count("n", vec![json!({"authors": [k.public_key().to_hex()]})]).await;
+    assert_eq!(count[2]["count"], 61, "every event once, none twice");
+}
+
+#[tokio::test]
+async fn the_operators_lists_are_shared_by_the_replicas() {
+    let project = fresh_project();
+    let admin = Keys::generate();
+    let config = format!("{}[admin]\npubkeys = [\"{}\"]\n", replica_config(&project), admin.public_key().to_hex());
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let a = TestRelay::start_with(Some(&config), &env).await;
+    let b = TestRelay::start_with(Some(&config), &env).await;
+    let spammer = Keys::generate();
+    let body = json!({"method": "banpubkey", "params": [spammer.public_key().to_hex()]}).to_string();
+    let auth = nostr45::nip98_header(&admin, &a.url.replacen("ws://", "http://", 1), body.as_bytes());
+    let (status, _, reply) = a.http("POST", "/", &[("Authorization", auth.as_str())], body.as_bytes()).await;
+    assert!(status.contains("200") && reply.contains("true"), "{status} {reply}");
+    let mut on_b = b.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ok, msg) = on_b.publish(&note(&spammer, "spam", 0)).await;
+        if !ok {
+            assert!(msg.starts_with("blocked:"), "{msg}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the ban made on A never reached B");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A TCP proxy in front of the emulator that the test can cut and restore,
+/// to make Firestore unreachable for a running relay.
+struct Proxy {
+    addr: String,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (target, flag, conns) = (target.to_owned(), up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection reset
+                }
+                let target = target.clone();
+                conns.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Self { addr, up, connections }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_relay_will_not_start_without_its_firestore() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, replica_config(&fresh_project())).unwrap();
+    let out = TestRelay::command(&dir.path().join("data"), Some(&config))
+        .env("FIRESTORE_EMULATOR_HOST", format!("127.0.0.1:{port}"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("error: ") && stderr.contains("connecting to Firestore"), "{stderr}");
+}
+
+#[tokio::test]
+async fn when_firestore_goes_away_events_are_refused_clearly_and_nothing_is_half_written() {
+    let proxy = Proxy::start(emulator_host()).await;
+    let relay =
+        TestRelay::start_with(Some(&replica_config(&fresh_project())), &[("FIRESTORE_EMULATOR_HOST", &proxy.addr)])
+            .await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    c.publish_ok(&note(&k, "while Firestore is there", 1)).await;
+
+    proxy.cut();
+    let e = note(&k, "cannot replicate", 0);
+    let (ok, msg) = c.publish(&e).await;
+    assert!(!ok && msg.starts_with("error:") && msg.contains("Firestore"), "{msg}");
+    assert!(c.req_ids("none", vec![json!({"ids": [e.id.to_hex()]})]).await.is_empty(), "nothing half-written");
+    let (status, _, body) = relay.http_get("/ready", "*/*").await;
+    assert!(status.contains("503") && body.contains("Firestore"), "{status} {body}");
+
+    proxy.restore();
+    c.publish_ok(&e).await;
+    let (status, _, _) = relay.http_get("/ready", "*/*").await;
+    assert!(status.contains("200"), "{status}");
+}
