@@ -5,9 +5,9 @@
 //! everywhere; a replica that was down catches up without losing or
 //! duplicating events; and an unreachable Firestore refuses events clearly.
 
-mod harness;
 #[path = "harness/emulator.rs"]
 mod emulator;
+mod harness;
 #[path = "harness/nostr45.rs"]
 mod nostr45;
 
@@ -84,8 +84,7 @@ async fn an_event_accepted_by_one_replica_is_served_and_delivered_by_the_other()
         .await;
     let deletion = sign(&k, 5, "", &[&["e", &e.id.to_hex()]], now());
     c.publish_ok(&deletion).await;
-    eventually_ids(&mut on_a, json!({"kinds": [1], "authors": [k.public_key().to_hex()]}), &[second.id.to_hex()])
-        .await;
+    eventually_ids(&mut on_a, json!({"kinds": [1], "authors": [k.public_key().to_hex()]}), &[second.id.to_hex()]).await;
     // The deleted event stays out on both replicas.
     let (ok, msg) = on_a.publish(&e).await;
     assert!(!ok && msg.starts_with("blocked:"), "{msg}");

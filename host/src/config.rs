@@ -510,7 +510,9 @@ impl Config {
             return fail("metadata.backend = \"firestore\" needs firestore.project_id");
         }
         if self.replication.enabled && self.metadata.backend != MetadataBackend::Firestore {
-            return fail("replication.enabled needs metadata.backend = \"firestore\" (replicas share state through it)");
+            return fail(
+                "replication.enabled needs metadata.backend = \"firestore\" (replicas share state through it)",
+            );
         }
         if self.replication.poll_interval_ms == 0 {
             return fail("replication.poll_interval_ms must be positive");

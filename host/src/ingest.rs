@@ -44,9 +44,9 @@ impl Ingest {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let replication = replicator.map(|r| (r, tokio::runtime::Handle::current()));
-        std::thread::Builder::new().name("event-writer".into()).spawn(move || {
-            writer_loop(rx, store.as_ref(), &fanout, max_batch, &metrics, replication.as_ref())
-        })?;
+        std::thread::Builder::new()
+            .name("event-writer".into())
+            .spawn(move || writer_loop(rx, store.as_ref(), &fanout, max_batch, &metrics, replication.as_ref()))?;
         Ok(Self { tx })
     }
 
@@ -85,8 +85,7 @@ fn writer_loop(
             // replicated is refused and not stored here either.
             let (local, replicated): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(|j| !j.event.replicated);
             let events: Vec<Arc<AcceptedEvent>> = local.iter().map(|j| j.event.clone()).collect();
-            let outcomes =
-                if events.is_empty() { vec![] } else { runtime.block_on(replicator.publish(&events)) };
+            let outcomes = if events.is_empty() { vec![] } else { runtime.block_on(replicator.publish(&events)) };
             for (job, outcome) in local.into_iter().zip(outcomes) {
                 match outcome {
                     Ok(()) => jobs.push(job),

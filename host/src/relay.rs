@@ -10,15 +10,15 @@ use tokio::sync::watch;
 
 use anyhow::Context;
 
+use crate::config::MetadataBackend;
 use crate::config::{Config, GiftWrapPolicy};
 use crate::fanout::{ConnId, Fanout};
 use crate::ingest::Ingest;
-use crate::config::MetadataBackend;
 use crate::metadata::{FirestoreMetadataStore, MetadataStore, SledMetadataStore};
-use crate::replication::Replicator;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
 use crate::policy::Policy;
+use crate::replication::Replicator;
 use crate::store::{EventStore, SledEventStore};
 
 /// Everything a connection needs, shared by all of them.
@@ -47,9 +47,9 @@ impl Relay {
             SledEventStore::open(data_dir, config.storage.cache_capacity_bytes).context("opening the event store")?,
         );
         let firestore = match (config.metadata.backend, config.replication.enabled) {
-            (MetadataBackend::Firestore, _) | (_, true) => Some(
-                crate::firestore::Firestore::connect(&config.firestore).await.context("connecting to Firestore")?,
-            ),
+            (MetadataBackend::Firestore, _) | (_, true) => {
+                Some(crate::firestore::Firestore::connect(&config.firestore).await.context("connecting to Firestore")?)
+            }
             _ => None,
         };
         let metadata: Arc<dyn MetadataStore> = match (&firestore, config.metadata.backend) {

@@ -32,7 +32,9 @@ use firestore::gcloud_sdk::prost_types::Timestamp;
 use nostr::event::Event;
 
 use crate::event::AcceptedEvent;
-use crate::firestore::{Firestore, FirestoreError, ascending, call, field_string, field_timestamp, run_query, string_value};
+use crate::firestore::{
+    Firestore, FirestoreError, ascending, call, field_string, field_timestamp, run_query, string_value,
+};
 use crate::ingest::Ingest;
 
 const COLLECTION: &str = "events";
@@ -73,7 +75,8 @@ impl Replicator {
             let outcome = self
                 .firestore
                 .retry("publish events", |mut client| {
-                    let request = fs::CommitRequest { database: database.clone(), writes: writes.clone(), ..Default::default() };
+                    let request =
+                        fs::CommitRequest { database: database.clone(), writes: writes.clone(), ..Default::default() };
                     async move { call(client.commit(request)).await.map(|_| ()) }
                 })
                 .await;

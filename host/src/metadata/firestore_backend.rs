@@ -5,9 +5,15 @@
 //! Documents: id `<hex(namespace)>.<hex(key)>` (keys may hold `/`, which
 //! document ids may not), fields `ns`, `key` (strings, for prefix scans:
 //! needs the composite index `ns ASC, key ASC` from `firestore.indexes.json`)
-//! and `value` (bytes). `transact` is a Firestore read-write transaction:
-//! conditions are read inside it and the writes commit only if they hold;
-//! contention (`ABORTED`) reruns it. Reads, puts and deletes are idempotent
+//! and `value` (bytes). `transact` is optimistic when every condition key is
+//! also written (the usual compare-and-set, and how the MLS gateway uses
+//! it): the conditions are read with their update times, and the writes
+//! commit atomically with preconditions (`update_time` unchanged, or
+//! `exists: false`), so a concurrent change makes the commit fail as a whole
+//! and `transact` answer false; no locks are held, so many concurrent callers
+//! do not queue. Otherwise it is a Firestore read-write transaction
+//! (conditions read inside it; contention, `ABORTED`, reruns it). Reads, puts
+//! and deletes are idempotent
 //! and retried with backoff; a commit whose outcome is unknown (the service
 //! became unreachable mid-commit) is not retried but surfaces as an error.
 
@@ -85,6 +91,67 @@ impl FirestoreMetadataStore {
         }
     }
 
+    /// Compare-and-set without a transaction: `Ok(false)` when a condition
+    /// does not hold, at read time or at commit time.
+    async fn transact_optimistic(
+        &self,
+        ns: &str,
+        conditions: &[Condition],
+        writes: &[Write],
+    ) -> Result<bool, FirestoreError> {
+        use fs::precondition::ConditionType;
+        let mut preconditions = std::collections::HashMap::new();
+        for c in conditions {
+            let name = self.doc_name(ns, &c.key);
+            let doc = self
+                .firestore
+                .retry("read condition", |mut client| {
+                    let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
+                    async move {
+                        match call(client.get_document(request)).await {
+                            Ok(doc) => Ok(Some(doc)),
+                            Err(FirestoreError::Refused(m)) if m == "not found" => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .await?;
+            let current = doc.as_ref().map(|d| field_bytes(d, "value").unwrap_or_default());
+            if current != c.expected {
+                return Ok(false);
+            }
+            let condition = match doc.and_then(|d| d.update_time) {
+                Some(t) => ConditionType::UpdateTime(t),
+                None => ConditionType::Exists(false),
+            };
+            preconditions.insert(c.key.clone(), condition);
+        }
+        let writes = writes
+            .iter()
+            .map(|w| {
+                let mut write = self.write(ns, w);
+                write.current_document =
+                    preconditions.get(&w.key).map(|c| fs::Precondition { condition_type: Some(*c) });
+                write
+            })
+            .collect();
+        let mut client = self.firestore.client();
+        let commit = fs::CommitRequest { database: self.firestore.database(), writes, ..Default::default() };
+        match call(client.commit(commit)).await {
+            Ok(_) => Ok(true),
+            // A precondition failed: someone changed a condition key meanwhile.
+            Err(FirestoreError::Refused(m))
+                if m.starts_with("FailedPrecondition")
+                    || m.starts_with("AlreadyExists")
+                    || m.starts_with("NotFound") =>
+            {
+                Ok(false)
+            }
+            Err(FirestoreError::Refused(m)) if m == "not found" => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One attempt at a transaction: `Ok(None)` means contention (rerun).
     async fn try_transact(
         &self,
@@ -107,7 +174,8 @@ impl FirestoreMetadataStore {
                 }
                 Err(FirestoreError::Contention(_)) => return Ok(None),
                 Err(e) => {
-                    let rollback = fs::RollbackRequest { database: database.clone(), transaction, ..Default::default() };
+                    let rollback =
+                        fs::RollbackRequest { database: database.clone(), transaction, ..Default::default() };
                     let _ = call(client.rollback(rollback)).await;
                     return Err(e);
                 }
@@ -148,7 +216,8 @@ impl MetadataStore for FirestoreMetadataStore {
         // An unconditional upsert: repeating it is harmless.
         self.firestore
             .retry("put", |mut client| {
-                let request = fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
+                let request =
+                    fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
                 async move { call(client.commit(request)).await.map(|_| ()) }
             })
             .await
@@ -161,7 +230,8 @@ impl MetadataStore for FirestoreMetadataStore {
         let database = self.firestore.database();
         self.firestore
             .retry("delete", |mut client| {
-                let request = fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
+                let request =
+                    fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
                 async move { call(client.commit(request)).await.map(|_| ()) }
             })
             .await
@@ -206,6 +276,9 @@ impl MetadataStore for FirestoreMetadataStore {
 
     async fn transact(&self, ns: &str, conditions: Vec<Condition>, writes: Vec<Write>) -> Result<bool, KvError> {
         validate_transaction(&conditions, &writes)?;
+        if conditions.iter().all(|c| writes.iter().any(|w| w.key == c.key)) {
+            return self.transact_optimistic(ns, &conditions, &writes).await.map_err(kv_error);
+        }
         let mut delay = std::time::Duration::from_millis(10);
         for _ in 0..TRANSACTION_ATTEMPTS {
             match self.try_transact(ns, &conditions, &writes).await {

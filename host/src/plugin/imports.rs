@@ -25,6 +25,8 @@ pub struct PluginContext {
     pub defaults: OnceLock<HashMap<String, String>>,
     /// The plugin's own counters (`host.count`), shared by all its versions.
     pub counters: Arc<PluginCounters>,
+    /// Events other replicas stored that have not reached this one yet.
+    pub missing_events: Arc<OnceLock<Arc<dyn super::EventSource>>>,
 }
 
 /// Counters a plugin keeps through `host.count`, exported as Prometheus
@@ -188,9 +190,18 @@ impl events::Host for PluginState {
             return Ok(None);
         }
         let start = std::time::Instant::now();
-        let stored = self.ctx.events.get(&bytes).ok().flatten();
+        let mut json = self.ctx.events.get(&bytes).ok().flatten().map(|s| s.json);
+        if json.is_none()
+            && let Some(source) = self.ctx.missing_events.get()
+        {
+            // Stored by another replica, not applied here yet: a plugin must
+            // not mistake it for a deleted event.
+            json = source.fetch(&bytes).await;
+        }
         self.charge_host(start);
-        Ok(stored.and_then(|s| serde_json::from_str(&s.json).ok()).map(|e| event_to_wit(&e)))
+        let event: Option<nostr::event::Event> = json.and_then(|j| serde_json::from_str(&j).ok());
+        let event = event.filter(|e| e.id.to_bytes() == bytes && e.verify_id() && e.verify_signature());
+        Ok(event.map(|e| event_to_wit(&e)))
     }
 
     async fn query_events(&mut self, filters: Vec<types::Filter>, limit: u32) -> wasmtime::Result<Vec<types::Event>> {

@@ -300,6 +300,7 @@ impl PluginHost {
 
     /// Where to look for `filter-query` ids missing from the local store.
     pub fn set_missing_event_source(&self, source: Arc<dyn EventSource>) {
+        let _ = self.runtime.missing_events.set(source.clone());
         let _ = self.missing_events.set(source);
     }
 

@@ -61,6 +61,8 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<PluginState>,
     cache_dir: PathBuf,
+    /// Where `events.get-event` looks for events not (yet) in the local store.
+    pub(crate) missing_events: Arc<OnceLock<Arc<dyn super::EventSource>>>,
 }
 
 impl PluginRuntime {
@@ -80,7 +82,7 @@ impl PluginRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         RelayPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
-        Ok(Self { engine, linker, cache_dir })
+        Ok(Self { engine, linker, cache_dir, missing_events: Arc::new(OnceLock::new()) })
     }
 
     /// The WIT version of `nostr-relay:plugin` the component exports, checked.
@@ -140,6 +142,7 @@ impl PluginRuntime {
             settings: config.settings.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
             defaults: OnceLock::new(),
             counters,
+            missing_events: self.missing_events.clone(),
         });
         let limits = CallLimits { timeout_ms: config.call_timeout_ms, memory_bytes: config.memory_limit_bytes };
         let mut loaded = LoadedPlugin {

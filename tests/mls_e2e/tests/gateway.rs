@@ -234,7 +234,11 @@ async fn concurrent_requesters_never_receive_the_same_key_package() {
 #[tokio::test]
 async fn requesters_spread_over_two_replicas_never_receive_the_same_key_package() {
     let config = emulator::replica_config(&emulator::fresh_project())
-        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED, ("max_keypackages_per_owner", "100")]);
+        + &support::gateway_config_with(
+            &plugin_path("mls_gateway.wasm"),
+            support::REPLICA_GATEWAY_TIMEOUT,
+            &[UNLIMITED, ("max_keypackages_per_owner", "100")],
+        );
     let env = [("FIRESTORE_EMULATOR_HOST", emulator::emulator_host())];
     let a = TestRelay::start_with(Some(&config), &env).await;
     let b = TestRelay::start_with(Some(&config), &env).await;

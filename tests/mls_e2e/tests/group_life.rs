@@ -203,7 +203,8 @@ async fn group_life(deployment: Deployment) {
     std::fs::copy(plugin_path("mls_gateway.wasm"), &gateway).unwrap();
     let relays = match deployment {
         Deployment::Replicas => {
-            let config = emulator::replica_config(&emulator::fresh_project()) + &gateway_config(&gateway, &[]);
+            let config = emulator::replica_config(&emulator::fresh_project())
+                + &support::gateway_config_with(&gateway, support::REPLICA_GATEWAY_TIMEOUT, &[]);
             let env = [("FIRESTORE_EMULATOR_HOST", emulator::emulator_host())];
             vec![TestRelay::start_with(Some(&config), &env).await, TestRelay::start_with(Some(&config), &env).await]
         }

@@ -12,13 +12,22 @@ use crate::harness::{Client, TestRelay, plugin_path};
 
 /// Settings for the gateway in `[plugins.settings]` form.
 pub fn gateway_config(plugin_file: &Path, settings: &[(&str, &str)]) -> String {
+    gateway_config_with(plugin_file, "", settings)
+}
+
+/// [`gateway_config`] with extra `[[plugins]]` keys (e.g. `call_timeout_ms = 1000`).
+pub fn gateway_config_with(plugin_file: &Path, extra: &str, settings: &[(&str, &str)]) -> String {
     let settings: String =
         settings.iter().map(|(k, v)| format!("{k} = {}\n", serde_json::to_string(v).unwrap())).collect();
     format!(
-        "[[plugins]]\nname = \"mls-gateway\"\npath = {}\n[plugins.settings]\n{settings}",
+        "[[plugins]]\nname = \"mls-gateway\"\npath = {}\n{extra}\n[plugins.settings]\n{settings}",
         serde_json::to_string(&plugin_file.display().to_string()).unwrap()
     )
 }
+
+/// The gateway's per-call budget on replicas: its key-value calls go to
+/// Firestore, and retries under contention take guest time too.
+pub const REPLICA_GATEWAY_TIMEOUT: &str = "call_timeout_ms = 1000";
 
 /// A relay with the MLS gateway built by `make plugins`.
 pub async fn gateway_relay(settings: &[(&str, &str)]) -> TestRelay {
