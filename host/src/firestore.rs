@@ -221,3 +221,20 @@ pub async fn run_query(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// `firestore.indexes.json` names the collections of the default prefix
+    /// and holds the composite index the key-value scans need.
+    #[test]
+    fn index_file_matches_the_collections() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../firestore.indexes.json");
+        let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let prefix = crate::config::FirestoreConfig::default().collection_prefix;
+        let index = &file["indexes"][0];
+        assert_eq!(index["collectionGroup"], format!("{prefix}kv"));
+        let fields: Vec<&str> =
+            index["fields"].as_array().unwrap().iter().map(|f| f["fieldPath"].as_str().unwrap()).collect();
+        assert_eq!(fields, ["ns", "key"]);
+    }
+}

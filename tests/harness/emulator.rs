@@ -48,7 +48,10 @@ fn start() -> String {
          while kill -0 {test_pid} 2>/dev/null; do sleep 1; done; kill -TERM 0",
         log = log.display()
     );
-    Command::new("setsid").args(["sh", "-c", &script]).spawn().expect("start the Firestore emulator");
+    let mut watchdog =
+        Command::new("setsid").args(["sh", "-c", &script]).spawn().expect("start the Firestore emulator");
+    // Reaped when it exits (after this process), or never: either way no zombie.
+    std::thread::spawn(move || watchdog.wait());
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
