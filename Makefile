@@ -39,10 +39,13 @@ test: plugins
 	$(CARGO) test -p wasm-relay -p mls-e2e --no-fail-fast
 
 # Load and micro benchmarks against release builds on loopback ports; prints a
-# table and writes target/bench/results.json. `make bench ONLY=ingest` runs one group.
+# table and writes target/bench/results.json, then criterion's single plugin
+# call figures. `make bench ONLY=ingest` runs one group (ONLY=calls: criterion).
 bench: plugins
 	$(CARGO) build --release -p wasm-relay -p relay-bench
-	./target/release/relay-bench $(ONLY)
+	@if [ "$(ONLY)" != "calls" ]; then ./target/release/relay-bench $(ONLY); fi
+	@if [ -z "$(ONLY)" ] || [ "$(ONLY)" = "calls" ]; then \
+		$(CARGO) bench -p relay-bench --bench plugin_calls -- --warm-up-time 1 --measurement-time 3; fi
 
 # Fuzz targets (fuzz/fuzz_targets), each for FUZZ_SECONDS, on the nightly
 # toolchain with cargo-fuzz (installed if missing). A crash stops the run and

@@ -91,6 +91,22 @@ async fn an_event_accepted_by_one_replica_is_served_and_delivered_by_the_other()
 }
 
 #[tokio::test]
+async fn ephemeral_events_reach_live_subscribers_on_every_replica_once() {
+    let (a, b) = two_replicas().await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    on_a.req("eph", vec![json!({"kinds": [20001]})]).await;
+    on_b.req("eph", vec![json!({"kinds": [20001]})]).await;
+    let e = sign(&Keys::generate(), 20001, "typing...", &[], now());
+    a.client().await.publish_ok(&e).await;
+    assert_eq!(on_a.next_event("eph").await["id"], e.id.to_hex());
+    assert_eq!(on_b.next_event("eph").await["id"], e.id.to_hex());
+    // A has it once: its own copy coming back from Firestore is not re-sent.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    on_a.expect_silence(Duration::from_millis(200)).await;
+    on_b.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
 async fn a_replica_that_was_down_catches_up_exactly_once() {
     let (a, mut b) = two_replicas().await;
     let k = Keys::generate();

@@ -316,6 +316,9 @@ where
         let accepted = Arc::new(accepted);
         if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
             self.relay.fanout.broadcast(0, &accepted);
+            if let Some(replicator) = &self.relay.replicator {
+                replicator.publish_ephemeral(accepted.clone());
+            }
             self.relay.metrics.events.with_label_values(&["ephemeral"]).inc();
             return self.feed(message::ok(&id, true, "")).await;
         }

@@ -108,6 +108,14 @@ impl Policy {
         change(&mut self.operator.write().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// Whether an operator banned the event or its author.
+    pub fn is_banned(&self, event: &Event) -> bool {
+        let operator = self.operator();
+        operator.banned_events.contains_key(&event.id.to_hex())
+            || operator.banned_pubkeys.contains_key(&event.pubkey.to_hex())
+            || self.access.write_deny_pubkeys.contains(&event.pubkey.to_hex())
+    }
+
     /// Whether an operator blocked `ip` (every request from it is refused).
     pub fn ip_blocked(&self, ip: IpAddr) -> bool {
         self.operator().blocked_ips.contains_key(&ip)

@@ -32,6 +32,8 @@ pub struct Relay {
     /// The plugins' key-value store, also holding the operator's lists.
     pub metadata: Arc<dyn MetadataStore>,
     pub metrics: Arc<Metrics>,
+    /// Set when replicas share events through Firestore.
+    pub replicator: Option<Arc<Replicator>>,
     /// Turns true when the relay starts shutting down; connections say
     /// goodbye and close.
     pub shutdown: watch::Sender<bool>,
@@ -95,7 +97,6 @@ impl Relay {
         )?;
         if let Some(replicator) = &replicator {
             plugins.set_missing_event_source(replicator.clone());
-            replicator.clone().follow(ingest.clone());
         }
         let policy = Policy::new(&config.rate_limits, &config.access);
         let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;
@@ -109,10 +110,17 @@ impl Relay {
             policy,
             metadata,
             metrics,
+            replicator,
             shutdown: watch::Sender::new(false),
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();
+        if let Some(replicator) = &relay.replicator {
+            // Events the operator banned are not re-applied from the shared log.
+            let weak = Arc::downgrade(&relay);
+            let banned = move |e: &nostr::event::Event| weak.upgrade().is_some_and(|r| r.policy.is_banned(e));
+            replicator.clone().follow(relay.ingest.clone(), relay.fanout.clone(), Arc::new(banned));
+        }
         if relay.config.metadata.backend == MetadataBackend::Firestore {
             relay.follow_operator_lists();
         }

@@ -31,7 +31,8 @@ use firestore::gcloud_sdk::google::firestore::v1 as fs;
 use firestore::gcloud_sdk::prost_types::Timestamp;
 use nostr::event::Event;
 
-use crate::event::AcceptedEvent;
+use crate::event::{AcceptedEvent, KindClass, kind_class};
+use crate::fanout::Fanout;
 use crate::firestore::{
     Firestore, FirestoreError, ascending, call, field_string, field_timestamp, run_query, string_value,
 };
@@ -42,9 +43,18 @@ const COLLECTION: &str = "events";
 const MAX_WRITES_PER_COMMIT: usize = 500;
 /// Documents fetched per poll.
 const PAGE: i32 = 500;
+/// Ephemeral events from other replicas older than this are not delivered
+/// (a replica catching up does not replay old ephemeral traffic).
+const EPHEMERAL_MAX_AGE_SECONDS: i64 = 30;
+
+/// Events a replica must not apply (the operator banned them or their author).
+pub type Banned = Arc<dyn Fn(&Event) -> bool + Send + Sync>;
 
 pub struct Replicator {
     firestore: Firestore,
+    /// This process, in the `origin` field of what it publishes, so it can
+    /// tell its own ephemeral events apart (it delivered them already).
+    origin: String,
     public_url: String,
     cursor_file: PathBuf,
     poll_interval: Duration,
@@ -61,7 +71,8 @@ struct Cursor {
 
 impl Replicator {
     pub fn new(firestore: Firestore, public_url: String, data_dir: &Path, poll_interval: Duration) -> Self {
-        Self { firestore, public_url, cursor_file: data_dir.join("replication-cursor.json"), poll_interval }
+        let origin = hex::encode(rand::random::<[u8; 8]>());
+        Self { firestore, origin, public_url, cursor_file: data_dir.join("replication-cursor.json"), poll_interval }
     }
 
     /// Writes client events to Firestore; returns, per event, `Ok` or why it
@@ -90,7 +101,12 @@ impl Replicator {
         let name = self.firestore.document(COLLECTION, &e.event.id.to_hex());
         let document = fs::Document {
             name,
-            fields: [("json".to_string(), string_value(e.json.clone()))].into_iter().collect(),
+            fields: [
+                ("json".to_string(), string_value(e.json.clone())),
+                ("origin".to_string(), string_value(self.origin.clone())),
+            ]
+            .into_iter()
+            .collect(),
             ..Default::default()
         };
         use fs::document_transform::field_transform::{ServerValue, TransformType};
@@ -144,8 +160,20 @@ impl Replicator {
         self.firestore.retry("follow events", |client| run_query(client, parent.clone(), query.clone(), None)).await
     }
 
+    /// Writes an ephemeral event to the shared log, so other replicas deliver
+    /// it to their live subscribers; failures are logged (ephemeral events
+    /// are best effort).
+    pub fn publish_ephemeral(self: &Arc<Self>, event: Arc<AcceptedEvent>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(Err(e)) = this.publish(&[event]).await.pop() {
+                tracing::warn!(error = %e, "an ephemeral event was not replicated");
+            }
+        });
+    }
+
     /// Applies other replicas' events until the relay stops.
-    pub fn follow(self: Arc<Self>, ingest: Ingest) {
+    pub fn follow(self: Arc<Self>, ingest: Ingest, fanout: Arc<Fanout>, banned: Banned) {
         tokio::spawn(async move {
             let mut cursor = self.load_cursor();
             let mut backoff = self.poll_interval;
@@ -158,7 +186,7 @@ impl Replicator {
                     Ok(docs) => {
                         backoff = self.poll_interval;
                         let full = docs.len() == PAGE as usize;
-                        match self.apply(&ingest, &docs).await {
+                        match self.apply(&ingest, &fanout, &banned, &docs).await {
                             Ok(next) => {
                                 if let Err(e) = self.save_cursor(&next) {
                                     tracing::error!(error = %e, "saving the replication cursor failed");
@@ -185,8 +213,15 @@ impl Replicator {
     }
 
     /// Applies one page; returns the cursor after it.
-    async fn apply(&self, ingest: &Ingest, docs: &[fs::Document]) -> Result<Cursor, String> {
+    async fn apply(
+        &self,
+        ingest: &Ingest,
+        fanout: &Fanout,
+        banned: &Banned,
+        docs: &[fs::Document],
+    ) -> Result<Cursor, String> {
         let mut pending = Vec::with_capacity(docs.len());
+        let now = crate::event::unix_now() as i64;
         for doc in docs {
             let Some(json) = field_string(doc, "json") else { continue };
             let event: Event = match serde_json::from_str(json) {
@@ -200,9 +235,20 @@ impl Replicator {
                 tracing::warn!(doc = %doc.name, "skipping a replicated event with a bad id or signature");
                 continue;
             }
+            if banned(&event) {
+                continue;
+            }
             let mut accepted = AcceptedEvent::new(event);
             accepted.vanish_request = crate::event::is_vanish_request_for(&accepted.event, &self.public_url);
             accepted.replicated = true;
+            if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
+                let written = field_timestamp(doc, "written_at").map_or(0, |t| t.seconds);
+                let own = field_string(doc, "origin") == Some(self.origin.as_str());
+                if !own && now - written <= EPHEMERAL_MAX_AGE_SECONDS {
+                    fanout.broadcast(0, &Arc::new(accepted));
+                }
+                continue;
+            }
             pending.push(ingest.submit(Arc::new(accepted)).await);
         }
         for rx in pending {

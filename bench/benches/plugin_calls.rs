@@ -1,0 +1,89 @@
+//! Criterion micro-benchmarks of single plugin calls through the host's
+//! plugin runtime: the MLS gateway's `on-event` (a kind 445 group message)
+//! and `process-req` (a KeyPackage REQ for an author with none, and a COUNT),
+//! and the probe plugin's plain accept, which is the runtime's own cost
+//! (instance from the pool, conversion, call, return).
+//!
+//! Run with `make bench` (after `make plugins`) or
+//! `cargo bench -p relay-bench --bench plugin_calls`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use nostr::event::{EventBuilder, Kind, Tag};
+use nostr::key::Keys;
+use wasm_relay::config::PluginConfig;
+use wasm_relay::fanout::Fanout;
+use wasm_relay::filter::{Filter, FilterLimits};
+use wasm_relay::metadata::{MetadataStore, SledMetadataStore};
+use wasm_relay::metrics::Metrics;
+use wasm_relay::plugin::{Caller, PluginHost, ReadPurpose};
+use wasm_relay::store::{EventStore, ReadAccess, SledEventStore};
+
+fn plugin(file: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins").join(file);
+    assert!(path.exists(), "{} is missing: run `make plugins`", path.display());
+    path
+}
+
+fn host(rt: &tokio::runtime::Runtime, dir: &std::path::Path, name: &str, file: &str) -> Arc<PluginHost> {
+    rt.block_on(async {
+        let metadata: Arc<dyn MetadataStore> = Arc::new(SledMetadataStore::open(&dir.join(name)).unwrap());
+        let events: Arc<dyn EventStore> = Arc::new(SledEventStore::open(&dir.join(name), 64 << 20).unwrap());
+        let configs = [PluginConfig::new(name, plugin(file))];
+        PluginHost::start(
+            &configs,
+            dir.join("cache"),
+            metadata,
+            events,
+            Arc::new(Fanout::new(true)),
+            5000,
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap()
+    })
+}
+
+fn filter(json: serde_json::Value) -> Vec<Filter> {
+    vec![Filter::parse(&json, FilterLimits { max_values: 5000 }).unwrap()]
+}
+
+fn plugin_calls(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = host(&rt, dir.path(), "mls-gateway", "mls_gateway.wasm");
+    let probe = host(&rt, dir.path(), "probe", "probe.wasm");
+    let caller = Caller { connection_id: 1, authed_pubkeys: vec![], remote: SocketAddr::from(([127, 0, 0, 1], 9)) };
+    let keys = Keys::generate();
+    let group = "ab".repeat(32);
+    let message = EventBuilder::new(Kind::Custom(445), "c2VhbGVk")
+        .tags([Tag::parse(["h", group.as_str()]).unwrap()])
+        .sign_with_keys(&keys)
+        .unwrap();
+    let note = EventBuilder::new(Kind::TextNote, "hello").sign_with_keys(&keys).unwrap();
+    let kp_req =
+        filter(serde_json::json!({"kinds": [443, 30443], "authors": [Keys::generate().public_key().to_hex()]}));
+    let access = ReadAccess::trusted(0);
+
+    let mut g = c.benchmark_group("plugin call");
+    g.bench_function("probe on-event (accept)", |b| {
+        b.to_async(&rt).iter(|| async { probe.on_event(&caller, &note).await.unwrap() })
+    });
+    g.bench_function("mls-gateway on-event (kind 445)", |b| {
+        b.to_async(&rt).iter(|| async { gateway.on_event(&caller, &message).await.unwrap() })
+    });
+    g.bench_function("mls-gateway process-req (KeyPackage REQ)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { gateway.process_req(&caller, "s", ReadPurpose::Req, &kp_req, &access).await.unwrap() })
+    });
+    g.bench_function("mls-gateway process-req (KeyPackage COUNT)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { gateway.process_req(&caller, "s", ReadPurpose::Count, &kp_req, &access).await.unwrap() })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, plugin_calls);
+criterion_main!(benches);
