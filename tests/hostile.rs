@@ -30,6 +30,24 @@ async fn still_serves(relay: &TestRelay) {
     assert_eq!(c.req_ids("check", vec![json!({"ids": [e.id.to_hex()]})]).await, vec![e.id.to_hex()]);
 }
 
+type RawSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads until the relay ends the connection; `Some(close code)` when it
+/// sent a close frame with one. Fails the test after `seconds`.
+async fn closed_within(ws: &mut RawSocket, seconds: u64, why: &str) -> Option<u16> {
+    let ended = tokio::time::timeout(Duration::from_secs(seconds), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    ended.unwrap_or_else(|_| panic!("{why}"))
+}
+
 /// Publishes events from `key` on its own connection as fast as OKs come
 /// back (up to 32 in flight), recording every id acknowledged with `OK true`,
 /// until the connection breaks.
@@ -145,16 +163,7 @@ async fn malformed_frames_close_only_the_offender() {
     let (mut ws, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
     let bad = Frame::message(vec![b'[', 0xff, 0xfe, b']'], OpCode::Data(Data::Text), true);
     ws.send(Message::Frame(bad)).await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "a frame with invalid UTF-8 must end the connection");
+    closed_within(&mut ws, 10, "a frame with invalid UTF-8 must end the connection").await;
     still_serves(&relay).await;
 
     // Deeply nested JSON within the size limit: a NOTICE, and the connection stays usable.
@@ -173,17 +182,7 @@ async fn malformed_frames_close_only_the_offender() {
     // Far over the limit: the connection is closed with 1009 (message too big).
     let (mut ws, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
     let _ = ws.send(Message::Text("x".repeat(2 << 20).into())).await;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                None | Some(Err(_)) => return None,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .expect("an oversized frame must end the connection");
+    let closed = closed_within(&mut ws, 10, "an oversized frame must end the connection").await;
     assert!(closed.is_none_or(|code| code == 1009), "close code {closed:?}");
     still_serves(&relay).await;
 }
@@ -261,16 +260,7 @@ async fn silent_and_half_open_connections_are_closed() {
     // A WebSocket peer that has gone away (never reads, so never answers pings).
     let (mut gone, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match gone.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "a peer that answers no ping must be disconnected");
+    closed_within(&mut gone, 10, "a peer that answers no ping must be disconnected").await;
 
     // A client that reads (and so answers pings) stays connected past the timeout.
     let (ws, _) = tokio_tungstenite::connect_async_with_config(&relay.url, None, true).await.unwrap();

@@ -121,6 +121,20 @@ impl Firestore {
     }
 }
 
+impl Firestore {
+    /// Commits `writes` atomically, retrying: only for writes whose repetition
+    /// is harmless (unconditional upserts and deletes).
+    pub async fn commit_idempotent(&self, what: &str, writes: Vec<fs::Write>) -> Result<(), FirestoreError> {
+        let database = self.database();
+        self.retry(what, |mut client| {
+            let request =
+                fs::CommitRequest { database: database.clone(), writes: writes.clone(), ..Default::default() };
+            async move { call(client.commit(request)).await.map(|_| ()) }
+        })
+        .await
+    }
+}
+
 /// Awaits one gRPC call with the call deadline.
 pub async fn call<T>(
     fut: impl std::future::Future<Output = Result<firestore::gcloud_sdk::tonic::Response<T>, Status>>,

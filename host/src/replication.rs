@@ -81,16 +81,8 @@ impl Replicator {
         let mut results = Vec::with_capacity(events.len());
         for chunk in events.chunks(MAX_WRITES_PER_COMMIT) {
             let writes: Vec<fs::Write> = chunk.iter().map(|e| self.write(e)).collect();
-            let database = self.firestore.database();
             // Writing the same document again is harmless, so retrying is safe.
-            let outcome = self
-                .firestore
-                .retry("publish events", |mut client| {
-                    let request =
-                        fs::CommitRequest { database: database.clone(), writes: writes.clone(), ..Default::default() };
-                    async move { call(client.commit(request)).await.map(|_| ()) }
-                })
-                .await;
+            let outcome = self.firestore.commit_idempotent("publish events", writes).await;
             let outcome = outcome.map_err(|e| format!("replicating the event failed ({e})"));
             results.extend(std::iter::repeat_n(outcome, chunk.len()));
         }

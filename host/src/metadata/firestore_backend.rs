@@ -212,30 +212,13 @@ impl MetadataStore for FirestoreMetadataStore {
         validate_key(key)?;
         validate_value(&value)?;
         let write = self.write(ns, &Write { key: key.into(), value: Some(value) });
-        let database = self.firestore.database();
-        // An unconditional upsert: repeating it is harmless.
-        self.firestore
-            .retry("put", |mut client| {
-                let request =
-                    fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
-                async move { call(client.commit(request)).await.map(|_| ()) }
-            })
-            .await
-            .map_err(kv_error)
+        self.firestore.commit_idempotent("put", vec![write]).await.map_err(kv_error)
     }
 
     async fn delete(&self, ns: &str, key: &str) -> Result<(), KvError> {
         validate_key(key)?;
         let write = self.write(ns, &Write { key: key.into(), value: None });
-        let database = self.firestore.database();
-        self.firestore
-            .retry("delete", |mut client| {
-                let request =
-                    fs::CommitRequest { database: database.clone(), writes: vec![write.clone()], ..Default::default() };
-                async move { call(client.commit(request)).await.map(|_| ()) }
-            })
-            .await
-            .map_err(kv_error)
+        self.firestore.commit_idempotent("delete", vec![write]).await.map_err(kv_error)
     }
 
     async fn scan_prefix(
