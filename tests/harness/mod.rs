@@ -199,6 +199,18 @@ impl TestRelay {
         next
     }
 
+    /// The relay process's resident memory, from /proc (Linux).
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("relay running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS line");
+        kib * 1024
+    }
+
     /// Stops the relay (SIGKILL) and keeps its data directory.
     pub async fn stop(&mut self) {
         self.child.kill().await.expect("kill relay");
