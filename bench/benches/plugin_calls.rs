@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nostr::event::{EventBuilder, Kind, Tag};
+use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
 use nostr::key::Keys;
 use wasm_relay::config::PluginConfig;
 use wasm_relay::fanout::Fanout;
@@ -60,9 +60,9 @@ fn plugin_calls(c: &mut Criterion) {
     let group = "ab".repeat(32);
     let message = EventBuilder::new(Kind::Custom(445), "c2VhbGVk")
         .tags([Tag::parse(["h", group.as_str()]).unwrap()])
-        .sign_with_keys(&keys)
+        .finalize(&keys)
         .unwrap();
-    let note = EventBuilder::new(Kind::TextNote, "hello").sign_with_keys(&keys).unwrap();
+    let note = EventBuilder::new(Kind::TextNote, "hello").finalize(&keys).unwrap();
     let kp_req =
         filter(serde_json::json!({"kinds": [443, 30443], "authors": [Keys::generate().public_key().to_hex()]}));
     let access = ReadAccess::trusted(0);
