@@ -1,7 +1,7 @@
 //! The Firestore emulator for tests: one per test binary, started on a free
 //! loopback port the first time a test asks for it, and stopped when the test
-//! binary exits (a watchdog shell in the emulator's own process group ends the
-//! whole group, Java child included, once the test process is gone). Each
+//! binary exits (a watchdog shell leading the emulator's session ends every
+//! process of that session, Java child included, once the test process is gone). Each
 //! test uses a fresh project id, so tests never see each other's data.
 #![allow(dead_code)]
 
@@ -41,11 +41,12 @@ fn start() -> String {
     let host = format!("127.0.0.1:{port}");
     let log: PathBuf = std::env::temp_dir().join(format!("firestore-emulator-{port}.log"));
     let test_pid = std::process::id();
-    // The shell leads a new process group (setsid): when this test process
-    // ends, it kills the group, which holds gcloud and its Java child.
+    // The shell leads a new session (setsid). gcloud moves itself and its
+    // Java child into a process group of their own, but stays in the session:
+    // when this test process ends, the shell ends every process of its session.
     let script = format!(
         "gcloud emulators firestore start --host-port={host} >{log} 2>&1 & \
-         while kill -0 {test_pid} 2>/dev/null; do sleep 1; done; kill -TERM 0",
+         while kill -0 {test_pid} 2>/dev/null; do sleep 1; done; pkill -TERM -s $$; kill -TERM 0",
         log = log.display()
     );
     let mut watchdog =
