@@ -350,14 +350,26 @@ pub async fn load_lists(metadata: &dyn MetadataStore) -> Result<OperatorLists, c
             let reason = String::from_utf8_lossy(&value).into_owned();
             let Some((list, item)) = key.split_once('/') else { continue };
             let item = item.to_owned();
-            match list {
-                "ban-pubkey" => drop(lists.banned_pubkeys.insert(item, reason)),
-                "allow-pubkey" => drop(lists.allowed_pubkeys.insert(item, reason)),
-                "ban-event" => drop(lists.banned_events.insert(item, reason)),
-                "allow-kind" => drop(item.parse().map(|k| lists.allowed_kinds.insert(k))),
-                "disallow-kind" => drop(item.parse().map(|k| lists.disallowed_kinds.insert(k))),
-                "block-ip" => drop(item.parse().map(|ip| lists.blocked_ips.insert(ip, reason))),
-                _ => tracing::warn!(%key, "unknown entry in the operator's lists"),
+            let known = match list {
+                "ban-pubkey" => {
+                    lists.banned_pubkeys.insert(item, reason);
+                    true
+                }
+                "allow-pubkey" => {
+                    lists.allowed_pubkeys.insert(item, reason);
+                    true
+                }
+                "ban-event" => {
+                    lists.banned_events.insert(item, reason);
+                    true
+                }
+                "allow-kind" => item.parse().map(|k| lists.allowed_kinds.insert(k)).is_ok(),
+                "disallow-kind" => item.parse().map(|k| lists.disallowed_kinds.insert(k)).is_ok(),
+                "block-ip" => item.parse().map(|ip| lists.blocked_ips.insert(ip, reason)).is_ok(),
+                _ => false,
+            };
+            if !known {
+                tracing::warn!(%key, "unreadable entry in the operator's lists; ignored");
             }
         }
     }
