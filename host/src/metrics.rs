@@ -27,6 +27,9 @@ pub struct Metrics {
     pub slow_disconnects: IntCounter,
     /// Client messages by verb (`EVENT`, `REQ`, `COUNT`, `CLOSE`, `AUTH`, `invalid`).
     pub messages: IntCounterVec,
+    /// `messages` per verb, resolved once (updated for every client message),
+    /// in the order of [`Metrics::VERBS`].
+    pub messages_by_verb: [IntCounter; 6],
     /// EVENT outcomes: `stored`, `duplicate`, `ephemeral`, or the refusal prefix.
     pub events: IntCounterVec,
     /// REQ/COUNT outcomes by `purpose` (`req`, `count`) and `outcome`
@@ -80,11 +83,13 @@ impl Metrics {
         let counter = |n: &str, h: &str| reg(r, IntCounter::with_opts(opts(n, h)).expect("valid metric"));
         let counter_vec =
             |n: &str, h: &str, l: &[&str]| reg(r, IntCounterVec::new(opts(n, h), l).expect("valid metric"));
+        let messages = counter_vec("messages_total", "Client messages by verb", &["verb"]);
         Self {
+            messages_by_verb: Self::VERBS.map(|v| messages.with_label_values(&[v])),
+            messages,
             connections_open: reg(r, IntGauge::with_opts(opts("connections", "Open WebSocket connections")).unwrap()),
             connections_total: counter("connections_total", "WebSocket connections accepted"),
             slow_disconnects: counter("slow_disconnects_total", "Connections closed for reading too slowly"),
-            messages: counter_vec("messages_total", "Client messages by verb", &["verb"]),
             events: counter_vec(
                 "events_total",
                 "EVENT outcomes (stored, duplicate, ephemeral, or refusal prefix)",
@@ -155,6 +160,9 @@ impl Metrics {
             registry,
         }
     }
+
+    /// Verbs counted in `messages`.
+    pub const VERBS: [&'static str; 6] = ["EVENT", "REQ", "COUNT", "CLOSE", "AUTH", "invalid"];
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {

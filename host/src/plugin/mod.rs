@@ -76,9 +76,9 @@ pub trait EventSource: Send + Sync {
 /// The hook a call went to, as a metric label.
 #[derive(Debug, Clone, Copy)]
 pub enum Hook {
-    OnEvent,
-    ProcessReq,
-    Tick,
+    OnEvent = 0,
+    ProcessReq = 1,
+    Tick = 2,
 }
 
 impl Hook {
@@ -100,20 +100,26 @@ pub struct PluginStats {
     metrics: Arc<Metrics>,
     /// The plugin's own counters (`host.count`), shared by all its versions.
     pub counters: Arc<PluginCounters>,
+    /// Per-hook call counters and latency histograms, resolved once: every
+    /// plugin call updates them, so no label lookup on that path.
+    calls: [prometheus::IntCounter; 3],
+    call_seconds: [prometheus::Histogram; 3],
 }
 
 impl PluginStats {
     pub fn new(metrics: &Arc<Metrics>, plugin: &str) -> Self {
         let counters = Arc::new(PluginCounters::new(plugin, metrics.plugin_counter.clone()));
         metrics.plugin_disabled.with_label_values(&[plugin]).set(0);
-        Self { plugin: plugin.to_owned(), metrics: metrics.clone(), counters }
+        let calls = Hook::ALL.map(|h| metrics.plugin_calls.with_label_values(&[plugin, h.as_str()]));
+        let call_seconds = Hook::ALL.map(|h| metrics.plugin_call_seconds.with_label_values(&[plugin, h.as_str()]));
+        Self { plugin: plugin.to_owned(), metrics: metrics.clone(), counters, calls, call_seconds }
     }
 
     fn record_call(&self, hook: Hook, elapsed: Duration, failure: Option<&CallFailure>) {
-        let labels = [self.plugin.as_str(), hook.as_str()];
-        self.metrics.plugin_calls.with_label_values(&labels).inc();
-        self.metrics.plugin_call_seconds.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        self.calls[hook as usize].inc();
+        self.call_seconds[hook as usize].observe(elapsed.as_secs_f64());
         if let Some(failure) = failure {
+            let labels = [self.plugin.as_str(), hook.as_str()];
             let reason = match failure {
                 CallFailure::Timeout(_) => "timeout",
                 CallFailure::OutOfMemory(_) => "out-of-memory",
@@ -138,10 +144,7 @@ impl PluginStats {
 
     /// Calls made to this slot, every hook and version.
     pub fn calls(&self) -> u64 {
-        Hook::ALL
-            .iter()
-            .map(|h| self.metrics.plugin_calls.with_label_values(&[self.plugin.as_str(), h.as_str()]).get())
-            .sum()
+        self.calls.iter().map(prometheus::IntCounter::get).sum()
     }
 
     /// Calls that failed (trap, timeout, memory, instantiation).
