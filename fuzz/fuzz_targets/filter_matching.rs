@@ -4,7 +4,10 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use nostr::event::Event;
+
+#[path = "support.rs"]
+mod support;
+use support::unsigned_event;
 use wasm_relay::filter::{Filter, FilterLimits, filter_matches};
 
 #[derive(Arbitrary, Debug)]
@@ -18,25 +21,6 @@ struct Input {
 }
 
 
-/// An event with these fields and a dummy signature (matching and plugins
-/// look at fields; signatures are the host's business, checked elsewhere).
-fn unsigned_event(id: [u8; 32], created_at: u64, kind: u16, tags: Vec<Vec<String>>, content: String) -> Option<Event> {
-    let tags: Vec<Vec<String>> = tags.into_iter().filter(|t| !t.is_empty()).collect();
-    serde_json::from_value(serde_json::json!({
-        "id": hex(&id),
-        "pubkey": "79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798",
-        "created_at": created_at,
-        "kind": kind,
-        "tags": tags,
-        "content": content,
-        "sig": "01".repeat(64),
-    }))
-    .ok()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fuzz_target!(|input: Input| {
     let Ok(value) = serde_json::from_str(&input.filter_json) else { return };
