@@ -70,6 +70,7 @@ fn plugin_calls(c: &mut Criterion) {
     let note = EventBuilder::new(Kind::TextNote, "hello").finalize(&keys).unwrap();
     let kp_req =
         filter(serde_json::json!({"kinds": [443, 30443], "authors": [Keys::generate().public_key().to_hex()]}));
+    let by_tag = filter(serde_json::json!({"#t": ["nostr"], "limit": 10}));
     let access = ReadAccess::trusted(0);
 
     let mut g = c.benchmark_group("plugin call");
@@ -82,6 +83,10 @@ fn plugin_calls(c: &mut Criterion) {
     g.bench_function("mls-gateway process-req (KeyPackage REQ)", |b| {
         b.to_async(&rt)
             .iter(|| async { gateway.process_req(&caller, "s", ReadPurpose::Req, &kp_req, &access).await.unwrap() })
+    });
+    g.bench_function("mls-gateway process-req (#t REQ, no owner named)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { gateway.process_req(&caller, "s", ReadPurpose::Req, &by_tag, &access).await.unwrap() })
     });
     g.bench_function("mls-gateway process-req (KeyPackage COUNT)", |b| {
         b.to_async(&rt)

@@ -70,6 +70,10 @@ impl PluginRuntime {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        // The contract (WIT 0.1.0) has no async functions, streams or
+        // futures. Without the component-model-async machinery each call
+        // takes the plain fiber path, which is cheaper per call.
+        config.concurrency_support(false);
         let engine = Engine::new(&config)?;
         let ticker = engine.weak();
         std::thread::Builder::new().name("plugin-epoch".into()).spawn(move || {

@@ -15,13 +15,19 @@ fn refuse(kind: RefusalKind, message: String) -> ReqResult {
     ReqResult::Reject(Refusal { kind, message })
 }
 
-pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now: u64) -> ReqResult {
+/// The answer to a REQ/COUNT. `Continue` whenever no KeyPackage is handed
+/// out: the host never serves the managed kinds itself, so `Continue` and an
+/// empty `filter-query` mean the same, and `Continue` spares the host from
+/// lifting the filters back. Most requests (a feed's `#t`, a profile's
+/// `authors` + `kinds: [0]`) end at the first check, before any host call.
+pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now: impl Fn() -> u64) -> ReqResult {
     let reaches_kps =
         |f: &&Filter| f.could_match_kind(KIND_KEY_PACKAGE) || f.could_match_kind(KIND_KEY_PACKAGE_ADDRESSABLE);
-    let kp_filters: Vec<&Filter> = filters.iter().filter(reaches_kps).collect();
+    let kp_filters: Vec<&Filter> = filters.iter().filter(reaches_kps).filter(|f| names_owners(f)).collect();
     if kp_filters.is_empty() {
         return ReqResult::Continue;
     }
+    let now = now();
     let mut by_owner: BTreeMap<String, Vec<&Filter>> = BTreeMap::new();
     for f in kp_filters {
         for owner in owners_asked(f) {
@@ -65,7 +71,15 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
             Err(message) => return refuse(RefusalKind::Error, message),
         }
     }
+    if ids.is_empty() {
+        return ReqResult::Continue;
+    }
     ReqResult::FilterQuery(FilterQuery { ids, filters: filters.to_vec() })
+}
+
+/// Whether `f` can name a KeyPackage owner at all (see [`owners_asked`]).
+fn names_owners(f: &Filter) -> bool {
+    f.authors.is_some() || f.ids.is_some() || f.tags.iter().any(|t| t.name == "i")
 }
 
 /// The NIP-42 key the connection proved, else its IP address.

@@ -114,7 +114,7 @@ impl Plugin for MlsGateway {
     }
 
     fn process_req(ctx: RequestContext, filters: Vec<Filter>) -> ReqResult {
-        delivery::answer(&ctx, &filters, Settings::get(), host::now())
+        delivery::answer(&ctx, &filters, Settings::get(), host::now)
     }
 
     fn tick(now: u64) {
