@@ -2,7 +2,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
 
-.PHONY: all run build plugins wasm-target test lint fmt clean bench fuzz
+.PHONY: all run build plugins wasm-target test lint fmt clean bench profile fuzz
 
 all: build
 
@@ -41,11 +41,23 @@ test: plugins
 # Load and micro benchmarks against release builds on loopback ports; prints a
 # table and writes target/bench/results.json, then criterion's single plugin
 # call figures. `make bench ONLY=ingest` runs one group (ONLY=calls: criterion).
+# One cargo build makes the relay, the load generator and the criterion
+# executable, which then runs directly (`cargo bench` would build it again).
 bench: plugins
-	$(CARGO) build --release -p wasm-relay -p relay-bench
+	$(CARGO) build --release -p wasm-relay -p relay-bench --bins --benches
 	@if [ "$(ONLY)" != "calls" ]; then ./target/release/relay-bench $(ONLY); fi
 	@if [ -z "$(ONLY)" ] || [ "$(ONLY)" = "calls" ]; then \
-		$(CARGO) bench -p relay-bench --bench plugin_calls -- --warm-up-time 1 --measurement-time 3; fi
+		exe=$$($(CARGO) build --release -p relay-bench --benches --message-format=json 2>/dev/null \
+			| grep -o '"executable":"[^"]*plugin_calls[^"]*"' | cut -d'"' -f4); \
+		[ -x "$$exe" ] || { echo "error: the plugin_calls benchmark was not built"; exit 1; }; \
+		"$$exe" --bench --warm-up-time 1 --measurement-time 3; fi
+
+# Where the relay's CPU goes under one bench scenario (perf; a flamegraph too
+# when inferno is installed): `make profile ONLY=ingest`, ONLY=query with
+# PROFILE_RELAY=2 for the relay with the MLS gateway. See bench/profile.sh.
+profile: plugins
+	$(CARGO) build --release -p wasm-relay -p relay-bench --bins --benches
+	bash bench/profile.sh $(or $(ONLY),ingest)
 
 # Fuzz targets (fuzz/fuzz_targets), each for FUZZ_SECONDS, on the nightly
 # toolchain with cargo-fuzz (installed if missing). A crash stops the run and

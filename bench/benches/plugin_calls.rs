@@ -60,7 +60,7 @@ fn plugin_calls(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let gateway = host(&rt, dir.path(), "mls-gateway", "mls_gateway.wasm");
     let probe = host(&rt, dir.path(), "probe", "probe.wasm");
-    let caller = Caller { connection_id: 1, authed_pubkeys: vec![], remote: SocketAddr::from(([127, 0, 0, 1], 9)) };
+    let caller = Caller::new(1, SocketAddr::from(([127, 0, 0, 1], 9)));
     let keys = Keys::generate();
     let group = "ab".repeat(32);
     let message = EventBuilder::new(Kind::Custom(445), "c2VhbGVk")

@@ -82,33 +82,34 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
     let pool: Arc<Vec<String>> =
         Arc::new(sign_many(INGEST_POOL_PER_RUN * RUNS, &signers, note).iter().map(|e| e.as_json()).collect());
     let gateway = workspace_root().join("target/plugins/mls_gateway.wasm");
-    let mut ingest_300 = [0.0f64; 2];
     if want("ingest") {
-        for (conns, with_gateway) in [(100, false), (300, false), (1000, false), (300, true)] {
-            let plugins: Vec<(&str, &Path)> = if with_gateway { vec![("mls-gateway", &gateway)] } else { vec![] };
-            let relay = RelayProcess::start(&bench_config(&plugins), |_| {}).await?;
-            let (rate, p50, p99) = ingest(&relay, conns, pool.clone()).await?;
-            let label = if with_gateway { " (MLS gateway loaded)" } else { "" };
-            let target = match (conns, with_gateway) {
-                (300, true) => ">= 10000/s, p99 < 50 ms",
-                _ => "",
-            };
-            if conns == 300 {
-                ingest_300[with_gateway as usize] = rate;
-            }
-            rows.push(row(
+        let publish = |pool: &Arc<Vec<String>>| {
+            Arc::new(Publish { pool: pool.clone(), next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() })
+        };
+        let ingest_row = |conns: usize, label: &str, target: &str, (rate, p50, p99): RunFigures| {
+            row(
                 format!("ingest, {conns} connections{label}"),
                 format!("{rate:.0} ev/s p50 {p50:.1} p99 {p99:.1} ms ({:.0}%)", 100.0 * rate / verify_rate),
                 target,
                 json!({"events_per_s": rate, "p50_ms": p50, "p99_ms": p99, "of_verify_bound": rate / verify_rate}),
-            ));
-        }
-        rows.push(row(
-            "plugin overhead, ingest (gateway / none)",
-            format!("{:.2}", ingest_300[1] / ingest_300[0].max(1.0)),
-            ">= 0.90",
-            json!(ingest_300[1] / ingest_300[0].max(1.0)),
-        ));
+            )
+        };
+        let plain = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
+        rows.push(ingest_row(100, "", "", closed_loop(&plain, 100, publish(&pool)).await?));
+        drop(plain);
+        // 300 connections with and without the gateway, runs interleaved.
+        let plain = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
+        let with_gateway = RelayProcess::start(&bench_config(&[("mls-gateway", &gateway)]), |_| {}).await?;
+        let [none, gw] = interleaved([(&plain, publish(&pool)), (&with_gateway, publish(&pool))], 300).await?;
+        drop((plain, with_gateway));
+        let plain = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
+        let thousand = closed_loop(&plain, 1000, publish(&pool)).await?;
+        drop(plain);
+        rows.push(ingest_row(300, "", "", none));
+        rows.push(ingest_row(1000, "", "", thousand));
+        rows.push(ingest_row(300, " (MLS gateway loaded)", ">= 10000/s, p99 < 50 ms", gw));
+        let ratio = gw.0 / none.0.max(1.0);
+        rows.push(row("plugin overhead, ingest (gateway / none)", format!("{ratio:.2}"), ">= 0.90", json!(ratio)));
     }
     if want("query") {
         eprintln!("preparing a store of {QUERY_STORE_EVENTS} events...");
@@ -124,41 +125,36 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
                 store.write_batch(chunk)?;
             }
         }
-        let mut req_tag = [0.0f64; 2];
-        for with_gateway in [false, true] {
-            let plugins: Vec<(&str, &Path)> = if with_gateway { vec![("mls-gateway", &gateway)] } else { vec![] };
-            let relay = RelayProcess::start(&bench_config(&plugins), |dir| copy_dir(template.path(), dir)).await?;
-            let shapes: Vec<(&str, FilterGen)> = if with_gateway {
-                vec![("#t", Box::new(|i| format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS)))]
-            } else {
-                let (a, d) = (author_hex.clone(), ids.clone());
-                vec![
-                    ("#t", Box::new(|i| format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS))),
-                    ("authors", Box::new(move |i| format!("{{\"authors\":[\"{}\"],\"limit\":10}}", a[i % a.len()]))),
-                    ("ids", Box::new(move |i| format!("{{\"ids\":[\"{}\"]}}", d[(i * 7919) % d.len()]))),
-                ]
-            };
-            for (shape, filter) in shapes {
-                let (rate, p50, p99) = queries(&relay, 300, Arc::new(filter)).await?;
-                if shape == "#t" {
-                    req_tag[with_gateway as usize] = rate;
-                }
-                let label = if with_gateway { " (MLS gateway loaded)" } else { "" };
-                let target = if shape == "#t" && !with_gateway { ">= 20000/s" } else { "" };
-                rows.push(row(
-                    format!("REQ {shape} limit 10, 300 connections, 100k events{label}"),
-                    format!("{rate:.0} req/s p50 {p50:.1} p99 {p99:.1} ms"),
-                    target,
-                    json!({"reqs_per_s": rate, "p50_ms": p50, "p99_ms": p99}),
-                ));
-            }
+        let plain = RelayProcess::start(&bench_config(&[]), |dir| copy_dir(template.path(), dir)).await?;
+        let with_gateway =
+            RelayProcess::start(&bench_config(&[("mls-gateway", &gateway)]), |dir| copy_dir(template.path(), dir))
+                .await?;
+        let by_tag = || -> Arc<Query> {
+            Arc::new(Query(Arc::new(Box::new(|i| format!("{{\"#t\":[\"tag{}\"],\"limit\":10}}", i % TAGS)))))
+        };
+        let query_row = |shape: &str, label: &str, target: &str, (rate, p50, p99): RunFigures| {
+            row(
+                format!("REQ {shape} limit 10, 300 connections, 100k events{label}"),
+                format!("{rate:.0} req/s p50 {p50:.1} p99 {p99:.1} ms"),
+                target,
+                json!({"reqs_per_s": rate, "p50_ms": p50, "p99_ms": p99}),
+            )
+        };
+        // `#t` with and without the gateway, runs interleaved.
+        let [none, gw] = interleaved([(&plain, by_tag()), (&with_gateway, by_tag())], 300).await?;
+        drop(with_gateway);
+        rows.push(query_row("#t", "", ">= 20000/s", none));
+        let (a, d) = (author_hex.clone(), ids.clone());
+        let shapes: Vec<(&str, FilterGen)> = vec![
+            ("authors", Box::new(move |i| format!("{{\"authors\":[\"{}\"],\"limit\":10}}", a[i % a.len()]))),
+            ("ids", Box::new(move |i| format!("{{\"ids\":[\"{}\"]}}", d[(i * 7919) % d.len()]))),
+        ];
+        for (shape, filter) in shapes {
+            rows.push(query_row(shape, "", "", queries(&plain, 300, Arc::new(filter)).await?));
         }
-        rows.push(row(
-            "plugin overhead, REQ #t (gateway / none)",
-            format!("{:.2}", req_tag[1] / req_tag[0].max(1.0)),
-            ">= 0.90",
-            json!(req_tag[1] / req_tag[0].max(1.0)),
-        ));
+        rows.push(query_row("#t", " (MLS gateway loaded)", "", gw));
+        let ratio = gw.0 / none.0.max(1.0);
+        rows.push(row("plugin overhead, REQ #t (gateway / none)", format!("{ratio:.2}"), ">= 0.90", json!(ratio)));
     }
     if want("fanout") {
         let relay = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
@@ -248,24 +244,34 @@ trait Request: Send + Sync + 'static {
     fn send(&self, c: &mut Conn, run: usize, client: usize, i: usize) -> impl Future<Output = Option<bool>> + Send;
 }
 
-/// `conns` connections each sending `request`s back to back for `RUN_TIME`,
-/// `RUNS` times: median rate of answered requests and latency p50/p99.
-async fn closed_loop<R: Request>(
-    relay: &RelayProcess,
-    conns: usize,
+/// `conns` connections each sending `request`s back to back, one timed run
+/// (`RUN_TIME`) at a time.
+struct ClosedLoop<R> {
+    clients: Vec<Conn>,
     request: Arc<R>,
-) -> anyhow::Result<(f64, f64, f64)> {
-    let mut clients = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        clients.push(Conn::connect(&relay.url).await?);
+    runs: usize,
+}
+
+/// One run's rate of answered requests and latency p50/p99 (ms).
+type RunFigures = (f64, f64, f64);
+
+impl<R: Request> ClosedLoop<R> {
+    async fn connect(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<Self> {
+        let mut clients = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            clients.push(Conn::connect(&relay.url).await?);
+        }
+        Ok(Self { clients, request, runs: 0 })
     }
-    let (mut rates, mut p50s, mut p99s) = (vec![], vec![], vec![]);
-    for run in 0..RUNS {
+
+    async fn run_once(&mut self) -> anyhow::Result<RunFigures> {
+        let run = self.runs;
+        self.runs += 1;
         let deadline = Instant::now() + RUN_TIME;
         let start = Instant::now();
         let mut tasks = Vec::new();
-        for (n, mut c) in clients.drain(..).enumerate() {
-            let request = request.clone();
+        for (n, mut c) in self.clients.drain(..).enumerate() {
+            let request = self.request.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut i = 0;
@@ -284,14 +290,47 @@ async fn closed_loop<R: Request>(
         let mut lat = Vec::new();
         for t in tasks {
             let (c, l) = t.await?;
-            clients.push(c);
+            self.clients.push(c);
             lat.extend(l);
         }
-        rates.push(lat.len() as f64 / start.elapsed().as_secs_f64());
-        p50s.push(percentile_ms(&mut lat, 0.5));
-        p99s.push(percentile_ms(&mut lat, 0.99));
+        let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+        Ok((rate, percentile_ms(&mut lat, 0.5), percentile_ms(&mut lat, 0.99)))
     }
-    Ok((median(rates), median(p50s), median(p99s)))
+}
+
+/// Medians of several runs' figures.
+fn medians(runs: Vec<RunFigures>) -> RunFigures {
+    (
+        median(runs.iter().map(|r| r.0).collect()),
+        median(runs.iter().map(|r| r.1).collect()),
+        median(runs.iter().map(|r| r.2).collect()),
+    )
+}
+
+/// `RUNS` timed runs of `request` on `conns` connections: the medians.
+async fn closed_loop<R: Request>(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<RunFigures> {
+    let mut load = ClosedLoop::connect(relay, conns, request).await?;
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(load.run_once().await?);
+    }
+    Ok(medians(runs))
+}
+
+/// The same load on two relays (no plugin, then the MLS gateway), their runs
+/// interleaved so that drift in the machine's speed during the benchmark
+/// falls on both sides of the overhead ratio alike.
+async fn interleaved<R: Request>(pair: [(&RelayProcess, Arc<R>); 2], conns: usize) -> anyhow::Result<[RunFigures; 2]> {
+    let [(a, ra), (b, rb)] = pair;
+    let mut loads = [ClosedLoop::connect(a, conns, ra).await?, ClosedLoop::connect(b, conns, rb).await?];
+    let mut runs = [Vec::new(), Vec::new()];
+    for _ in 0..RUNS {
+        for (load, runs) in loads.iter_mut().zip(runs.iter_mut()) {
+            runs.push(load.run_once().await?);
+        }
+    }
+    let [a, b] = runs;
+    Ok([medians(a), medians(b)])
 }
 
 /// Publishing pre-signed events: run `r` uses its own slice of the pool.
@@ -308,11 +347,6 @@ impl Request for Publish {
     }
 }
 
-/// `conns` connections, each with one EVENT in flight, for `RUN_TIME`.
-async fn ingest(relay: &RelayProcess, conns: usize, pool: Arc<Vec<String>>) -> anyhow::Result<(f64, f64, f64)> {
-    closed_loop(relay, conns, Arc::new(Publish { pool, next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() })).await
-}
-
 /// Builds the filter JSON of request `i`.
 type FilterGen = Box<dyn Fn(usize) -> String + Send + Sync>;
 type FilterFn = Arc<FilterGen>;
@@ -327,7 +361,7 @@ impl Request for Query {
 }
 
 /// `conns` connections issuing REQs (REQ to EOSE) back to back.
-async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow::Result<(f64, f64, f64)> {
+async fn queries(relay: &RelayProcess, conns: usize, filter: FilterFn) -> anyhow::Result<RunFigures> {
     closed_loop(relay, conns, Arc::new(Query(filter))).await
 }
 

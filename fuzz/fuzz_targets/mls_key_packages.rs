@@ -75,7 +75,7 @@ fuzz_target!(|input: Input| {
     else {
         return;
     };
-    let caller = Caller { connection_id: 1, authed_pubkeys: vec![], remote: SocketAddr::from(([127, 0, 0, 1], 1)) };
+    let caller = Caller::new(1, SocketAddr::from(([127, 0, 0, 1], 1)));
     match g.runtime.block_on(g.host.on_event(&caller, &event)) {
         Ok(()) => {}
         Err(refusal) => assert!(

@@ -72,7 +72,7 @@ where
 {
     pub fn new(relay: Arc<Relay>, ws: WebSocketStream<S>, remote: SocketAddr) -> Self {
         let id = relay.next_connection_id();
-        let caller = Caller { connection_id: id, authed_pubkeys: vec![], remote };
+        let caller = Caller::new(id, remote);
         let challenge = hex::encode(rand::random::<[u8; 16]>());
         Self { id, remote, challenge, authed: vec![], caller, relay, ws, subs: HashMap::new(), unflushed: false }
     }
