@@ -18,8 +18,9 @@ fn refuse(kind: RefusalKind, message: String) -> ReqResult {
 /// The answer to a REQ/COUNT. `Continue` whenever no KeyPackage is handed
 /// out: the host never serves the managed kinds itself, so `Continue` and an
 /// empty `filter-query` mean the same, and `Continue` spares the host from
-/// lifting the filters back. Most requests (a feed's `#t`, a profile's
-/// `authors` + `kinds: [0]`) end at the first check, before any host call.
+/// lifting the filters back. Most requests that reach the gateway at all (a
+/// feed's `#t` without `kinds`; the host does not call it for filters whose
+/// kinds exclude KeyPackages) end at the first check, before any host call.
 pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now: impl Fn() -> u64) -> ReqResult {
     let reaches_kps =
         |f: &&Filter| f.could_match_kind(KIND_KEY_PACKAGE) || f.could_match_kind(KIND_KEY_PACKAGE_ADDRESSABLE);
