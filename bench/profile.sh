@@ -38,20 +38,23 @@ done
 
 # Let the load ramp up, then record.
 sleep 2
+# --no-inline: resolving inlined frames runs addr2line, which can stall for
+# minutes on a release binary with debug info.
+report=--no-inline
 perf record -q -F 499 --call-graph dwarf,16384 -o "$out.perf.data" -p "$pid" -- sleep "$seconds" 2>/dev/null
 {
     echo "# relay $nth of 'relay-bench $scenario', ${seconds}s, pid $pid"
     echo "## CPU by thread"
-    perf report -i "$out.perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]'
+    perf report -i "$out.perf.data" $report --no-children -g none --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]'
     echo "## hottest functions (self time)"
-    perf report -i "$out.perf.data" --no-children --sort comm,symbol --stdio 2>/dev/null \
+    perf report -i "$out.perf.data" $report --no-children -g none --sort comm,symbol --stdio 2>/dev/null \
         | grep -E '^ +[0-9]' | head -40 | cut -c1-150
     echo "## inclusive time (with callees)"
-    perf report -i "$out.perf.data" --children --sort symbol --stdio 2>/dev/null \
+    perf report -i "$out.perf.data" $report --children --sort symbol --stdio 2>/dev/null \
         | grep -E '^ +[0-9]' | grep -v inlined | head -60 | cut -c1-150
 } >"$out.txt"
 if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph >/dev/null; then
-    perf script -i "$out.perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$out.svg"
+    perf script -i "$out.perf.data" $report 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$out.svg"
     echo "flamegraph: $out.svg"
 fi
 wait "$bench" || true

@@ -26,6 +26,7 @@ use crate::fanout::{ConnId, Delivery};
 use crate::filter::{Filter, FilterLimits};
 use crate::ingest::WriteResult;
 use crate::message::{self, ClientMessage, Parsed};
+use crate::metrics::Verb;
 use crate::plugin::{Caller, ReadPurpose};
 use crate::relay::Relay;
 use crate::store::{GIFT_WRAP, GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
@@ -264,16 +265,15 @@ where
             return Ok(Step::Continue);
         }
         let parsed = message::parse_client_message(&text);
-        // Index into `Metrics::VERBS`.
         let verb = match &parsed {
-            Ok(Parsed::Message(ClientMessage::Event(_))) => 0,
-            Ok(Parsed::BadFilters { .. }) | Ok(Parsed::Message(ClientMessage::Req { .. })) => 1,
-            Ok(Parsed::Message(ClientMessage::Count { .. })) => 2,
-            Ok(Parsed::Message(ClientMessage::Close { .. })) => 3,
-            Ok(Parsed::Message(ClientMessage::Auth(_))) => 4,
-            Err(_) => 5,
+            Ok(Parsed::Message(ClientMessage::Event(_))) => Verb::Event,
+            Ok(Parsed::BadFilters { .. }) | Ok(Parsed::Message(ClientMessage::Req { .. })) => Verb::Req,
+            Ok(Parsed::Message(ClientMessage::Count { .. })) => Verb::Count,
+            Ok(Parsed::Message(ClientMessage::Close { .. })) => Verb::Close,
+            Ok(Parsed::Message(ClientMessage::Auth(_))) => Verb::Auth,
+            Err(_) => Verb::Invalid,
         };
-        self.relay.metrics.messages_by_verb[verb].inc();
+        self.relay.metrics.messages_by_verb[verb as usize].inc();
         match parsed {
             Err(e) => self.feed(message::notice(&format!("invalid: {e}"))).await?,
             Ok(Parsed::BadFilters { sub_id, reason }) => {

@@ -27,9 +27,9 @@ pub struct Metrics {
     pub slow_disconnects: IntCounter,
     /// Client messages by verb (`EVENT`, `REQ`, `COUNT`, `CLOSE`, `AUTH`, `invalid`).
     pub messages: IntCounterVec,
-    /// `messages` per verb, resolved once (updated for every client message),
-    /// in the order of [`Metrics::VERBS`].
-    pub messages_by_verb: [IntCounter; 6],
+    /// `messages` per verb, resolved once (updated for every client message);
+    /// index with `verb as usize`.
+    pub messages_by_verb: [IntCounter; Verb::ALL.len()],
     /// EVENT outcomes: `stored`, `duplicate`, `ephemeral`, or the refusal prefix.
     pub events: IntCounterVec,
     /// REQ/COUNT outcomes by `purpose` (`req`, `count`) and `outcome`
@@ -85,7 +85,7 @@ impl Metrics {
             |n: &str, h: &str, l: &[&str]| reg(r, IntCounterVec::new(opts(n, h), l).expect("valid metric"));
         let messages = counter_vec("messages_total", "Client messages by verb", &["verb"]);
         Self {
-            messages_by_verb: Self::VERBS.map(|v| messages.with_label_values(&[v])),
+            messages_by_verb: Verb::ALL.map(|v| messages.with_label_values(&[v.as_str()])),
             messages,
             connections_open: reg(r, IntGauge::with_opts(opts("connections", "Open WebSocket connections")).unwrap()),
             connections_total: counter("connections_total", "WebSocket connections accepted"),
@@ -161,9 +161,6 @@ impl Metrics {
         }
     }
 
-    /// Verbs counted in `messages`.
-    pub const VERBS: [&'static str; 6] = ["EVENT", "REQ", "COUNT", "CLOSE", "AUTH", "invalid"];
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -207,5 +204,32 @@ mod tests {
         assert_eq!(Metrics::outcome_label("blocked: no"), "blocked");
         assert_eq!(Metrics::outcome_label("rate-limited: slow down"), "rate-limited");
         assert_eq!(Metrics::outcome_label("something else"), "other");
+    }
+}
+
+/// The verb of a client message, as the `messages_total` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Verb {
+    Event,
+    Req,
+    Count,
+    Close,
+    Auth,
+    /// Not a client message this relay understands.
+    Invalid,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 6] = [Verb::Event, Verb::Req, Verb::Count, Verb::Close, Verb::Auth, Verb::Invalid];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Event => "EVENT",
+            Verb::Req => "REQ",
+            Verb::Count => "COUNT",
+            Verb::Close => "CLOSE",
+            Verb::Auth => "AUTH",
+            Verb::Invalid => "invalid",
+        }
     }
 }

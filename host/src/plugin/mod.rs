@@ -43,24 +43,23 @@ use crate::store::{EventStore, ReadAccess, StoredEvent};
 pub struct Caller {
     pub connection_id: u64,
     pub authed_pubkeys: Vec<String>,
-    pub remote: SocketAddr,
-    /// `remote` as text, rendered once per connection rather than on every
-    /// plugin call (formatting an address cost more than the rest of the
-    /// request context together).
-    remote_text: String,
+    /// The client's address as plugins see it, rendered once per connection
+    /// rather than on every plugin call (formatting an address cost more
+    /// than the rest of the request context together).
+    remote_addr: String,
 }
 
 impl Caller {
     /// A connection from `remote` that has not authenticated yet.
     pub fn new(connection_id: u64, remote: SocketAddr) -> Self {
-        Self { connection_id, authed_pubkeys: Vec::new(), remote, remote_text: remote.to_string() }
+        Self { connection_id, authed_pubkeys: Vec::new(), remote_addr: remote.to_string() }
     }
 
     fn context(&self, sub_id: Option<&str>, purpose: wit::RequestPurpose) -> wit::RequestContext {
         wit::RequestContext {
             connection_id: self.connection_id,
             authed_pubkeys: self.authed_pubkeys.clone(),
-            remote_addr: self.remote_text.clone(),
+            remote_addr: self.remote_addr.clone(),
             subscription_id: sub_id.map(str::to_owned),
             purpose,
         }
