@@ -292,3 +292,169 @@ async fn silent_and_half_open_connections_are_closed() {
         }
     }
 }
+
+/// A `[[plugins]]` entry for the component `file` named `name`.
+fn plugin_entry(name: &str, file: &str, extra: &str, settings: &[(&str, &str)]) -> String {
+    let path = serde_json::to_string(&harness::plugin_path(file).display().to_string()).unwrap();
+    let settings: String =
+        settings.iter().map(|(k, v)| format!("\"{k}\" = {}\n", serde_json::to_string(v).unwrap())).collect();
+    format!("[[plugins]]\nname = \"{name}\"\npath = {path}\n{extra}\n[plugins.settings]\n{settings}\n")
+}
+
+/// What a client may see of a plugin failure: a short reason, nothing internal.
+fn assert_no_internals(message: &str) {
+    let leaks = ["backtrace", "wasm", ".rs", "0x", "panicked", "/"];
+    assert!(
+        message.len() < 160 && leaks.iter().all(|l| !message.contains(l)),
+        "a client saw plugin internals: {message}"
+    );
+}
+
+#[tokio::test]
+async fn an_anonymous_flood_of_expensive_keypackage_requests_leaves_the_gateway_up_for_everyone() {
+    let relay = TestRelay::start_with_config(&plugin_entry("mls-gateway", "mls_gateway.wasm", "", &[])).await;
+    let victim = Keys::generate();
+    let mut other = Client::connect_from(&relay.url, "127.0.0.2").await;
+    let x = note(&victim, "to be deleted later", 10);
+    other.publish_ok(&x).await;
+
+    // 16 anonymous connections from one address, each asking 10 times for
+    // the KeyPackages of 256 random keys.
+    let flooders: Vec<_> = (0..16)
+        .map(|c| {
+            let url = relay.url.clone();
+            tokio::spawn(async move {
+                let mut flooder = Client::connect(&url).await;
+                for i in 0..10 {
+                    let authors: Vec<String> = (0..256).map(|_| Keys::generate().public_key().to_hex()).collect();
+                    let sub = format!("f{c}-{i}");
+                    flooder.send(json!(["REQ", sub, {"kinds": [443], "authors": authors}])).await;
+                }
+                for i in 0..10 {
+                    let sub = format!("f{c}-{i}");
+                    let m = flooder.recv_where("EOSE or CLOSED", |m| m[1] == sub.as_str()).await;
+                    if m[0] == "CLOSED" {
+                        let why = m[2].as_str().unwrap();
+                        assert!(why.starts_with("rate-limited:") || why.starts_with("error:"), "{m}");
+                        assert_no_internals(why);
+                    } else {
+                        assert_eq!(m[0], "EOSE", "{m}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for f in flooders {
+        f.await.expect("a flooder saw a malformed answer");
+    }
+
+    // Everyone else is served as before: the gateway is still up.
+    let (status, _, body) = relay.http_get("/ready", "application/json").await;
+    assert!(status.contains("200"), "{status} {body}");
+    let deletion = sign(&victim, 5, "", &[&["e", &x.id.to_hex()]], now());
+    other.publish_ok(&deletion).await;
+    let profile = other.req_ids("profile", vec![json!({"authors": [victim.public_key().to_hex()]})]).await;
+    assert_eq!(profile, vec![deletion.id.to_hex()], "a kindless REQ is served");
+    other.req("kps", vec![json!({"kinds": [443], "authors": [victim.public_key().to_hex()]})]).await;
+    let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
+    assert!(metrics.contains("wasm_relay_plugin_disabled{plugin=\"mls-gateway\"} 0"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_client_that_makes_a_plugin_fail_pays_for_it_and_the_circuit_recovers_by_itself() {
+    let config = plugin_entry(
+        "probe",
+        "probe.wasm",
+        "max_consecutive_failures = 3\ncircuit_open_seconds = 1\nclient_failures_per_minute = 2",
+        &[("req", "trap"), ("fail-kinds", "5555"), ("managed-kinds", "5555")],
+    );
+    let relay = TestRelay::start_with_config(&config).await;
+    let d = Keys::generate();
+    let mut bystander = Client::connect_from(&relay.url, "127.0.0.4").await;
+    let kept = note(&d, "published before the outage", 5);
+    bystander.publish_ok(&kept).await;
+
+    // One client makes the plugin trap: short errors, then rate-limited.
+    let mut abuser = relay.client().await;
+    for i in 0..2 {
+        let why = abuser.req_refused(&format!("a{i}"), vec![json!({"kinds": [5555]})]).await;
+        assert!(why.starts_with("error: plugin 'probe' failed on this request (trapped)"), "{why}");
+        assert_no_internals(&why);
+    }
+    let why = abuser.req_refused("a2", vec![json!({"kinds": [5555]})]).await;
+    assert!(why.starts_with("rate-limited: your recent requests made plugin 'probe' fail"), "{why}");
+    // Requests that do not name the plugin's managed kinds still work for it.
+    abuser.req("feed", vec![json!({"authors": [d.public_key().to_hex()]})]).await;
+    // One address moved the breaker once, however often it failed.
+    assert!(relay.log_lines("circuit opened").is_empty());
+
+    // Failures from two more clients open the circuit.
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let mut c = Client::connect_from(&relay.url, ip).await;
+        let why = c.req_refused("x", vec![json!({"kinds": [5555]})]).await;
+        assert!(why.contains("failed"), "{why}");
+    }
+    relay.wait_for_log("circuit opened").await;
+    let why = bystander.req_refused("m", vec![json!({"kinds": [5555]})]).await;
+    assert!(why.starts_with("error: plugin 'probe' is unavailable"), "{why}");
+    // Only what the plugin manages is affected: a kindless REQ is served
+    // without the managed kinds, a deletion of an ordinary event is stored.
+    let feed = bystander.req_ids("feed", vec![json!({"authors": [d.public_key().to_hex()]})]).await;
+    assert_eq!(feed, vec![kept.id.to_hex()]);
+    bystander.publish_ok(&sign(&d, 5, "", &[&["e", &kept.id.to_hex()]], now())).await;
+    let (ok, why) = bystander.publish(&sign(&d, 5, "", &[&["a", &format!("5555:{}:", d.public_key())]], now())).await;
+    assert!(!ok && why.contains("unavailable"), "{why}");
+
+    // After the open period one call probes the plugin; it answers, and the
+    // circuit closes without an operator.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    bystander.publish_ok(&note(&d, "after the outage", 0)).await;
+    relay.wait_for_log("circuit closed").await;
+    bystander.req("m2", vec![json!({"kinds": [1]})]).await;
+}
+
+#[tokio::test]
+async fn plugin_instances_are_capped_and_excess_calls_are_refused_as_busy() {
+    let config = plugin_entry(
+        "probe",
+        "probe.wasm",
+        "call_timeout_ms = 500\nmax_instances = 1\ninstance_wait_ms = 20",
+        &[("req", "loop"), ("fail-kinds", "5555"), ("managed-kinds", "5555")],
+    );
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut first = Client::connect_from(&relay.url, "127.0.0.2").await;
+    let mut second = Client::connect_from(&relay.url, "127.0.0.3").await;
+    first.send(json!(["REQ", "spin", {"kinds": [5555]}])).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let why = second.req_refused("wait", vec![json!({"kinds": [5555]})]).await;
+    assert_eq!(why, "rate-limited: plugin 'probe' is busy; retry in a moment");
+    let spun = first.recv_where("CLOSED spin", |m| m[1] == "spin").await;
+    assert!(spun[2].as_str().unwrap().contains("(timed out)"), "{spun}");
+    // Busy is load, not a fault: it never opens the circuit.
+    second.req("later", vec![json!({"kinds": [1]})]).await;
+}
+
+#[tokio::test]
+async fn a_deletion_cannot_be_undone_by_another_key() {
+    let relay = TestRelay::start().await;
+    let mut c = relay.client().await;
+    let victim = Keys::generate();
+    let mallory = Keys::generate();
+    let x = note(&victim, "deleted by its author", 10);
+    c.publish_ok(&x).await;
+    c.publish_ok(&sign(&victim, 5, "", &[&["e", &x.id.to_hex()]], now())).await;
+    // Another key "deletes" X too, then X is sent again.
+    c.publish_ok(&sign(&mallory, 5, "", &[&["e", &x.id.to_hex()]], now())).await;
+    let (ok, why) = c.publish(&x).await;
+    assert!(!ok && why.starts_with("blocked:"), "the deleted event came back: {why}");
+    assert!(c.req_ids("x", vec![json!({"ids": [x.id.to_hex()]})]).await.is_empty());
+
+    // A key that deletes someone else's event ahead of time blocks nothing.
+    let y = note(&victim, "not Mallory's to delete", 5);
+    c.publish_ok(&sign(&mallory, 5, "", &[&["e", &y.id.to_hex()]], now())).await;
+    c.publish_ok(&y).await;
+    // Y's author still can.
+    c.publish_ok(&sign(&victim, 5, "", &[&["e", &y.id.to_hex()]], now())).await;
+    let (ok, _) = c.publish(&y).await;
+    assert!(!ok);
+}

@@ -246,16 +246,34 @@ pub struct PluginConfig {
     /// CPU time one call may take before it is stopped, in milliseconds.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
-    /// Memory one plugin instance may use, in bytes.
+    /// Memory one plugin instance may use, in bytes, all its linear memories
+    /// together.
     #[serde(default = "default_memory_limit_bytes")]
     pub memory_limit_bytes: usize,
+    /// Instances of this plugin that may exist at once (each runs one call).
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    /// How long a call waits for a free instance before it is refused with
+    /// `rate-limited:`, in milliseconds.
+    #[serde(default = "default_instance_wait_ms")]
+    pub instance_wait_ms: u64,
     /// What a REQ/COUNT gets when this plugin fails.
     #[serde(default = "default_failure_policy")]
     pub on_req_failure: FailurePolicy,
-    /// Consecutive failed calls after which the plugin is disabled until its
-    /// file is replaced.
+    /// Consecutive failed calls, each from a different client (or from the
+    /// relay's own `tick`), after which the plugin's circuit opens: it is not
+    /// called for `circuit_open_seconds`, then one call probes it.
     #[serde(default = "default_max_consecutive_failures")]
     pub max_consecutive_failures: u32,
+    /// How long an open circuit stays open before a probe call, in seconds.
+    /// Doubles after each failed probe, up to 32 times this.
+    #[serde(default = "default_circuit_open_seconds")]
+    pub circuit_open_seconds: u64,
+    /// Failed calls one client address may cause per minute before its
+    /// requests to this plugin are refused with `rate-limited:` (a client's
+    /// expensive requests cost that client, not everyone).
+    #[serde(default = "default_client_failures_per_minute")]
+    pub client_failures_per_minute: u32,
     /// Values for the settings the plugin declares in `info()`.
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, SettingValue>,
@@ -289,6 +307,18 @@ fn default_call_timeout_ms() -> u64 {
 fn default_memory_limit_bytes() -> usize {
     64 * 1024 * 1024
 }
+fn default_max_instances() -> usize {
+    16
+}
+fn default_instance_wait_ms() -> u64 {
+    200
+}
+fn default_circuit_open_seconds() -> u64 {
+    10
+}
+fn default_client_failures_per_minute() -> u32 {
+    3
+}
 fn default_failure_policy() -> FailurePolicy {
     FailurePolicy::Closed
 }
@@ -304,8 +334,12 @@ impl PluginConfig {
             path: path.into(),
             call_timeout_ms: default_call_timeout_ms(),
             memory_limit_bytes: default_memory_limit_bytes(),
+            max_instances: default_max_instances(),
+            instance_wait_ms: default_instance_wait_ms(),
             on_req_failure: default_failure_policy(),
             max_consecutive_failures: default_max_consecutive_failures(),
+            circuit_open_seconds: default_circuit_open_seconds(),
+            client_failures_per_minute: default_client_failures_per_minute(),
             settings: Default::default(),
         }
     }
@@ -553,9 +587,16 @@ impl Config {
             if !names.insert(p.name.as_str()) {
                 return Err(ConfigError::OutOfRange(format!("plugins: the name '{}' is used twice", p.name)));
             }
-            if p.call_timeout_ms == 0 || p.memory_limit_bytes < 1024 * 1024 || p.max_consecutive_failures == 0 {
+            if p.call_timeout_ms == 0
+                || p.memory_limit_bytes < 1024 * 1024
+                || p.max_consecutive_failures == 0
+                || p.max_instances == 0
+                || p.circuit_open_seconds == 0
+                || p.client_failures_per_minute == 0
+            {
                 return Err(ConfigError::OutOfRange(format!(
-                    "plugin '{}': call_timeout_ms and max_consecutive_failures must be positive, memory_limit_bytes at least 1 MiB",
+                    "plugin '{}': call_timeout_ms, max_instances, max_consecutive_failures, circuit_open_seconds and \
+                     client_failures_per_minute must be positive, memory_limit_bytes at least 1 MiB",
                     p.name
                 )));
             }

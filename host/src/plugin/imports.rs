@@ -2,9 +2,9 @@
 //! (`kv`, `events`, `host`) it may call.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -76,42 +76,126 @@ impl PluginCounters {
 pub struct PluginState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: InstanceLimits,
     pub ctx: Arc<PluginContext>,
-    /// When guest time was last accounted (call start or last epoch check).
-    pub last_check: std::time::Instant,
-    /// Time spent waiting in host imports (key-value store, event queries)
-    /// since `last_check`: not charged to the plugin's CPU budget.
-    pub host_wait: std::time::Duration,
-    /// Guest time charged to the current call so far.
-    pub guest_time: std::time::Duration,
-    /// Guest time the current call may use.
+    /// CPU time the current call has used, shared with the future that
+    /// drives the call (see [`CpuMeter`]).
+    pub meter: Arc<CpuMeter>,
+    /// CPU time the current call may use.
     pub budget: std::time::Duration,
 }
 
 impl PluginState {
     /// Starts accounting for a new call.
     pub fn start_call(&mut self, budget: std::time::Duration) {
-        self.last_check = std::time::Instant::now();
-        self.host_wait = std::time::Duration::ZERO;
-        self.guest_time = std::time::Duration::ZERO;
+        self.meter.reset();
         self.budget = budget;
     }
 
-    /// Charges the guest for the time since the last check, less host waits,
-    /// at most `cap` (time the guest spent yielded to other tasks under load
-    /// is not its own). Returns whether the budget is spent.
-    pub fn charge_guest(&mut self, cap: std::time::Duration) -> bool {
-        let now = std::time::Instant::now();
-        let ran = now.duration_since(self.last_check).saturating_sub(self.host_wait);
-        self.last_check = now;
-        self.host_wait = std::time::Duration::ZERO;
-        self.guest_time += ran.min(cap);
-        self.guest_time >= self.budget
+    /// Whether the current call has used up its CPU budget.
+    pub fn budget_spent(&self) -> bool {
+        self.meter.spent_ns() >= u64::try_from(self.budget.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The CPU time a plugin call uses: the calling thread's CPU clock, read
+/// around every poll of the call's future. Time the call spends suspended
+/// (waiting for storage, for a worker thread after yielding, or preempted by
+/// other threads) is not on that clock, so under load a plugin is billed for
+/// its own work only, never for the relay's queueing.
+#[derive(Default)]
+pub struct CpuMeter {
+    used_ns: AtomicU64,
+    /// The thread CPU clock when the current poll began; 0 between polls.
+    poll_started_ns: AtomicU64,
+}
+
+impl CpuMeter {
+    fn reset(&self) {
+        self.used_ns.store(0, Ordering::Relaxed);
+        self.poll_started_ns.store(0, Ordering::Relaxed);
     }
 
-    fn charge_host(&mut self, since: std::time::Instant) {
-        self.host_wait += since.elapsed();
+    /// CPU time used so far, the running poll included.
+    pub fn spent_ns(&self) -> u64 {
+        let used = self.used_ns.load(Ordering::Relaxed);
+        match self.poll_started_ns.load(Ordering::Relaxed) {
+            0 => used,
+            started => used + thread_cpu_ns().saturating_sub(started),
+        }
+    }
+
+    /// Polls `inner`, adding the CPU time the poll takes.
+    pub fn poll<F: std::future::Future + Unpin>(
+        &self,
+        inner: &mut F,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let started = thread_cpu_ns().max(1);
+        self.poll_started_ns.store(started, Ordering::Relaxed);
+        let result = std::pin::Pin::new(inner).poll(cx);
+        self.used_ns.fetch_add(thread_cpu_ns().saturating_sub(started), Ordering::Relaxed);
+        self.poll_started_ns.store(0, Ordering::Relaxed);
+        result
+    }
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; this clock exists on every
+    // Linux and BSD the relay builds for.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Resource limits of one instance. The memory cap is the instance's total
+/// across all its linear memories (a component may have several), not a cap
+/// per memory.
+pub struct InstanceLimits {
+    memory_cap: usize,
+    memory_total: usize,
+}
+
+/// A memory grow refused because the instance reached its memory cap.
+#[derive(Debug, thiserror::Error)]
+#[error("the plugin instance reached its memory limit of {0} bytes")]
+pub struct MemoryCapReached(pub usize);
+
+impl InstanceLimits {
+    pub fn new(memory_cap: usize) -> Self {
+        Self { memory_cap, memory_total: 0 }
+    }
+}
+
+impl wasmtime::ResourceLimiter for InstanceLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let grow = desired.saturating_sub(current);
+        if maximum.is_some_and(|max| desired > max) || self.memory_total.saturating_add(grow) > self.memory_cap {
+            // A trap, not a failed grow: guests rarely handle allocation failure.
+            return Err(MemoryCapReached(self.memory_cap).into());
+        }
+        self.memory_total += grow;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000 && maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn instances(&self) -> usize {
+        32
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        4
     }
 }
 
@@ -133,23 +217,17 @@ impl types::Host for PluginState {}
 
 impl kv::Host for PluginState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::KvError>> {
-        let start = std::time::Instant::now();
         let r = self.ctx.metadata.get(&self.ctx.name, &key).await.map_err(kv_error);
-        self.charge_host(start);
         Ok(r)
     }
 
     async fn put(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), kv::KvError>> {
-        let start = std::time::Instant::now();
         let r = self.ctx.metadata.put(&self.ctx.name, &key, value).await.map_err(kv_error);
-        self.charge_host(start);
         Ok(r)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), kv::KvError>> {
-        let start = std::time::Instant::now();
         let r = self.ctx.metadata.delete(&self.ctx.name, &key).await.map_err(kv_error);
-        self.charge_host(start);
         Ok(r)
     }
 
@@ -176,9 +254,7 @@ impl kv::Host for PluginState {
         let conditions =
             conditions.into_iter().map(|c| metadata::Condition { key: c.key, expected: c.expected }).collect();
         let writes = writes.into_iter().map(|w| metadata::Write { key: w.key, value: w.value }).collect();
-        let start = std::time::Instant::now();
         let r = self.ctx.metadata.transact(&self.ctx.name, conditions, writes).await.map_err(kv_error);
-        self.charge_host(start);
         Ok(r)
     }
 }
@@ -189,7 +265,6 @@ impl events::Host for PluginState {
         if hex::decode_to_slice(&id, &mut bytes).is_err() {
             return Ok(None);
         }
-        let start = std::time::Instant::now();
         let mut json = self.ctx.events.get(&bytes).ok().flatten().map(|s| s.json);
         if json.is_none()
             && let Some(source) = self.ctx.missing_events.get()
@@ -198,7 +273,6 @@ impl events::Host for PluginState {
             // not mistake it for a deleted event.
             json = source.fetch(&bytes).await;
         }
-        self.charge_host(start);
         let event: Option<nostr::event::Event> = json.and_then(|j| serde_json::from_str(&j).ok());
         let event = event.filter(|e| e.id.to_bytes() == bytes && e.verify_id() && e.verify_signature());
         Ok(event.map(|e| event_to_wit(&e)))
@@ -208,9 +282,7 @@ impl events::Host for PluginState {
         let filters: Vec<_> = filters.iter().filter_map(|f| filter_from_wit(f).ok()).collect();
         let limit = (limit as usize).min(10_000);
         let access = crate::store::ReadAccess::trusted(crate::event::unix_now());
-        let start = std::time::Instant::now();
         let found = self.ctx.events.query_filters(&filters, limit, limit, &access);
-        self.charge_host(start);
         let found = match found {
             Ok(found) => found,
             Err(e) => {

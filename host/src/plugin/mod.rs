@@ -13,13 +13,14 @@
 //! served except through its answers (see [`PluginHost::managed_kinds`]).
 
 pub mod bindings;
+pub mod breaker;
 pub mod convert;
 pub mod imports;
 pub mod runtime;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use arc_swap::ArcSwap;
 use nostr::event::Event;
 
 use self::bindings::types as wit;
+use self::breaker::{Admission, Breaker, ClientFailures};
 use self::convert::{event_from_wit, event_to_wit, filter_from_wit, filter_to_wit, refusal_text};
 pub use self::imports::PluginCounters;
 pub use self::runtime::{CallFailure, LoadError, LoadedPlugin, PluginRuntime};
@@ -47,12 +49,14 @@ pub struct Caller {
     /// rather than on every plugin call (formatting an address cost more
     /// than the rest of the request context together).
     remote_addr: String,
+    /// The address failures are charged to.
+    ip: IpAddr,
 }
 
 impl Caller {
     /// A connection from `remote` that has not authenticated yet.
     pub fn new(connection_id: u64, remote: SocketAddr) -> Self {
-        Self { connection_id, authed_pubkeys: Vec::new(), remote_addr: remote.to_string() }
+        Self { connection_id, authed_pubkeys: Vec::new(), remote_addr: remote.to_string(), ip: remote.ip() }
     }
 
     fn context(&self, sub_id: Option<&str>, purpose: wit::RequestPurpose) -> wit::RequestContext {
@@ -133,6 +137,7 @@ impl PluginStats {
                 CallFailure::OutOfMemory(_) => "out-of-memory",
                 CallFailure::Trap(_) => "trap",
                 CallFailure::Instantiate(_) => "instantiate",
+                CallFailure::Busy(_) => "busy",
             };
             self.metrics.plugin_failures.with_label_values(&[labels[0], labels[1], reason]).inc();
         }
@@ -176,7 +181,9 @@ impl PluginStats {
 pub struct PluginSlot {
     pub config: PluginConfig,
     current: ArcSwap<LoadedPlugin>,
-    consecutive_failures: AtomicU32,
+    breaker: Breaker,
+    client_failures: ClientFailures,
+    /// Turned off by an operator (NIP-86 `disableplugin`).
     disabled: AtomicBool,
     pub stats: PluginStats,
     last_error: Mutex<Option<String>>,
@@ -193,7 +200,10 @@ pub struct PluginStatus {
     pub hash: String,
     pub path: PathBuf,
     pub managed_kinds: Vec<u16>,
+    /// Not being called: turned off by an operator, or its circuit is open.
     pub disabled: bool,
+    /// `"closed"`, `"open"` (not called) or `"half-open"` (probing).
+    pub circuit: &'static str,
     pub last_error: Option<String>,
     pub calls: u64,
     pub failures: u64,
@@ -205,35 +215,86 @@ impl PluginSlot {
         self.current.load_full()
     }
 
-    fn record(&self, hook: Hook, started: std::time::Instant, result: &Result<(), CallFailure>) {
-        self.stats.record_call(hook, started.elapsed(), result.as_ref().err());
-        match result {
-            Ok(()) => {
-                if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                    self.consecutive_failures.store(0, Ordering::Relaxed);
-                }
-            }
-            Err(failure) => {
-                let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(plugin = %self.config.name, error = %failure, consecutive = n, "plugin call failed");
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.to_string());
-                if n >= self.config.max_consecutive_failures && !self.disabled.swap(true, Ordering::Relaxed) {
-                    self.stats.set_disabled(true);
-                    tracing::error!(
-                        plugin = %self.config.name,
-                        failures = n,
-                        "plugin disabled after consecutive failures; replace its file to re-enable it"
-                    );
-                }
-            }
+    /// Whether the plugin may be called for `caller` now; `Err` says why not.
+    fn admit(&self, caller: Option<&Caller>) -> Result<Admission, Unavailable> {
+        if self.disabled.load(Ordering::Relaxed) {
+            return Err(Unavailable::Disabled);
+        }
+        if let Some(wait) = caller.and_then(|c| self.client_failures.refused_for(c.ip)) {
+            return Err(Unavailable::ClientFailures(wait));
+        }
+        match self.breaker.admit() {
+            Admission::Open(wait) => Err(Unavailable::CircuitOpen(wait)),
+            admission => Ok(admission),
         }
     }
 
-    fn disabled_message(&self) -> String {
-        format!(
-            "error: plugin '{}' is disabled after repeated failures; the relay operator must replace it",
-            self.config.name
-        )
+    /// Records a call's outcome: metrics, the breaker, the caller's tally.
+    fn record(
+        &self,
+        hook: Hook,
+        started: std::time::Instant,
+        admission: Admission,
+        caller: Option<&Caller>,
+        result: Result<(), &CallFailure>,
+    ) {
+        self.stats.record_call(hook, started.elapsed(), result.err());
+        let failure = match result {
+            Ok(()) => {
+                if self.breaker.succeeded(admission) {
+                    self.stats.set_disabled(false);
+                    tracing::info!(plugin = %self.config.name, "plugin answered its probe call; circuit closed");
+                }
+                return;
+            }
+            Err(failure) if !failure.is_fault() => return,
+            Err(failure) => failure,
+        };
+        // The first failure a client causes within a minute counts toward
+        // the breaker; more only cost that client.
+        let counts = caller.is_none_or(|c| self.client_failures.record(c.ip));
+        tracing::warn!(
+            plugin = %self.config.name,
+            hook = hook.as_str(),
+            client = caller.map(|c| c.remote_addr.as_str()),
+            error = %failure,
+            "plugin call failed"
+        );
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.to_string());
+        if let Some(open_for) = self.breaker.failed(admission, counts) {
+            self.stats.set_disabled(true);
+            tracing::error!(
+                plugin = %self.config.name,
+                seconds = open_for.as_secs_f64(),
+                "plugin circuit opened after repeated failures; it is not called until a probe call succeeds"
+            );
+        }
+    }
+}
+
+/// Why a plugin is not called for a request.
+#[derive(Debug, Clone, Copy)]
+enum Unavailable {
+    Disabled,
+    CircuitOpen(Duration),
+    ClientFailures(Duration),
+    Busy,
+}
+
+impl Unavailable {
+    fn message(self, plugin: &str) -> String {
+        match self {
+            Unavailable::Disabled => format!("error: plugin '{plugin}' is disabled by the relay operator"),
+            Unavailable::CircuitOpen(wait) => format!(
+                "error: plugin '{plugin}' is unavailable after repeated failures; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+            Unavailable::ClientFailures(wait) => format!(
+                "rate-limited: your recent requests made plugin '{plugin}' fail; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+            Unavailable::Busy => format!("rate-limited: plugin '{plugin}' is busy; retry in a moment"),
+        }
     }
 }
 
@@ -280,7 +341,11 @@ impl PluginHost {
             slots.push(Arc::new(PluginSlot {
                 config: config.clone(),
                 current: ArcSwap::from_pointee(loaded),
-                consecutive_failures: AtomicU32::new(0),
+                breaker: Breaker::new(
+                    config.max_consecutive_failures,
+                    Duration::from_secs(config.circuit_open_seconds),
+                ),
+                client_failures: ClientFailures::new(config.client_failures_per_minute),
                 disabled: AtomicBool::new(false),
                 stats,
                 last_error: Mutex::new(None),
@@ -337,7 +402,8 @@ impl PluginHost {
                     hash: c.hash.clone(),
                     path: s.config.path.clone(),
                     managed_kinds: c.info.managed_kinds.clone(),
-                    disabled: s.disabled.load(Ordering::Relaxed),
+                    disabled: s.disabled.load(Ordering::Relaxed) || s.breaker.is_open(),
+                    circuit: s.breaker.describe(),
                     last_error: s.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                     calls: s.stats.calls(),
                     failures: s.stats.failures(),
@@ -387,21 +453,31 @@ impl PluginHost {
             if loaded.info.event_kinds.as_ref().is_some_and(|k| !k.contains(&kind)) {
                 continue;
             }
-            if slot.disabled.load(Ordering::Relaxed) {
-                return Err(slot.disabled_message());
-            }
+            let admission = match slot.admit(Some(caller)) {
+                Ok(admission) => admission,
+                // A deletion that touches nothing the plugin manages does
+                // not need it: NIP-09 keeps working while it is down.
+                Err(Unavailable::CircuitOpen(_) | Unavailable::Disabled)
+                    if self.deletion_spares(&loaded.info.managed_kinds, event) =>
+                {
+                    continue;
+                }
+                Err(why) => return Err(why.message(&slot.config.name)),
+            };
             let ctx = caller.context(None, wit::RequestPurpose::Event);
             let ev = wit_event.get_or_insert_with(|| event_to_wit(event)).clone();
             let started = std::time::Instant::now();
             let result = loaded.call(move |p, s| Box::pin(async move { p.call_on_event(s, &ctx, &ev).await })).await;
-            slot.record(Hook::OnEvent, started, &result.as_ref().map(|_| ()).map_err(Clone::clone));
+            slot.record(Hook::OnEvent, started, admission, Some(caller), result.as_ref().map(|_| ()));
             match result {
                 Ok(wit::Decision::Accept) => {}
                 Ok(wit::Decision::Reject(r)) => return Err(refusal_text(&r)),
+                Err(CallFailure::Busy(_)) => return Err(Unavailable::Busy.message(&slot.config.name)),
                 Err(failure) => {
                     return Err(format!(
-                        "error: plugin '{}' failed on this event ({failure}); the event was not stored",
-                        slot.config.name
+                        "error: plugin '{}' failed ({}); the event was not stored",
+                        slot.config.name,
+                        failure.summary()
                     ));
                 }
             }
@@ -409,9 +485,43 @@ impl PluginHost {
         Ok(())
     }
 
+    /// Whether `event` is a NIP-09 deletion that names no event or address
+    /// of the `managed` kinds (looked up in the store), so a plugin managing
+    /// those kinds need not see it. A plugin managing nothing sees every
+    /// deletion it asked for.
+    fn deletion_spares(&self, managed: &[u16], event: &Event) -> bool {
+        if event.kind.as_u16() != 5 || managed.is_empty() {
+            return false;
+        }
+        event.tags.iter().map(|t| t.as_slice()).all(|tag| match (tag.first().map(String::as_str), tag.get(1)) {
+            (Some("e"), Some(id)) => {
+                let mut bytes = [0u8; 32];
+                if id.len() != 64 || hex::decode_to_slice(id, &mut bytes).is_err() {
+                    return true;
+                }
+                match self.events.get(&bytes) {
+                    Ok(Some(stored)) => serde_json::from_str::<Event>(&stored.json)
+                        .is_ok_and(|target| !managed.contains(&target.kind.as_u16())),
+                    Ok(None) => true,
+                    Err(_) => false,
+                }
+            }
+            (Some("a"), Some(address)) => {
+                address.split(':').next().and_then(|k| k.parse::<u16>().ok()).is_none_or(|k| !managed.contains(&k))
+            }
+            _ => true,
+        })
+    }
+
     /// Runs `process-req` of every plugin the request could concern. Returns
     /// the events plugins contributed (already checked against `filters`), or
     /// the `CLOSED` message.
+    ///
+    /// When a plugin cannot answer (it failed, is unavailable, busy, or the
+    /// client has made it fail too often), a request that does not name one
+    /// of its managed kinds is served without them; otherwise the plugin's
+    /// `on_req_failure` decides. A plugin that manages no kinds (a policy)
+    /// always follows `on_req_failure`.
     pub async fn process_req(
         &self,
         caller: &Caller,
@@ -427,14 +537,23 @@ impl PluginHost {
             if !concerns(&loaded.info, filters) {
                 continue;
             }
-            let fail = |message: String| match slot.config.on_req_failure {
-                FailurePolicy::Closed => Err(message),
-                FailurePolicy::Open => Ok(()),
+            let managed = &loaded.info.managed_kinds;
+            let names_managed = managed.is_empty()
+                || filters.iter().any(|f| f.kinds.as_ref().is_some_and(|k| k.iter().any(|k| managed.contains(k))));
+            let degrade = |message: String| match slot.config.on_req_failure {
+                FailurePolicy::Closed if names_managed => Err(message),
+                _ => Ok(()),
             };
-            if slot.disabled.load(Ordering::Relaxed) {
-                fail(slot.disabled_message())?;
-                continue;
-            }
+            let admission = match slot.admit(Some(caller)) {
+                Ok(admission) => admission,
+                Err(why @ Unavailable::ClientFailures(_)) if names_managed => {
+                    return Err(why.message(&slot.config.name));
+                }
+                Err(why) => {
+                    degrade(why.message(&slot.config.name))?;
+                    continue;
+                }
+            };
             let purpose = match purpose {
                 ReadPurpose::Req => wit::RequestPurpose::Req,
                 ReadPurpose::Count => wit::RequestPurpose::Count,
@@ -443,7 +562,7 @@ impl PluginHost {
             let wf = wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone();
             let started = std::time::Instant::now();
             let result = loaded.call(move |p, s| Box::pin(async move { p.call_process_req(s, &ctx, &wf).await })).await;
-            slot.record(Hook::ProcessReq, started, &result.as_ref().map(|_| ()).map_err(Clone::clone));
+            slot.record(Hook::ProcessReq, started, admission, Some(caller), result.as_ref().map(|_| ()));
             match result {
                 Ok(wit::ReqResult::Continue) => {}
                 Ok(wit::ReqResult::Reject(r)) => return Err(refusal_text(&r)),
@@ -453,12 +572,14 @@ impl PluginHost {
                 Ok(wit::ReqResult::FilterQuery(fq)) => {
                     contributed.extend(self.check_filter_query(index, slot, fq, filters, access).await);
                 }
-                Err(failure) => {
-                    fail(format!(
-                        "error: plugin '{}' failed on this request ({failure}); try again later",
-                        slot.config.name
-                    ))?;
+                Err(CallFailure::Busy(_)) if names_managed => {
+                    return Err(Unavailable::Busy.message(&slot.config.name));
                 }
+                Err(failure) => degrade(format!(
+                    "error: plugin '{}' failed on this request ({}); try again later",
+                    slot.config.name,
+                    failure.summary()
+                ))?,
             }
         }
         contributed.sort_by_key(StoredEvent::order_key);
@@ -604,7 +725,7 @@ impl PluginHost {
 
     pub fn enable(&self, name: &str) -> Result<(), String> {
         let (_, slot) = self.slot(name)?;
-        slot.consecutive_failures.store(0, Ordering::Relaxed);
+        slot.breaker.reset();
         slot.disabled.store(false, Ordering::Relaxed);
         slot.stats.set_disabled(false);
         tracing::info!(plugin = %name, "plugin enabled by an operator");
@@ -657,12 +778,12 @@ impl PluginHost {
             let _ = tokio::fs::remove_file(staged).await;
             return fail(format!("cannot replace {}: {e}", slot.config.path.display()));
         }
-        if loaded.hash == slot.current().hash && !slot.disabled.load(Ordering::Relaxed) {
+        if loaded.hash == slot.current().hash && !slot.disabled.load(Ordering::Relaxed) && !slot.breaker.is_open() {
             return Ok(false);
         }
         tracing::info!(plugin = %name, version = %loaded.info.version, hash = %loaded.hash, "plugin swapped");
         slot.current.store(Arc::new(loaded));
-        slot.consecutive_failures.store(0, Ordering::Relaxed);
+        slot.breaker.reset();
         slot.disabled.store(false, Ordering::Relaxed);
         slot.stats.swapped(true);
         slot.stats.set_disabled(false);
@@ -737,14 +858,12 @@ impl PluginHost {
                         continue;
                     };
                     tokio::time::sleep(Duration::from_secs(u64::from(interval))).await;
-                    if slot.disabled.load(Ordering::Relaxed) {
-                        continue;
-                    }
+                    let Ok(admission) = slot.admit(None) else { continue };
                     let now = crate::event::unix_now();
                     let started = std::time::Instant::now();
                     let result =
                         slot.current().call(move |p, s| Box::pin(async move { p.call_tick(s, now).await })).await;
-                    slot.record(Hook::Tick, started, &result);
+                    slot.record(Hook::Tick, started, admission, None, result.as_ref().map(|_| ()));
                 }
             });
         }

@@ -11,21 +11,19 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{RelayPlugin, RelayPluginPre, SUPPORTED_WIT_VERSIONS, WIT_PACKAGE, types as wit};
-use super::imports::{PluginContext, PluginCounters, PluginState};
+use super::imports::{CpuMeter, InstanceLimits, MemoryCapReached, PluginContext, PluginCounters, PluginState};
 use crate::config::PluginConfig;
 use crate::metadata::MetadataStore;
 use crate::store::EventStore;
 
-/// Granularity of call deadlines.
+/// How often a running call checks its CPU budget and yields its worker.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// Longest a call may take in wall-clock time, waits in host imports included.
 const MAX_CALL_WALL_TIME: Duration = Duration::from_secs(10);
-/// Idle instances kept per plugin version.
-const MAX_IDLE_INSTANCES: usize = 32;
 
 /// Why loading a component failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +53,30 @@ pub enum CallFailure {
     Trap(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    /// Every instance the plugin may have is busy: the call never started.
+    /// This is load, not a fault of the plugin.
+    #[error("is busy: {0} calls are already running")]
+    Busy(usize),
+}
+
+impl CallFailure {
+    /// A few words for clients: what kind of failure, nothing internal
+    /// (no trap text, backtrace or path; those go to the log).
+    pub fn summary(&self) -> &'static str {
+        match self {
+            CallFailure::Timeout(_) => "timed out",
+            CallFailure::OutOfMemory(_) => "ran out of memory",
+            CallFailure::Trap(_) => "trapped",
+            CallFailure::Instantiate(_) => "could not start",
+            CallFailure::Busy(_) => "busy",
+        }
+    }
+
+    /// Whether the failure says something about the plugin's health (and so
+    /// counts toward its circuit breaker). Being busy does not.
+    pub fn is_fault(&self) -> bool {
+        !matches!(self, CallFailure::Busy(_))
+    }
 }
 
 pub struct PluginRuntime {
@@ -148,7 +170,11 @@ impl PluginRuntime {
             counters,
             missing_events: self.missing_events.clone(),
         });
-        let limits = CallLimits { timeout_ms: config.call_timeout_ms, memory_bytes: config.memory_limit_bytes };
+        let limits = CallLimits {
+            timeout_ms: config.call_timeout_ms,
+            memory_bytes: config.memory_limit_bytes,
+            instance_wait: Duration::from_millis(config.instance_wait_ms),
+        };
         let mut loaded = LoadedPlugin {
             info: empty_info(),
             wit_version,
@@ -158,6 +184,8 @@ impl PluginRuntime {
             limits,
             engine: self.engine.clone(),
             idle: Mutex::new(Vec::new()),
+            live: Arc::new(tokio::sync::Semaphore::new(config.max_instances)),
+            max_instances: config.max_instances,
         };
         // `info()` may take longer than a normal call (it runs once).
         let info = loaded
@@ -233,9 +261,12 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
 
 #[derive(Debug, Clone, Copy)]
 pub struct CallLimits {
-    /// Guest time one call may use, in milliseconds.
+    /// CPU time one call may use, in milliseconds.
     pub timeout_ms: u64,
+    /// Memory one instance may use, all its linear memories together.
     pub memory_bytes: usize,
+    /// How long a call waits for an instance when all are busy.
+    pub instance_wait: Duration,
 }
 
 struct Instance {
@@ -254,6 +285,10 @@ pub struct LoadedPlugin {
     limits: CallLimits,
     engine: Engine,
     idle: Mutex<Vec<Instance>>,
+    /// One permit per instance that may exist at once (idle or running), so
+    /// a burst of calls cannot multiply the plugin's memory without bound.
+    live: Arc<tokio::sync::Semaphore>,
+    max_instances: usize,
 }
 
 type CallFuture<'a, R> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>>;
@@ -270,25 +305,17 @@ impl LoadedPlugin {
             // No preopened directories, no network, no environment, no stdio.
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.limits.memory_bytes)
-                .instances(32)
-                .tables(64)
-                .memories(4)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: InstanceLimits::new(self.limits.memory_bytes),
             ctx: self.ctx.clone(),
-            last_check: std::time::Instant::now(),
-            host_wait: Duration::ZERO,
-            guest_time: Duration::ZERO,
+            meter: Arc::new(CpuMeter::default()),
             budget: self.limits.budget(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        // The budget is guest time: waits in host imports (storage) do not
-        // count. Between checks the guest yields so it never hogs a worker.
-        store.epoch_deadline_callback(move |mut ctx| {
-            if ctx.data_mut().charge_guest(EPOCH_TICK * 2) {
+        // The budget is the call's own CPU time (see `CpuMeter`). Between
+        // checks the guest yields, so it never hogs a worker.
+        store.epoch_deadline_callback(|ctx| {
+            if ctx.data().budget_spent() {
                 Ok(wasmtime::UpdateDeadline::Interrupt)
             } else {
                 Ok(wasmtime::UpdateDeadline::Yield(1))
@@ -305,25 +332,19 @@ impl LoadedPlugin {
 
     fn checkin(&self, instance: Instance) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_INSTANCES {
+        if idle.len() < self.max_instances {
             idle.push(instance);
         }
     }
 
     fn classify(&self, e: wasmtime::Error) -> CallFailure {
+        if e.chain().any(|c| c.downcast_ref::<MemoryCapReached>().is_some()) {
+            return CallFailure::OutOfMemory(self.limits.memory_bytes);
+        }
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => CallFailure::Timeout(self.limits.timeout_ms),
             Some(trap) => CallFailure::Trap(format!("{trap}: {}", root_message(&e))),
-            None => {
-                let text = format!("{e:#}");
-                if text.contains("forcing trap when growing memory")
-                    || text.contains("memory") && text.contains("limit")
-                {
-                    CallFailure::OutOfMemory(self.limits.memory_bytes)
-                } else {
-                    CallFailure::Trap(text)
-                }
-            }
+            None => CallFailure::Trap(format!("{e:#}")),
         }
     }
 
@@ -340,6 +361,12 @@ impl LoadedPlugin {
     where
         F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
     {
+        // Past the cap, a call waits briefly for a running one to finish,
+        // then is refused as busy rather than queueing without bound.
+        let permit = match tokio::time::timeout(self.limits.instance_wait, self.live.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(CallFailure::Busy(self.max_instances)),
+        };
         let mut instance = match self.checkout() {
             Some(i) => i,
             None => self.instantiate().await?,
@@ -347,21 +374,26 @@ impl LoadedPlugin {
         instance.store.data_mut().start_call(budget);
         instance.store.set_epoch_deadline(1);
         let wall_limit = MAX_CALL_WALL_TIME.max(budget * 2);
+        let meter = instance.store.data().meter.clone();
         let result = {
             let Instance { store, bindings } = &mut instance;
-            match tokio::time::timeout(wall_limit, f(bindings.nostr_relay_plugin_plugin(), store)).await {
+            let mut call = f(bindings.nostr_relay_plugin_plugin(), store);
+            let metered = std::future::poll_fn(|cx| meter.poll(&mut call, cx));
+            match tokio::time::timeout(wall_limit, metered).await {
                 Ok(r) => r,
                 // A host import that never returns: give up on the instance.
                 Err(_) => return Err(CallFailure::Timeout(wall_limit.as_millis() as u64)),
             }
         };
-        match result {
+        let outcome = match result {
             Ok(value) => {
                 self.checkin(instance);
                 Ok(value)
             }
             Err(e) => Err(self.classify(e)),
-        }
+        };
+        drop(permit);
+        outcome
     }
 
     /// The plugin's key-value namespace and log name.

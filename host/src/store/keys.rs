@@ -17,7 +17,7 @@ pub const KIND: u8 = b'K'; // kind
 pub const TAG: u8 = b'T'; // letter, len, value
 pub const ADDRESS: u8 = b'R'; // pubkey, kind, d -> id (replaceable/addressable slot)
 pub const EXPIRATION: u8 = b'X'; // expiration, id (NIP-40 sweep)
-pub const DELETED: u8 = b'D'; // id -> pubkey of the author who deleted it (NIP-09)
+pub const DELETED: u8 = b'D'; // id + deleter pubkey -> empty (NIP-09); one tombstone per deleter
 pub const DELETED_ADDRESS: u8 = b'Z'; // address slot -> deletion created_at (NIP-09 `a`)
 pub const VANISHED: u8 = b'V'; // pubkey -> request-to-vanish created_at (NIP-62)
 
@@ -101,9 +101,13 @@ pub fn expiration_key(expiration: u64, id: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-pub fn deleted_key(id: &[u8; 32]) -> Vec<u8> {
+/// Tombstone of event `id` deleted by `deleter`. Keyed by both, so one key's
+/// deletion request can never overwrite or stand for another key's: only
+/// the tombstone of the event's own author keeps it out.
+pub fn deleted_key(id: &[u8; 32], deleter: &[u8; 32]) -> Vec<u8> {
     let mut k = event_key(id);
     k[0] = DELETED;
+    k.extend_from_slice(deleter);
     k
 }
 

@@ -132,7 +132,7 @@ impl<'a> PendingBatch<'a> {
     fn tombstoned(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError> {
         let id = event.id.to_bytes();
         let author = event.pubkey.to_bytes();
-        if self.get(&keys::deleted_key(&id))?.as_deref() == Some(&author[..]) {
+        if self.get(&keys::deleted_key(&id, &author))?.is_some() {
             return Ok(Some(WriteOutcome::Deleted));
         }
         let created_at = event.created_at.as_secs();
@@ -173,7 +173,7 @@ impl<'a> PendingBatch<'a> {
                         Some(target) => self.remove_event(&target)?,
                         None => {}
                     }
-                    self.put(keys::deleted_key(&id), author.to_vec());
+                    self.put(keys::deleted_key(&id, &author), vec![]);
                 }
                 (Some("a"), Some(value)) => {
                     let mut parts = value.splitn(3, ':');
@@ -247,6 +247,8 @@ impl SledEventStore {
     pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir.join("events")).cache_capacity(cache_capacity_bytes).open()?;
         let tree = db.open_tree("events")?;
+        migrate_tombstones(&tree)?;
+        db.flush()?;
         Ok(Self { db, tree, write_lock: Mutex::new(()) })
     }
 
@@ -328,6 +330,28 @@ impl SledEventStore {
         out.sort_by_key(StoredEvent::order_key);
         Ok(out)
     }
+}
+
+/// Rewrites NIP-09 tombstones of the first layout (`D id -> deleter`, which
+/// any later deletion of the same id overwrote) into one key per deleter.
+fn migrate_tombstones(tree: &sled::Tree) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut n = 0usize;
+    for kv in tree.scan_prefix([keys::DELETED]) {
+        let (k, v) = kv?;
+        if k.len() == 33 && v.len() == 32 {
+            let mut key = k.to_vec();
+            key.extend_from_slice(&v);
+            batch.insert(key, vec![]);
+            batch.remove(k);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        tree.apply_batch(batch)?;
+        tracing::info!(tombstones = n, "NIP-09 tombstones moved to the per-deleter layout");
+    }
+    Ok(())
 }
 
 impl EventStore for SledEventStore {

@@ -41,6 +41,24 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
             format!("KeyPackages of at most {MAX_OWNERS_PER_REQUEST} authors can be requested at once"),
         );
     }
+    // Owners without a live KeyPackage have nothing to hand out: they cost
+    // no rate-limit state, so naming random keys cannot grow the store.
+    let mut by_owner_with_kps = BTreeMap::new();
+    for (owner, owner_filters) in by_owner {
+        match OwnerState::load(&owner) {
+            Ok(state) if state.records.iter().any(|r| !r.consumed && r.expires_at > now) => {
+                by_owner_with_kps.insert(owner, owner_filters);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return refuse(RefusalKind::Error, format!("KeyPackage index unavailable ({e:?}); retry later"));
+            }
+        }
+    }
+    let by_owner = by_owner_with_kps;
+    if by_owner.is_empty() {
+        return ReqResult::Continue;
+    }
     let consuming = ctx.purpose == RequestPurpose::Req;
     if consuming && settings.requests_per_hour > 0 {
         let requester = requester(ctx);
