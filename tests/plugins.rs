@@ -286,23 +286,29 @@ async fn failing_reqs_follow_the_configured_policy() {
 }
 
 #[tokio::test]
-async fn a_plugin_that_keeps_failing_is_disabled_until_replaced() {
+async fn a_plugin_that_keeps_failing_opens_its_circuit_until_replaced_or_probed() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("probe.wasm");
     std::fs::copy(plugin_path("probe.wasm"), &file).unwrap();
-    let config =
-        plugin_entry("probe", &file, "max_consecutive_failures = 3", &[("on-event", "trap"), ("fail-kinds", "666")]);
+    let config = plugin_entry(
+        "probe",
+        &file,
+        "max_consecutive_failures = 3\ncircuit_open_seconds = 300",
+        &[("on-event", "trap"), ("fail-kinds", "666")],
+    );
     let relay = TestRelay::start_with_config(&config).await;
-    let mut c = relay.client().await;
     let k = Keys::generate();
-    for i in 0..3 {
-        let (ok, msg) = c.publish(&sign(&k, 666, &format!("{i}"), &[], now())).await;
+    // Failures from three different clients (one client's count once).
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let mut c = Client::connect_from(&relay.url, ip).await;
+        let (ok, msg) = c.publish(&sign(&k, 666, ip, &[], now())).await;
         assert!(!ok && msg.contains("failed"), "{msg}");
     }
-    relay.wait_for_log("plugin disabled").await;
+    relay.wait_for_log("circuit opened").await;
+    let mut c = relay.client().await;
     let (ok, msg) = c.publish(&sign(&k, 1, "any kind now", &[], now())).await;
-    assert!(!ok && msg.starts_with("error: plugin 'probe' is disabled"), "{msg}");
-    // Replacing the file re-enables it.
+    assert!(!ok && msg.starts_with("error: plugin 'probe' is unavailable"), "{msg}");
+    // Replacing the file closes the circuit at once.
     replace_file(&plugin_path("probe_v2.wasm"), &file);
     relay.wait_for_log("plugin swapped").await;
     c.publish_ok(&sign(&k, 1, "enabled again", &[], now())).await;
@@ -427,7 +433,7 @@ async fn a_failing_plugin_does_not_stop_the_others() {
     let config = plugin_entry(
         "looping",
         &probe,
-        "call_timeout_ms = 50",
+        "call_timeout_ms = 50\nclient_failures_per_minute = 100",
         &[("on-event", "loop"), ("fail-kinds", "666"), ("req", "trap"), ("req-kinds", "666")],
     ) + &plugin_entry("guard", &probe, "", &[("reject-kinds", "7")]);
     let relay = TestRelay::start_with_config(&config).await;
