@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use harness::{Client, TestRelay};
 use nostr::key::Keys;
-use nostr45::{Publish, note, now, sign};
+use nostr45::{Publish, nip98_header, note, now, sign};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -457,4 +457,64 @@ async fn a_deletion_cannot_be_undone_by_another_key() {
     c.publish_ok(&sign(&victim, 5, "", &[&["e", &y.id.to_hex()]], now())).await;
     let (ok, _) = c.publish(&y).await;
     assert!(!ok);
+}
+
+/// Sends a POST / whose headers claim `content_length` bytes but whose body
+/// is only `sent`; returns the status line the relay answers with, which
+/// must come without the rest of the body.
+async fn post_partial(relay: &TestRelay, auth: Option<&str>, content_length: usize, sent: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(&relay.addr).await.unwrap();
+    let mut head = format!(
+        "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/nostr+json+rpc\r\nContent-Length: {content_length}\r\n",
+        relay.addr
+    );
+    if let Some(auth) = auth {
+        head.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(sent).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the relay waited for a body it should not read")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn the_management_endpoint_reads_no_body_it_does_not_need_and_refuses_replays() {
+    // The API off: answered at once, whatever the body claims to be.
+    let off = TestRelay::start().await;
+    let status = post_partial(&off, None, 48 << 20, b"{\"meth").await;
+    assert!(status.contains("401"), "{status}");
+
+    let admin = Keys::generate();
+    let relay = TestRelay::start_with(
+        Some(&format!("[admin]\npubkeys = [\"{}\"]\nbody_timeout_seconds = 1\n", admin.public_key().to_hex())),
+        &[],
+    )
+    .await;
+    let url = relay.url.replacen("ws://", "http://", 1);
+    // A stranger, or a blocked address, is refused before any body is read.
+    let stranger = nip98_header(&Keys::generate(), &url, b"whatever");
+    let status = post_partial(&relay, Some(&stranger), 48 << 20, b"{").await;
+    assert!(status.contains("401"), "{status}");
+    // An admin's oversized body is refused from its declared length.
+    let big = nip98_header(&admin, &url, b"big");
+    let status = post_partial(&relay, Some(&big), 2 << 20, b"{").await;
+    assert!(status.contains("413"), "{status}");
+    // A body that trickles is cut off after the body timeout.
+    let slow = nip98_header(&admin, &url, b"slow");
+    let status = post_partial(&relay, Some(&slow), 100, b"{\"method\"").await;
+    assert!(status.contains("408"), "{status}");
+
+    // A NIP-98 event authorizes one request: a replay within its window is refused.
+    let body = json!({"method": "supportedmethods", "params": []}).to_string();
+    let auth = nip98_header(&admin, &url, body.as_bytes());
+    let headers = [("Content-Type", "application/nostr+json+rpc"), ("Authorization", auth.as_str())];
+    let (status, _, reply) = relay.http("POST", "/", &headers, body.as_bytes()).await;
+    assert!(status.contains("200"), "{status} {reply}");
+    let (status, _, reply) = relay.http("POST", "/", &headers, body.as_bytes()).await;
+    assert!(status.contains("401") && reply.contains("already used"), "{status} {reply}");
 }

@@ -67,8 +67,19 @@ pub enum AuthError {
     NotAdmin(String),
 }
 
-/// Checks a NIP-98 `Authorization` header for a POST of `body` to this relay.
-pub fn authorize(relay: &Relay, header: Option<&str>, body: &[u8], now: u64) -> Result<String, AuthError> {
+/// A NIP-98 header that proved an admin, before the body is read.
+pub struct AdminAuth {
+    pub pubkey: String,
+    event_id: [u8; 32],
+    created_at: u64,
+    /// The `payload` tag: the SHA-256 of the body this event authorizes.
+    payload: Option<String>,
+}
+
+/// Checks a NIP-98 `Authorization` header for a POST to this relay: every
+/// check that does not need the body, so nobody but an admin makes the relay
+/// read a body at all. A replayed event is refused.
+pub fn authorize_header(relay: &Relay, header: Option<&str>, now: u64) -> Result<AdminAuth, AuthError> {
     if relay.config.admin.pubkeys.is_empty() {
         return Err(AuthError::Disabled);
     }
@@ -80,11 +91,15 @@ pub fn authorize(relay: &Relay, header: Option<&str>, body: &[u8], now: u64) -> 
     if event.kind.as_u16() != HTTP_AUTH_KIND {
         return Err(AuthError::Invalid("its kind must be 27235"));
     }
-    if !event.verify_id() || !event.verify_signature() {
-        return Err(AuthError::Invalid("bad id or signature"));
-    }
     if event.created_at.as_secs().abs_diff(now) > AUTH_WINDOW_SECONDS {
         return Err(AuthError::Invalid("created_at must be within 60 seconds of now"));
+    }
+    let pubkey = event.pubkey.to_hex();
+    if !relay.config.admin.pubkeys.iter().any(|k| k.eq_ignore_ascii_case(&pubkey)) {
+        return Err(AuthError::NotAdmin(pubkey));
+    }
+    if !event.verify_id() || !event.verify_signature() {
+        return Err(AuthError::Invalid("bad id or signature"));
     }
     let tag = |name: &str| {
         event.tags.iter().map(|t| t.as_slice()).find(|t| t.len() >= 2 && t[0] == name).map(|t| t[1].clone())
@@ -96,14 +111,56 @@ pub fn authorize(relay: &Relay, header: Option<&str>, body: &[u8], now: u64) -> 
     if !tag("method").is_some_and(|m| m.eq_ignore_ascii_case("POST")) {
         return Err(AuthError::Invalid("its `method` tag must be POST"));
     }
-    if tag("payload").map(|p| p.to_ascii_lowercase()) != Some(hex::encode(Sha256::digest(body))) {
+    let event_id = event.id.to_bytes();
+    if relay.admin_replays.seen(&event_id, now) {
+        return Err(AuthError::Invalid("this Authorization event was already used; sign a new one per request"));
+    }
+    Ok(AdminAuth { pubkey, event_id, created_at: event.created_at.as_secs(), payload: tag("payload") })
+}
+
+/// Checks that the authorized event covers `body`, then spends the event so
+/// it cannot authorize another request.
+pub fn authorize_body(relay: &Relay, auth: &AdminAuth, body: &[u8]) -> Result<(), AuthError> {
+    if auth.payload.as_ref().map(|p| p.to_ascii_lowercase()) != Some(hex::encode(Sha256::digest(body))) {
         return Err(AuthError::Invalid("its `payload` tag must be the SHA-256 of the request body"));
     }
-    let pubkey = event.pubkey.to_hex();
-    if !relay.config.admin.pubkeys.iter().any(|k| k.eq_ignore_ascii_case(&pubkey)) {
-        return Err(AuthError::NotAdmin(pubkey));
+    if !relay.admin_replays.spend(auth.event_id, auth.created_at + AUTH_WINDOW_SECONDS) {
+        return Err(AuthError::Invalid("this Authorization event was already used; sign a new one per request"));
     }
-    Ok(pubkey)
+    Ok(())
+}
+
+/// NIP-98 events already used, remembered until they would be refused as
+/// too old anyway.
+#[derive(Default)]
+pub struct SpentAuthEvents {
+    /// Event id to the unix time after which it no longer needs remembering.
+    spent: std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>,
+}
+
+impl SpentAuthEvents {
+    /// Most events remembered at once; past that, requests are refused until
+    /// old ones expire (admins send a handful a minute).
+    const CAPACITY: usize = 10_000;
+
+    fn seen(&self, id: &[u8; 32], now: u64) -> bool {
+        let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        spent.get(id).is_some_and(|until| *until >= now)
+    }
+
+    /// Records `id` as used until `until`; false if it already was (or the
+    /// record is full).
+    fn spend(&self, id: [u8; 32], until: u64) -> bool {
+        let now = crate::event::unix_now();
+        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        if spent.len() >= Self::CAPACITY {
+            spent.retain(|_, u| *u >= now);
+        }
+        if spent.len() >= Self::CAPACITY {
+            return false;
+        }
+        spent.insert(id, until).is_none()
+    }
 }
 
 /// A relay URL compared loosely: `ws`/`http` and `wss`/`https` alike, case

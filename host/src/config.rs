@@ -206,12 +206,23 @@ impl Default for ReplicationConfig {
 }
 
 /// The NIP-86 management API.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Public keys (64 hex) allowed to call the management API with NIP-98
     /// authorization. Empty: the API is off.
     pub pubkeys: Vec<String>,
+    /// Largest request body read, in bytes. `swapplugin` carries a whole
+    /// component: raise it for JavaScript or Python plugins (12-18 MB).
+    pub max_body_bytes: usize,
+    /// How long reading a request body may take, in seconds.
+    pub body_timeout_seconds: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { pubkeys: Vec::new(), max_body_bytes: 1024 * 1024, body_timeout_seconds: 10 }
+    }
 }
 
 /// Settings shared by every plugin.

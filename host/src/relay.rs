@@ -37,6 +37,8 @@ pub struct Relay {
     /// Turns true when the relay starts shutting down; connections say
     /// goodbye and close.
     pub shutdown: watch::Sender<bool>,
+    /// NIP-98 events already used on the management API.
+    pub admin_replays: crate::admin::SpentAuthEvents,
     next_connection: AtomicU64,
 }
 
@@ -112,6 +114,7 @@ impl Relay {
             metrics,
             replicator,
             shutdown: watch::Sender::new(false),
+            admin_replays: Default::default(),
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();

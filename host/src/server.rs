@@ -83,15 +83,13 @@ async fn accept_until_shutdown(listener: &TcpListener, relay: &Arc<Relay>, shutd
     }
 }
 
-/// Largest management API request (a plugin swap carries a component).
-const MAX_ADMIN_BODY: usize = 48 * 1024 * 1024;
-
 async fn handle(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     // The management API answers blocked addresses too (its callers prove
-    // who they are), so an operator can always undo a block.
+    // who they are, before any body is read), so an operator can always
+    // undo a block.
     if req.method() == Method::POST && path == "/" {
-        return Ok(management(req, relay).await);
+        return Ok(management(req, relay, remote).await);
     }
     if relay.policy.ip_blocked(remote.ip()) {
         return Ok(text(StatusCode::FORBIDDEN, "blocked: this relay does not serve your network\n"));
@@ -206,30 +204,47 @@ async fn metrics(req: &Request<Incoming>, relay: &Arc<Relay>) -> Response<Body> 
         .expect("static response parts")
 }
 
-/// NIP-86: a JSON-RPC request authorized with NIP-98.
-async fn management(req: Request<Incoming>, relay: Arc<Relay>) -> Response<Body> {
-    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let body = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
+/// NIP-86: a JSON-RPC request authorized with NIP-98. The body is read only
+/// after the `Authorization` header proved an admin, only up to
+/// `admin.max_body_bytes`, and only for `admin.body_timeout_seconds`: the API
+/// off, a blocked address or a stranger cost the relay no body at all.
+async fn management(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) -> Response<Body> {
+    let refuse = |status: StatusCode, message: String| {
+        json_response(status, crate::admin::CONTENT_TYPE, serde_json::json!({ "error": message }))
+    };
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let admin = match crate::admin::authorize_header(&relay, auth, crate::event::unix_now()) {
+        Ok(admin) => admin,
         Err(e) => {
-            let error = serde_json::json!({ "error": format!("cannot read the request body: {e}") });
-            return json_response(StatusCode::PAYLOAD_TOO_LARGE, crate::admin::CONTENT_TYPE, error);
+            tracing::info!(%remote, error = %e, "management API call refused");
+            return refuse(StatusCode::UNAUTHORIZED, e.to_string());
         }
     };
-    match crate::admin::authorize(&relay, auth.as_deref(), &body, crate::event::unix_now()) {
-        Ok(admin) => {
-            let reply = crate::admin::handle(&relay, &admin, &body).await;
-            json_response(StatusCode::OK, crate::admin::CONTENT_TYPE, reply)
-        }
-        Err(e) => {
-            tracing::info!(error = %e, "management API call refused");
-            json_response(
-                StatusCode::UNAUTHORIZED,
-                crate::admin::CONTENT_TYPE,
-                serde_json::json!({ "error": e.to_string() }),
-            )
-        }
+    let limits = &relay.config.admin;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over admin.max_body_bytes ({} bytes)", limits.max_body_bytes),
+        );
     }
+    let read = Limited::new(req.into_body(), limits.max_body_bytes).collect();
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(limits.body_timeout_seconds), read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("cannot read the request body: {e}")),
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {} s", limits.body_timeout_seconds),
+            );
+        }
+    };
+    if let Err(e) = crate::admin::authorize_body(&relay, &admin, &body) {
+        tracing::info!(%remote, error = %e, "management API call refused");
+        return refuse(StatusCode::UNAUTHORIZED, e.to_string());
+    }
+    let reply = crate::admin::handle(&relay, &admin.pubkey, &body).await;
+    json_response(StatusCode::OK, crate::admin::CONTENT_TYPE, reply)
 }
 
 fn landing_page(relay: &Relay) -> String {
