@@ -518,3 +518,65 @@ async fn the_management_endpoint_reads_no_body_it_does_not_need_and_refuses_repl
     let (status, _, reply) = relay.http("POST", "/", &headers, body.as_bytes()).await;
     assert!(status.contains("401") && reply.contains("already used"), "{status} {reply}");
 }
+
+/// The HTTP status and body a WebSocket handshake is refused with.
+async fn handshake_refusal(url: &str, local_ip: &str) -> (u16, String) {
+    let addr: std::net::SocketAddr = url.trim_start_matches("ws://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local_ip}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(url, stream).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            (response.status().as_u16(), body)
+        }
+        Ok(_) => panic!("the handshake from {local_ip} was accepted"),
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn connections_are_capped_per_address_and_in_total_and_identities_per_connection() {
+    let relay = TestRelay::start_with_env(&[
+        ("WASM_RELAY_LIMITS__MAX_CONNECTIONS_PER_IP", "3"),
+        ("WASM_RELAY_LIMITS__MAX_CONNECTIONS", "4"),
+        ("WASM_RELAY_LIMITS__MAX_AUTH_IDENTITIES", "2"),
+    ])
+    .await;
+    let mut mine = Vec::new();
+    for _ in 0..3 {
+        mine.push(relay.client().await);
+    }
+    let (status, why) = handshake_refusal(&relay.url, "127.0.0.1").await;
+    assert_eq!(status, 503);
+    assert!(why.starts_with("rate-limited: 3 connections from your address"), "{why}");
+    // Another address still gets in, up to the relay's total.
+    let mut other = Client::connect_from(&relay.url, "127.0.0.2").await;
+    let (status, why) = handshake_refusal(&relay.url, "127.0.0.3").await;
+    assert_eq!(status, 503);
+    assert!(why.starts_with("rate-limited: the relay is at its limit of 4 connections"), "{why}");
+    // A closed connection frees its place.
+    drop(mine.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let addr: std::net::SocketAddr = relay.addr.parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        if let Ok((ws, _)) = tokio_tungstenite::client_async(&relay.url, stream).await {
+            again = Some(ws);
+            break;
+        }
+    }
+    assert!(again.is_some(), "the freed place was never given back");
+
+    // NIP-42: at most two identities on one connection.
+    for _ in 0..2 {
+        nostr45::authenticate(&mut other, &Keys::generate(), &relay.url).await;
+    }
+    let third = nostr45::auth_event(&Keys::generate(), &other.challenge.clone(), &relay.url, now());
+    let (ok, why) = nostr45::send_auth(&mut other, &third).await;
+    assert!(!ok && why.starts_with("restricted:"), "{why}");
+    other.publish_ok(&note(&Keys::generate(), "still served", 0)).await;
+}

@@ -23,7 +23,7 @@ pub struct RelayProcess {
 /// Configuration for a benchmarked relay: limits off, optional plugins.
 pub fn bench_config(plugins: &[(&str, &Path)]) -> String {
     let mut c = String::from(
-        "[rate_limits]\nevents_per_minute_per_ip = 0\nevents_per_minute_per_pubkey = 0\nreqs_per_minute_per_ip = 0\nreqs_per_minute_per_pubkey = 0\n[log]\nfilter = \"warn\"\n",
+        "[limits]\nmax_connections_per_ip = 100000\n[rate_limits]\nevents_per_minute_per_ip = 0\nevents_per_minute_per_pubkey = 0\nreqs_per_minute_per_ip = 0\nreqs_per_minute_per_pubkey = 0\n[log]\nfilter = \"warn\"\n",
     );
     for (name, path) in plugins {
         c.push_str(&format!("[[plugins]]\nname = \"{name}\"\npath = {:?}\n", path.display().to_string()));

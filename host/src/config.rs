@@ -418,6 +418,13 @@ pub struct Limits {
     /// Seconds a write to a client may stay blocked (the client is not
     /// reading) before the connection is closed.
     pub write_timeout_seconds: u64,
+    /// Open WebSocket connections, all clients together (HTTP 503 beyond).
+    pub max_connections: usize,
+    /// Open WebSocket connections from one client address (an IPv4 address
+    /// or an IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// Keys one connection may authenticate as with NIP-42.
+    pub max_auth_identities: usize,
     /// Seconds without any frame from a client (pongs to the relay's pings
     /// count) before the connection is considered dead and closed.
     pub idle_timeout_seconds: u64,
@@ -481,6 +488,9 @@ impl Default for Limits {
             max_pending_events_per_connection: 64,
             send_queue_capacity: 4096,
             write_timeout_seconds: 30,
+            max_connections: 10_000,
+            max_connections_per_ip: 500,
+            max_auth_identities: 8,
             idle_timeout_seconds: 300,
             handshake_timeout_seconds: 10,
         }
@@ -545,6 +555,9 @@ impl Config {
         }
         if l.max_subscriptions == 0 || l.max_filters == 0 || l.max_subid_length == 0 {
             return fail("limits.max_subscriptions, max_filters and max_subid_length must be positive");
+        }
+        if l.max_connections == 0 || l.max_connections_per_ip == 0 || l.max_auth_identities == 0 {
+            return fail("limits.max_connections, max_connections_per_ip and max_auth_identities must be positive");
         }
         if l.max_pending_events_per_connection == 0 || l.send_queue_capacity < 16 {
             return fail(

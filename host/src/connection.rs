@@ -387,6 +387,14 @@ where
             return self.feed(message::ok(&id, false, &refusal)).await;
         }
         let pubkey = event.pubkey.to_bytes();
+        let max_identities = self.relay.config.limits.max_auth_identities;
+        if !self.authed.contains(&pubkey) && self.authed.len() >= max_identities {
+            let reply = format!(
+                "restricted: this connection is already authenticated as {max_identities} keys, the most allowed; \
+                 open another connection"
+            );
+            return self.feed(message::ok(&id, false, &reply)).await;
+        }
         if !self.authed.contains(&pubkey) {
             self.authed.push(pubkey);
             self.caller.authed_pubkeys.push(event.pubkey.to_hex());

@@ -14,12 +14,14 @@
 //! - [`metadata`]: the plugins' key-value store (sled or Firestore).
 //! - [`firestore`]: the Firestore client; [`replication`]: replicas sharing events.
 //! - [`plugin`]: the WebAssembly plugin runtime and its WIT bindings.
-//! - [`policy`]: access lists and rate limits.
+//! - [`policy`]: access lists and rate limits; [`capacity`]: connections one
+//!   client (and the relay) may hold.
 //! - [`relay`]: shared state and start-up.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the NIP-86 management API.
 //! - [`tools`]: offline operator tools (plugin check, export, import).
 
 pub mod admin;
+pub mod capacity;
 pub mod config;
 pub mod connection;
 pub mod event;

@@ -37,6 +37,8 @@ pub struct Relay {
     /// Turns true when the relay starts shutting down; connections say
     /// goodbye and close.
     pub shutdown: watch::Sender<bool>,
+    /// Open connections, per client and in total.
+    pub connections: crate::capacity::ConnectionCounter,
     /// NIP-98 events already used on the management API.
     pub admin_replays: crate::admin::SpentAuthEvents,
     next_connection: AtomicU64,
@@ -103,6 +105,10 @@ impl Relay {
         let policy = Policy::new(&config.rate_limits, &config.access);
         let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;
         policy.update_operator_lists(|l| *l = lists);
+        let connections = crate::capacity::ConnectionCounter::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        );
         let relay = Arc::new(Self {
             config,
             store,
@@ -114,6 +120,7 @@ impl Relay {
             metrics,
             replicator,
             shutdown: watch::Sender::new(false),
+            connections,
             admin_replays: Default::default(),
             next_connection: AtomicU64::new(1),
         });

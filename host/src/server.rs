@@ -275,6 +275,18 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
             .body(Body::from("missing Sec-WebSocket-Key\n"))
             .expect("static response parts");
     };
+    let permit = match relay.connections.admit(remote.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            tracing::info!(target: "wasm_relay::refused", %remote, reason = %refused, "connection refused");
+            return Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .header(header::RETRY_AFTER, "5")
+                .body(Body::from(format!("{refused}\n")))
+                .expect("static response parts");
+        }
+    };
     let accept = derive_accept_key(key.as_bytes());
     let max_message = relay.config.limits.max_message_length;
     tokio::spawn(async move {
@@ -292,6 +304,7 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
                 ws_config.max_write_buffer_size = 8 * 1024 * 1024;
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
                 Connection::new(relay, ws, remote).run().await;
+                drop(permit);
             }
             Err(e) => tracing::debug!(%remote, error = %e, "websocket upgrade failed"),
         }

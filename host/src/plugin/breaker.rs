@@ -154,7 +154,7 @@ impl ClientFailures {
     /// How long until `ip` may use the plugin again, if it is refused now.
     pub fn refused_for(&self, ip: IpAddr) -> Option<Duration> {
         let tally = self.tally();
-        let (count, since) = tally.get(&bucket(ip))?;
+        let (count, since) = tally.get(&crate::capacity::client_key(ip))?;
         let age = since.elapsed();
         (*count >= self.per_minute && age < CLIENT_WINDOW).then(|| CLIENT_WINDOW - age)
     }
@@ -164,7 +164,7 @@ impl ClientFailures {
     pub fn record(&self, ip: IpAddr) -> bool {
         let mut tally = self.tally();
         let now = Instant::now();
-        let key = bucket(ip);
+        let key = crate::capacity::client_key(ip);
         if let Some((count, since)) = tally.get_mut(&key) {
             if now.duration_since(*since) < CLIENT_WINDOW {
                 *count += 1;
@@ -181,21 +181,6 @@ impl ClientFailures {
             tally.insert(key, (1, now));
         }
         true
-    }
-}
-
-/// One client as the tally sees it: an IPv4 address, or an IPv6 /64 (one
-/// subscriber's allocation, where a client can pick addresses freely).
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
     }
 }
 
