@@ -580,3 +580,44 @@ async fn connections_are_capped_per_address_and_in_total_and_identities_per_conn
     assert!(!ok && why.starts_with("restricted:"), "{why}");
     other.publish_ok(&note(&Keys::generate(), "still served", 0)).await;
 }
+
+#[tokio::test]
+async fn many_filters_with_big_limits_cost_the_relay_no_memory_per_filter() {
+    let relay = TestRelay::start_with_env(&[("WASM_RELAY_RATE_LIMITS__EVENTS_PER_MINUTE_PER_IP", "0")]).await;
+    let mut publisher = relay.client().await;
+    let k = Keys::generate();
+    let body = "m".repeat(3000);
+    // 2,000 events of 3 KB: 6 MB of JSON.
+    let start = now();
+    for chunk in 0..40 {
+        let events: Vec<_> = (0..50).map(|i| sign(&k, 1, &body, &[], start - (chunk * 50 + i))).collect();
+        for e in &events {
+            publisher.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
+        }
+        for e in &events {
+            assert!(publisher.expect_ok(&e.id.to_hex()).await.0);
+        }
+    }
+    let rss_before = relay.rss_bytes();
+    let every: Vec<Value> = (0..20).map(|_| json!({})).collect();
+    let big: Vec<Value> = (0..20).map(|_| json!({"limit": 5000})).collect();
+    let abusers: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, every, big) = (relay.url.clone(), every.clone(), big.clone());
+            tokio::spawn(async move {
+                let mut c = Client::connect(&url).await;
+                let counted = c.count("n", every).await;
+                assert_eq!(counted[2]["count"], 2000, "{counted}");
+                assert_eq!(c.req("all", big).await.len(), 2000, "each event once");
+            })
+        })
+        .collect();
+    for a in abusers {
+        a.await.unwrap();
+    }
+    // 4 x 20 filters x 2,000 events would be 480 MB held at once if each
+    // filter's results were loaded before merging.
+    let grown = relay.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 96 << 20, "the relay grew by {} MiB answering 4 abusive requests", grown >> 20);
+    still_serves(&relay).await;
+}

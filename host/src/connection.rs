@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use crate::config::GiftWrapPolicy;
 use crate::event::{AcceptedEvent, KindClass, is_vanish_request_for, kind_class, normalize_url, read_event, unix_now};
 use crate::fanout::{ConnId, Delivery};
-use crate::filter::{Filter, FilterLimits};
+use crate::filter::{Filter, FilterLimits, any_filter_matches};
 use crate::ingest::WriteResult;
 use crate::message::{self, ClientMessage, Parsed};
 use crate::metrics::Verb;
@@ -34,7 +34,10 @@ use crate::store::{GIFT_WRAP, GiftWrapAccess, ReadAccess, StoredEvent, WriteOutc
 /// What this connection remembers of one of its subscriptions.
 struct LocalSub {
     generation: u64,
-    /// Ids the initial query sent, kept until live deliveries pass `seq_mark`.
+    /// Ids the initial query sent, so a live delivery of an event written
+    /// while the query ran is not sent twice. Kept only until every write
+    /// sequenced up to `seq_mark` has been delivered (see
+    /// [`Connection::release_sent_sets`]).
     sent: Option<HashSet<[u8; 32]>>,
     seq_mark: u64,
 }
@@ -58,6 +61,8 @@ pub struct Connection<S> {
     relay: Arc<Relay>,
     ws: WebSocketStream<S>,
     subs: HashMap<Arc<str>, LocalSub>,
+    /// Subscriptions still holding their `sent` set.
+    dedup_pending: usize,
     /// Replies waiting to be flushed at the end of the current step.
     unflushed: bool,
 }
@@ -75,7 +80,18 @@ where
         let id = relay.next_connection_id();
         let caller = Caller::new(id, remote);
         let challenge = hex::encode(rand::random::<[u8; 16]>());
-        Self { id, remote, challenge, authed: vec![], caller, relay, ws, subs: HashMap::new(), unflushed: false }
+        Self {
+            id,
+            remote,
+            challenge,
+            authed: vec![],
+            caller,
+            relay,
+            ws,
+            subs: HashMap::new(),
+            dedup_pending: 0,
+            unflushed: false,
+        }
     }
 
     pub async fn run(mut self) {
@@ -141,6 +157,9 @@ where
                         }
                     }
                 };
+                if self.dedup_pending > 0 {
+                    self.release_sent_sets(&live_rx);
+                }
                 // Batch writes while deliveries are queued; flush once the queue is drained.
                 if self.unflushed && (live_rx.is_empty() || matches!(step, Step::Close)) {
                     self.flush().await?;
@@ -229,13 +248,33 @@ where
         self.feed(message::notice("error: the relay is shutting down; reconnect in a moment")).await
     }
 
+    /// Drops the `sent` sets no longer needed: once every write sequenced up
+    /// to a subscription's `seq_mark` has been broadcast and this
+    /// connection's queue has been drained, no delivery can repeat its
+    /// initial results.
+    fn release_sent_sets(&mut self, live_rx: &mpsc::Receiver<Delivery>) {
+        // The watermark is read first: deliveries up to it were queued before it moved.
+        let delivered = self.relay.fanout.broadcast_watermark();
+        if !live_rx.is_empty() {
+            return;
+        }
+        for local in self.subs.values_mut() {
+            if local.sent.is_some() && local.seq_mark <= delivered {
+                local.sent = None;
+                self.dedup_pending -= 1;
+            }
+        }
+    }
+
     async fn deliver(&mut self, d: Delivery) -> Result<(), WsError> {
         let Some(local) = self.subs.get_mut(&d.sub_id) else { return Ok(()) };
         if local.generation != d.generation {
             return Ok(());
         }
         if d.seq > local.seq_mark {
-            local.sent = None;
+            if local.sent.take().is_some() {
+                self.dedup_pending -= 1;
+            }
         } else if local.sent.as_ref().is_some_and(|s| s.contains(d.event.event.id.as_bytes())) {
             return Ok(()); // already sent by the initial query
         }
@@ -285,7 +324,7 @@ where
             Ok(Parsed::Message(ClientMessage::Count { sub_id, filters })) => self.on_count(sub_id, filters).await?,
             Ok(Parsed::Message(ClientMessage::Close { sub_id })) => {
                 self.relay.fanout.unsubscribe(self.id, &sub_id);
-                self.subs.remove(sub_id.as_str());
+                self.forget_sub(&sub_id);
             }
         }
         Ok(Step::Continue)
@@ -473,34 +512,86 @@ where
             Ok(events) => events,
             Err(refusal) => {
                 self.relay.fanout.unsubscribe(self.id, &sub);
-                self.subs.remove(&sub);
+                self.forget_sub(&sub);
                 return self.refuse_sub(ReadPurpose::Req, &sub, &refusal).await;
             }
         };
-        let store_filters = self.store_filters(&filters);
-        let access = self.read_access();
-        let queried = self.relay.store.query_filters(&store_filters, limits.default_limit, limits.max_limit, &access);
-        let stored = match queried.map(|stored| merge(stored, from_plugins)) {
-            Ok(stored) => stored,
-            Err(e) => {
-                tracing::error!(conn = self.id, error = %e, "query failed");
-                self.relay.fanout.unsubscribe(self.id, &sub);
-                self.subs.remove(&sub);
-                return self
-                    .refuse_sub(ReadPurpose::Req, &sub, "error: the query failed on the relay; try again later")
-                    .await;
-            }
-        };
-        let seq_mark = self.relay.fanout.current_seq();
+        let store_filters = self.store_filters(&filters).into_owned();
+        let mut rows = self.query_rows(store_filters, &limits);
+        let mut from_plugins = from_plugins.into_iter().peekable();
         let sub_json = message::json_string(&sub);
-        let mut sent = HashSet::with_capacity(stored.len());
-        for e in &stored {
-            sent.insert(e.id);
-            self.feed(message::event(&sub_json, &e.json)).await?;
+        let mut initial = InitialSend::default();
+        loop {
+            let row = match rows.next().await {
+                None => None,
+                Some(Ok(row)) => Some(row),
+                Some(Err(e)) => {
+                    tracing::error!(conn = self.id, error = %e, "query failed");
+                    self.relay.fanout.unsubscribe(self.id, &sub);
+                    self.forget_sub(&sub);
+                    return self
+                        .refuse_sub(ReadPurpose::Req, &sub, "error: the query failed on the relay; try again later")
+                        .await;
+                }
+            };
+            // Plugin answers and stored events together, in NIP-01 order, once each.
+            while let Some(p) = from_plugins.next_if(|p| row.as_ref().is_none_or(|r| p.order_key() <= r.order_key())) {
+                self.send_initial(&sub_json, &mut initial, p).await?;
+            }
+            match row {
+                Some(row) => self.send_initial(&sub_json, &mut initial, row).await?,
+                None => break,
+            }
         }
-        self.subs.insert(sub.clone(), LocalSub { generation, sent: Some(sent), seq_mark });
+        let seq_mark = self.relay.fanout.current_seq();
+        self.forget_sub(&sub);
+        self.dedup_pending += 1;
+        self.subs.insert(sub.clone(), LocalSub { generation, sent: Some(initial.sent), seq_mark });
         self.served(ReadPurpose::Req, started);
         self.feed(message::eose(&sub)).await
+    }
+
+    fn forget_sub(&mut self, sub_id: &str) {
+        if self.subs.remove(sub_id).is_some_and(|s| s.sent.is_some()) {
+            self.dedup_pending -= 1;
+        }
+    }
+
+    /// Sends one event of a subscription's initial results, unless it was
+    /// just sent (a plugin and the store can name the same event).
+    async fn send_initial(&mut self, sub_json: &str, initial: &mut InitialSend, e: StoredEvent) -> Result<(), WsError> {
+        if initial.last == Some(e.id) {
+            return Ok(());
+        }
+        initial.last = Some(e.id);
+        initial.sent.insert(e.id);
+        self.feed(message::event(sub_json, &e.json)).await
+    }
+
+    /// The store's answer to `filters`, in NIP-01 order. A small request is
+    /// answered in place; a larger one runs on the blocking pool and streams
+    /// through a short queue, so neither the async workers nor memory carry
+    /// its size.
+    fn query_rows(&self, filters: Vec<Filter>, limits: &crate::config::Limits) -> Rows {
+        let access = self.read_access();
+        let (default_limit, max_limit) = (limits.default_limit, limits.max_limit);
+        let requested: usize = filters
+            .iter()
+            .map(|f| f.limit.map_or(default_limit, |l| usize::try_from(l).unwrap_or(usize::MAX)).min(max_limit))
+            .fold(0usize, usize::saturating_add);
+        if requested <= INLINE_QUERY_EVENTS {
+            let rows = self.relay.store.query_filters(&filters, default_limit, max_limit, &access);
+            return Rows::Inline(rows.map_err(|e| e.to_string()).map(Vec::into_iter));
+        }
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        let store = self.relay.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut send = |e: StoredEvent| tx.blocking_send(Ok(e)).is_ok();
+            if let Err(e) = store.visit_filters(&filters, default_limit, max_limit, &access, &mut send) {
+                let _ = tx.blocking_send(Err(e.to_string()));
+            }
+        });
+        Rows::Streamed(rx)
     }
 
     async fn on_count(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
@@ -513,17 +604,25 @@ where
             Ok(events) => events,
             Err(refusal) => return self.refuse_sub(ReadPurpose::Count, &sub_id, &refusal).await,
         };
-        let store_filters = self.store_filters(&filters);
+        let store_filters = self.store_filters(&filters).into_owned();
         let access = self.read_access();
-        let counted = match &*store_filters {
-            [filter] if from_plugins.is_empty() => self.relay.store.count(filter, &access),
-            // Events matching several filters, or also given by a plugin, count once.
-            _ => self
-                .relay
-                .store
-                .query_filters(&store_filters, usize::MAX, usize::MAX, &access)
-                .map(|all| merge(all, from_plugins).len() as u64),
-        };
+        let store = self.relay.store.clone();
+        // Counted from the indexes on the blocking pool; plugin answers the
+        // store also counted count once.
+        let counted = tokio::task::spawn_blocking(move || {
+            let n = store.count_filters(&store_filters, &access)?;
+            let mut extra = 0u64;
+            for e in &from_plugins {
+                let counted_by_store = store.get(&e.id)?.is_some()
+                    && serde_json::from_str::<Event>(&e.json)
+                        .is_ok_and(|ev| any_filter_matches(&store_filters, &ev) && access.can_see(&ev));
+                extra += u64::from(!counted_by_store);
+            }
+            Ok::<u64, crate::store::StoreError>(n + extra)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match counted {
             Ok(n) => {
                 self.served(ReadPurpose::Count, started);
@@ -582,15 +681,38 @@ fn purpose_label(purpose: ReadPurpose) -> &'static str {
     }
 }
 
-/// Store results and plugin results together, in NIP-01 order, once each.
-fn merge(mut stored: Vec<StoredEvent>, from_plugins: Vec<StoredEvent>) -> Vec<StoredEvent> {
-    if from_plugins.is_empty() {
-        return stored;
+/// Events a REQ may answer in place; beyond this the store query runs on
+/// the blocking pool.
+const INLINE_QUERY_EVENTS: usize = 100;
+/// Events a streamed query may have read ahead of the socket.
+const STREAM_DEPTH: usize = 64;
+
+/// A store query's rows, in NIP-01 order.
+enum Rows {
+    Inline(Result<std::vec::IntoIter<StoredEvent>, String>),
+    Streamed(mpsc::Receiver<Result<StoredEvent, String>>),
+}
+
+impl Rows {
+    async fn next(&mut self) -> Option<Result<StoredEvent, String>> {
+        match self {
+            Rows::Inline(Ok(rows)) => rows.next().map(Ok),
+            Rows::Inline(Err(e)) => {
+                let e = std::mem::take(e);
+                *self = Rows::Inline(Ok(Vec::new().into_iter()));
+                Some(Err(e))
+            }
+            Rows::Streamed(rx) => rx.recv().await,
+        }
     }
-    stored.extend(from_plugins);
-    stored.sort_by_key(StoredEvent::order_key);
-    stored.dedup_by_key(|e| e.id);
-    stored
+}
+
+/// What a subscription's initial send has sent so far.
+#[derive(Default)]
+struct InitialSend {
+    /// Ids sent, to skip their live delivery (see [`LocalSub::sent`]).
+    sent: HashSet<[u8; 32]>,
+    last: Option<[u8; 32]>,
 }
 
 fn ok_reply(id: &str, result: WriteResult) -> String {

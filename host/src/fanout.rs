@@ -47,6 +47,8 @@ struct ConnectionEntry {
 pub struct Fanout {
     connections: RwLock<HashMap<ConnId, ConnectionEntry>>,
     next_seq: AtomicU64,
+    /// Every write sequenced up to this has been broadcast.
+    broadcast_done: AtomicU64,
     next_generation: AtomicU64,
     /// Kinds never delivered live: plugin-managed kinds are served only
     /// through their plugin's answers to a REQ.
@@ -60,6 +62,7 @@ impl Fanout {
         Self {
             connections: RwLock::default(),
             next_seq: AtomicU64::new(0),
+            broadcast_done: AtomicU64::new(0),
             next_generation: AtomicU64::new(0),
             excluded_kinds: arc_swap::ArcSwap::from_pointee(vec![]),
             gift_wraps_to_recipients_only,
@@ -109,6 +112,17 @@ impl Fanout {
     /// The highest sequence number reserved so far.
     pub fn current_seq(&self) -> u64 {
         self.next_seq.load(Ordering::SeqCst)
+    }
+
+    /// Marks every write sequenced up to `seq` as broadcast (the writer calls
+    /// it after each batch, in sequence order).
+    pub fn mark_broadcast(&self, seq: u64) {
+        self.broadcast_done.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// The highest sequence number up to which every write was broadcast.
+    pub fn broadcast_watermark(&self) -> u64 {
+        self.broadcast_done.load(Ordering::SeqCst)
     }
 
     /// Sets the kinds never delivered live (sorted).

@@ -119,5 +119,6 @@ fn writer_loop(
                 }
             }
         }
+        fanout.mark_broadcast(first_seq + events.len() as u64 - 1);
     }
 }

@@ -153,7 +153,24 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Events matching any of `filters` (each with its own limit: the filter's
     /// `limit` capped at `max_limit`, else `default_limit`), deduplicated, in
-    /// NIP-01 order.
+    /// NIP-01 order, handed to `visit` one at a time until it returns false.
+    /// The per-filter results are merged lazily: memory does not grow with
+    /// the number of filters or their limits.
+    fn visit_filters(
+        &self,
+        filters: &[Filter],
+        default_limit: usize,
+        max_limit: usize,
+        access: &ReadAccess,
+        visit: &mut dyn FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError>;
+
+    /// Number of distinct stored events matching any of `filters` that
+    /// `access` may see, counted from the indexes (an event is read only
+    /// when the index cannot decide a filter on its own, and then dropped).
+    fn count_filters(&self, filters: &[Filter], access: &ReadAccess) -> Result<u64, StoreError>;
+
+    /// [`EventStore::visit_filters`], collected.
     fn query_filters(
         &self,
         filters: &[Filter],
@@ -162,17 +179,10 @@ pub trait EventStore: Send + Sync + 'static {
         access: &ReadAccess,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut all = Vec::new();
-        for filter in filters {
-            let limit = filter.limit.map_or(default_limit, |l| usize::try_from(l).unwrap_or(usize::MAX)).min(max_limit);
-            if limit == 0 || filter.matches_nothing() {
-                continue;
-            }
-            all.extend(self.query(filter, limit, access)?);
-        }
-        if filters.len() > 1 {
-            all.sort_by_key(StoredEvent::order_key);
-            all.dedup_by_key(|e| e.id);
-        }
+        self.visit_filters(filters, default_limit, max_limit, access, &mut |e| {
+            all.push(e);
+            true
+        })?;
         Ok(all)
     }
 }

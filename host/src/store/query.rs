@@ -90,9 +90,11 @@ pub struct MergedScan<I> {
     last: Option<[u8; 40]>,
 }
 
-impl<I, E> MergedScan<I>
+impl<I, E, K, V> MergedScan<I>
 where
-    I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    I: Iterator<Item = Result<(K, V), E>>,
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
 {
     pub fn new(mut iters: Vec<I>) -> Result<Self, E> {
         let mut heap = BinaryHeap::with_capacity(iters.len());
@@ -123,19 +125,75 @@ where
 
 /// The next entry's key suffix and value (padded to 10 bytes; the length is
 /// recovered from the zero padding of a missing expiration).
-fn next_item<I, E>(it: &mut I) -> Result<Option<RawEntry>, E>
+fn next_item<I, E, K, V>(it: &mut I) -> Result<Option<RawEntry>, E>
 where
-    I: Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    I: Iterator<Item = Result<(K, V), E>>,
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
 {
     for entry in it.by_ref() {
         let (key, value) = entry?;
+        let key = key.as_ref();
         if key.len() >= 40 {
             let mut s = [0u8; 40];
             s.copy_from_slice(&key[key.len() - 40..]);
-            return Ok(Some((s, pad_value(&value))));
+            return Ok(Some((s, pad_value(value.as_ref()))));
         }
     }
     Ok(None)
+}
+
+/// Merges per-filter streams, each in NIP-01 order, into one stream in
+/// NIP-01 order in which an event matched by several filters appears once.
+/// It holds one pending entry per stream, whatever the result size.
+pub struct UnionMerge<S: EntryStream> {
+    streams: Vec<S>,
+    heap: BinaryHeap<Reverse<((Reverse<u64>, [u8; 32]), usize)>>,
+    pending: Vec<Option<S::Payload>>,
+    last: Option<[u8; 32]>,
+}
+
+/// A stream of `(created_at, id, payload)` in NIP-01 order.
+pub trait EntryStream {
+    type Payload;
+    type Error;
+    #[allow(clippy::type_complexity)]
+    fn next_entry(&mut self) -> Result<Option<(u64, [u8; 32], Self::Payload)>, Self::Error>;
+}
+
+impl<S: EntryStream> UnionMerge<S> {
+    pub fn new(mut streams: Vec<S>) -> Result<Self, S::Error> {
+        let mut heap = BinaryHeap::with_capacity(streams.len());
+        let mut pending = Vec::with_capacity(streams.len());
+        for (i, s) in streams.iter_mut().enumerate() {
+            match s.next_entry()? {
+                Some((created_at, id, payload)) => {
+                    heap.push(Reverse(((Reverse(created_at), id), i)));
+                    pending.push(Some(payload));
+                }
+                None => pending.push(None),
+            }
+        }
+        Ok(Self { streams, heap, pending, last: None })
+    }
+
+    /// The next `(created_at, id, payload)` of the union.
+    #[allow(clippy::type_complexity)]
+    pub fn next(&mut self) -> Result<Option<(u64, [u8; 32], S::Payload)>, S::Error> {
+        while let Some(Reverse(((Reverse(created_at), id), i))) = self.heap.pop() {
+            let payload = self.pending[i].take().expect("a heap item has its payload");
+            if let Some((next_at, next_id, next)) = self.streams[i].next_entry()? {
+                self.heap.push(Reverse(((Reverse(next_at), next_id), i)));
+                self.pending[i] = Some(next);
+            }
+            if self.last == Some(id) {
+                continue; // the same event matched by another filter
+            }
+            self.last = Some(id);
+            return Ok(Some((created_at, id, payload)));
+        }
+        Ok(None)
+    }
 }
 
 /// Index values are 2 or 10 bytes; a 2-byte one is stored with a zero

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use nostr::event::Event;
 
 use super::keys;
-use super::query::{IndexEntry, MergedScan, Plan, bounds, plan};
+use super::query::{EntryStream, MergedScan, Plan, UnionMerge, bounds, plan};
 use super::{EventStore, GIFT_WRAP, ReadAccess, StoreError, StoredEvent, WriteOutcome, p_tags};
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, filter_matches};
@@ -266,51 +266,30 @@ impl SledEventStore {
         Ok(())
     }
 
-    /// Candidates of a scan plan, in order, each passed to `visit` with its
-    /// JSON (loaded only when needed) until `visit` returns false.
-    fn scan(
-        &self,
-        filter: &Filter,
-        prefixes: &[Vec<u8>],
-        covered: bool,
+    /// The matches of `filter`, at most `limit`, pulled one at a time in
+    /// NIP-01 order. With `need_json` false, an event's JSON is read only
+    /// when the index cannot decide a match on its own.
+    fn cursor<'s>(
+        &'s self,
+        filter: &'s Filter,
+        limit: usize,
         need_json: bool,
-        access: &ReadAccess,
-        mut visit: impl FnMut(IndexEntry, Option<String>) -> bool,
-    ) -> Result<(), StoreError> {
-        let iters = prefixes
-            .iter()
-            .map(|p| {
-                let (lo, hi) = bounds(p, filter);
-                self.tree.range(lo..=hi).map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            })
-            .collect();
-        let mut merged = MergedScan::new(iters)?;
-        while let Some(entry) = merged.next_entry()? {
-            if !filter.could_match_kind(entry.kind) {
-                continue;
+        access: &'s ReadAccess,
+    ) -> Result<FilterCursor<'s>, StoreError> {
+        let (source, covered) = match plan(filter) {
+            Plan::Ids(ids) => (Source::Listed(self.lookup_ids(filter, &ids, access)?.into_iter()), true),
+            Plan::Scan { prefixes, covered } => {
+                let iters = prefixes
+                    .iter()
+                    .map(|p| {
+                        let (lo, hi) = bounds(p, filter);
+                        self.tree.range(lo..=hi)
+                    })
+                    .collect();
+                (Source::Scan(MergedScan::new(iters)?), covered)
             }
-            let visibility = access.may_see(entry.kind, entry.expiration);
-            if visibility == Some(false) {
-                continue;
-            }
-            let decided = covered && visibility == Some(true);
-            let json = if decided && !need_json {
-                None
-            } else {
-                let Some(json) = self.load(&entry.id)? else { continue };
-                if !decided {
-                    let event = parse(&entry.id, json.as_bytes())?;
-                    if !filter_matches(filter, &event) || !access.can_see(&event) {
-                        continue;
-                    }
-                }
-                Some(json)
-            };
-            if !visit(entry, json) {
-                break;
-            }
-        }
-        Ok(())
+        };
+        Ok(FilterCursor { store: self, filter, access, source, covered, need_json, remaining: limit })
     }
 
     fn lookup_ids(
@@ -329,6 +308,66 @@ impl SledEventStore {
         }
         out.sort_by_key(StoredEvent::order_key);
         Ok(out)
+    }
+}
+
+/// Where a cursor's candidates come from.
+enum Source {
+    /// Index ranges, merged.
+    Scan(MergedScan<sled::Iter>),
+    /// Events looked up by id, already checked and ordered.
+    Listed(std::vec::IntoIter<StoredEvent>),
+}
+
+/// One filter's matches, in NIP-01 order, read lazily from the index.
+struct FilterCursor<'s> {
+    store: &'s SledEventStore,
+    filter: &'s Filter,
+    access: &'s ReadAccess,
+    source: Source,
+    /// Every condition of the filter is decided by the index.
+    covered: bool,
+    need_json: bool,
+    remaining: usize,
+}
+
+impl EntryStream for FilterCursor<'_> {
+    type Payload = Option<String>;
+    type Error = StoreError;
+
+    fn next_entry(&mut self) -> Result<Option<(u64, [u8; 32], Option<String>)>, StoreError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let found = match &mut self.source {
+            Source::Listed(events) => events.next().map(|e| (e.created_at, e.id, Some(e.json))),
+            Source::Scan(merged) => loop {
+                let Some(entry) = merged.next_entry()? else { break None };
+                if !self.filter.could_match_kind(entry.kind) {
+                    continue;
+                }
+                let visibility = self.access.may_see(entry.kind, entry.expiration);
+                if visibility == Some(false) {
+                    continue;
+                }
+                let decided = self.covered && visibility == Some(true);
+                if decided && !self.need_json {
+                    break Some((entry.created_at, entry.id, None));
+                }
+                let Some(json) = self.store.load(&entry.id)? else { continue };
+                if !decided {
+                    let event = parse(&entry.id, json.as_bytes())?;
+                    if !filter_matches(self.filter, &event) || !self.access.can_see(&event) {
+                        continue;
+                    }
+                }
+                break Some((entry.created_at, entry.id, self.need_json.then_some(json)));
+            },
+        };
+        if found.is_some() {
+            self.remaining -= 1;
+        }
+        Ok(found)
     }
 }
 
@@ -400,42 +439,58 @@ impl EventStore for SledEventStore {
         if limit == 0 || filter.matches_nothing() {
             return Ok(Vec::new());
         }
-        match plan(filter) {
-            Plan::Ids(ids) => {
-                let mut out = self.lookup_ids(filter, &ids, access)?;
-                out.truncate(limit);
-                Ok(out)
-            }
-            Plan::Scan { prefixes, covered } => {
-                let mut out = Vec::with_capacity(limit.min(1024));
-                self.scan(filter, &prefixes, covered, true, access, |entry, json| {
-                    out.push(StoredEvent {
-                        created_at: entry.created_at,
-                        id: entry.id,
-                        json: json.expect("json requested"),
-                    });
-                    out.len() < limit
-                })?;
-                Ok(out)
-            }
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut cursor = self.cursor(filter, limit, true, access)?;
+        while let Some((created_at, id, json)) = cursor.next_entry()? {
+            out.push(StoredEvent { created_at, id, json: json.expect("json requested") });
         }
+        Ok(out)
     }
 
     fn count(&self, filter: &Filter, access: &ReadAccess) -> Result<u64, StoreError> {
-        if filter.matches_nothing() {
-            return Ok(0);
+        self.count_filters(std::slice::from_ref(filter), access)
+    }
+
+    fn visit_filters(
+        &self,
+        filters: &[Filter],
+        default_limit: usize,
+        max_limit: usize,
+        access: &ReadAccess,
+        visit: &mut dyn FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut cursors = Vec::with_capacity(filters.len());
+        for (i, filter) in filters.iter().enumerate() {
+            let limit = filter.limit.map_or(default_limit, |l| usize::try_from(l).unwrap_or(usize::MAX)).min(max_limit);
+            // A filter repeated in one request adds nothing.
+            if limit == 0 || filter.matches_nothing() || filters[..i].contains(filter) {
+                continue;
+            }
+            cursors.push(self.cursor(filter, limit, true, access)?);
         }
-        match plan(filter) {
-            Plan::Ids(ids) => Ok(self.lookup_ids(filter, &ids, access)?.len() as u64),
-            Plan::Scan { prefixes, covered } => {
-                let mut n = 0u64;
-                self.scan(filter, &prefixes, covered, false, access, |_, _| {
-                    n += 1;
-                    true
-                })?;
-                Ok(n)
+        let mut union = UnionMerge::new(cursors)?;
+        while let Some((created_at, id, json)) = union.next()? {
+            if !visit(StoredEvent { created_at, id, json: json.expect("json requested") }) {
+                break;
             }
         }
+        Ok(())
+    }
+
+    fn count_filters(&self, filters: &[Filter], access: &ReadAccess) -> Result<u64, StoreError> {
+        let mut cursors = Vec::with_capacity(filters.len());
+        for (i, filter) in filters.iter().enumerate() {
+            if filter.matches_nothing() || filters[..i].contains(filter) {
+                continue;
+            }
+            cursors.push(self.cursor(filter, usize::MAX, false, access)?);
+        }
+        let mut union = UnionMerge::new(cursors)?;
+        let mut n = 0u64;
+        while union.next()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn get(&self, id: &[u8; 32]) -> Result<Option<StoredEvent>, StoreError> {
