@@ -621,3 +621,19 @@ async fn many_filters_with_big_limits_cost_the_relay_no_memory_per_filter() {
     assert!(grown < 96 << 20, "the relay grew by {} MiB answering 4 abusive requests", grown >> 20);
     still_serves(&relay).await;
 }
+
+#[tokio::test]
+async fn a_plugin_is_held_to_its_key_value_quota() {
+    let config = plugin_entry("probe", "probe.wasm", "kv_max_keys = 2", &[("managed-kinds", "9001"), ("req", "claim")]);
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    for i in 0..3 {
+        c.publish_ok(&sign(&k, 9001, &format!("item {i}"), &[], now() - 10 + i)).await;
+    }
+    // Each claim writes one key: two fit, the third is refused by the quota.
+    assert_eq!(c.req_ids("one", vec![json!({"kinds": [9001]})]).await.len(), 1);
+    assert_eq!(c.req_ids("two", vec![json!({"kinds": [9001]})]).await.len(), 1);
+    let why = c.req_refused("three", vec![json!({"kinds": [9001]})]).await;
+    assert!(why.contains("quota of 2 keys is used up"), "{why}");
+}

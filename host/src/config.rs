@@ -268,6 +268,12 @@ pub struct PluginConfig {
     /// `rate-limited:`, in milliseconds.
     #[serde(default = "default_instance_wait_ms")]
     pub instance_wait_ms: u64,
+    /// Keys the plugin may keep in its key-value namespace.
+    #[serde(default = "default_kv_max_keys")]
+    pub kv_max_keys: u64,
+    /// Bytes (keys plus values) the plugin may keep in its key-value namespace.
+    #[serde(default = "default_kv_max_bytes")]
+    pub kv_max_bytes: u64,
     /// What a REQ/COUNT gets when this plugin fails.
     #[serde(default = "default_failure_policy")]
     pub on_req_failure: FailurePolicy,
@@ -324,6 +330,12 @@ fn default_max_instances() -> usize {
 fn default_instance_wait_ms() -> u64 {
     200
 }
+fn default_kv_max_keys() -> u64 {
+    1_000_000
+}
+fn default_kv_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
 fn default_circuit_open_seconds() -> u64 {
     10
 }
@@ -347,6 +359,8 @@ impl PluginConfig {
             memory_limit_bytes: default_memory_limit_bytes(),
             max_instances: default_max_instances(),
             instance_wait_ms: default_instance_wait_ms(),
+            kv_max_keys: default_kv_max_keys(),
+            kv_max_bytes: default_kv_max_bytes(),
             on_req_failure: default_failure_policy(),
             max_consecutive_failures: default_max_consecutive_failures(),
             circuit_open_seconds: default_circuit_open_seconds(),

@@ -2,14 +2,17 @@
 //! in (the `kv` interface of the WIT contract). One trait, with an embedded
 //! sled backend ([`SledMetadataStore`], the default) and a distributed one on
 //! Firestore ([`FirestoreMetadataStore`]) that several relay replicas share.
-//! Both pass the same [`conformance`] suite.
+//! Both pass the same [`conformance`] suite. Plugins reach it through a
+//! [`QuotaStore`] that holds each to its key-value quota.
 
 mod firestore_backend;
+pub mod quota;
 mod sled_backend;
 
 use async_trait::async_trait;
 
 pub use firestore_backend::FirestoreMetadataStore;
+pub use quota::{KvQuota, QuotaStore};
 pub use sled_backend::SledMetadataStore;
 
 /// Longest key, in bytes.

@@ -36,7 +36,7 @@ use crate::config::{FailurePolicy, PluginConfig};
 use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::filter::{Filter, any_filter_matches};
-use crate::metadata::MetadataStore;
+use crate::metadata::{KvQuota, MetadataStore, QuotaStore};
 use crate::metrics::Metrics;
 use crate::store::{EventStore, ReadAccess, StoredEvent};
 
@@ -181,6 +181,9 @@ impl PluginStats {
 pub struct PluginSlot {
     pub config: PluginConfig,
     current: ArcSwap<LoadedPlugin>,
+    /// The plugin's key-value namespace, held to its quota; every version
+    /// of the plugin writes through it.
+    kv: Arc<QuotaStore>,
     breaker: Breaker,
     client_failures: ClientFailures,
     /// Turned off by an operator (NIP-86 `disableplugin`).
@@ -301,7 +304,6 @@ impl Unavailable {
 pub struct PluginHost {
     runtime: PluginRuntime,
     slots: Vec<Arc<PluginSlot>>,
-    metadata: Arc<dyn MetadataStore>,
     events: Arc<dyn EventStore>,
     fanout: Arc<Fanout>,
     /// Sorted union of every loaded plugin's managed kinds.
@@ -327,8 +329,14 @@ impl PluginHost {
         let mut slots = Vec::with_capacity(configs.len());
         for config in configs {
             let stats = PluginStats::new(&metrics, &config.name);
+            let quota = KvQuota { max_keys: config.kv_max_keys, max_bytes: config.kv_max_bytes };
+            let kv = Arc::new(
+                QuotaStore::open(metadata.clone(), &config.name, quota)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("plugin '{}': reading its key-value usage: {e}", config.name))?,
+            );
             let loaded = runtime
-                .load(config, metadata.clone(), events.clone(), stats.counters.clone())
+                .load(config, kv.clone(), events.clone(), stats.counters.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("plugin '{}' ({}): {e}", config.name, config.path.display()))?;
             tracing::info!(
@@ -341,6 +349,7 @@ impl PluginHost {
             slots.push(Arc::new(PluginSlot {
                 config: config.clone(),
                 current: ArcSwap::from_pointee(loaded),
+                kv,
                 breaker: Breaker::new(
                     config.max_consecutive_failures,
                     Duration::from_secs(config.circuit_open_seconds),
@@ -355,7 +364,6 @@ impl PluginHost {
         let host = Arc::new(Self {
             runtime,
             slots,
-            metadata,
             events,
             fanout,
             managed: ArcSwap::from_pointee(vec![]),
@@ -756,7 +764,7 @@ impl PluginHost {
             None => None,
         };
         let counters = slot.stats.counters.clone();
-        let loaded = self.runtime.load(&config, self.metadata.clone(), self.events.clone(), counters).await;
+        let loaded = self.runtime.load(&config, slot.kv.clone(), self.events.clone(), counters).await;
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {

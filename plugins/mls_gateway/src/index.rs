@@ -182,10 +182,25 @@ pub fn increment(key: &str) -> Result<u64, KvError> {
     }
 }
 
-/// Expires KeyPackages and drops counters of past windows.
+/// Entries housekeeping reads per prefix per tick: however large the index
+/// grows, one tick stays well inside the plugin's CPU budget, and the next
+/// tick continues where this one stopped.
+const HOUSEKEEPING_ENTRIES_PER_TICK: u32 = 1000;
+/// Where the KeyPackage expiry sweep continues next tick.
+const SWEEP_CURSOR_KEY: &str = "hk/kp-cursor";
+
+/// Expires KeyPackages and drops counters of past windows, a page at a time.
 pub fn housekeeping(now: u64) {
-    let Ok(all) = store::scan_all("kp/") else { return };
-    let mut owners: Vec<String> = all
+    expire_page(now);
+    prune_windows("rl/", now / 3600);
+    prune_windows("rate445/", now / 60);
+}
+
+/// Expires the KeyPackages in the next page of the index.
+fn expire_page(now: u64) {
+    let cursor = kv::get(SWEEP_CURSOR_KEY).ok().flatten().and_then(|c| String::from_utf8(c).ok());
+    let Ok(page) = kv::scan_prefix("kp/", cursor.as_deref(), HOUSEKEEPING_ENTRIES_PER_TICK) else { return };
+    let mut owners: Vec<String> = page
         .iter()
         .filter_map(|(key, value)| {
             let record: Record = serde_json::from_slice(value).ok()?;
@@ -211,17 +226,27 @@ pub fn housekeeping(now: u64) {
             }
         }
     }
-    prune_windows("rl/", now / 3600);
-    prune_windows("rate445/", now / 60);
+    let _ = match page.last() {
+        Some((last, _)) if page.len() as u32 == HOUSEKEEPING_ENTRIES_PER_TICK => {
+            kv::put(SWEEP_CURSOR_KEY, last.as_bytes())
+        }
+        // The end of the index: the next sweep starts over.
+        _ => kv::delete(SWEEP_CURSOR_KEY),
+    };
 }
 
-/// Deletes `<prefix><window>/...` keys of windows before `current`.
+/// Deletes `<prefix><window>/...` keys of windows before `current`, at most
+/// a page per tick. Keys sort by window, so the old ones come first and the
+/// scan stops at the first current one.
 fn prune_windows(prefix: &str, current: u64) {
-    let Ok(entries) = store::scan_all(prefix) else { return };
-    for (key, _) in entries {
+    let Ok(page) = kv::scan_prefix(prefix, None, HOUSEKEEPING_ENTRIES_PER_TICK) else { return };
+    for (key, _) in page {
         let window = key[prefix.len()..].split('/').next().and_then(|w| w.parse::<u64>().ok());
-        if window.is_some_and(|w| w < current) {
-            let _ = kv::delete(&key);
+        match window {
+            Some(w) if w >= current => break,
+            _ => {
+                let _ = kv::delete(&key);
+            }
         }
     }
 }
