@@ -389,7 +389,10 @@ async fn export_then_import_moves_every_event_to_a_new_relay() {
     let out = cli(&["import", "--data-dir", fresh.to_str().unwrap(), input.to_str().unwrap()]);
     let (_, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("26 stored, 1 already present, 0 skipped (superseded or deleted), 2 invalid"), "{stderr}");
+    assert!(
+        stderr.contains("26 stored, 1 already present, 0 skipped (superseded or deleted), 2 invalid, 0 tombstones"),
+        "{stderr}"
+    );
 
     // A relay on the imported store serves every event.
     let mut cmd = TestRelay::command(&fresh, None);
@@ -405,5 +408,61 @@ async fn export_then_import_moves_every_event_to_a_new_relay() {
     found.sort();
     published.sort();
     assert_eq!(found, published);
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn export_and_import_keep_deletions_and_vanish_requests() {
+    let mut relay = TestRelay::start().await;
+    let (alice, bob, carol) = (Keys::generate(), Keys::generate(), Keys::generate());
+    let t = nostr45::now();
+    let mut c = relay.client().await;
+    // Alice deletes a note and an address; Bob asks the relay to vanish.
+    let deleted = note(&alice, "deleted", 20);
+    c.publish_ok(&deleted).await;
+    c.publish_ok(&sign(&alice, 5, "", &[&["e", &deleted.id.to_hex()]], t - 10)).await;
+    let article = sign(&alice, 30023, "v1", &[&["d", "post"]], t - 30);
+    c.publish_ok(&article).await;
+    let address = format!("30023:{}:post", alice.public_key().to_hex());
+    c.publish_ok(&sign(&alice, 5, "", &[&["a", &address]], t - 5)).await;
+    let bobs = note(&bob, "before vanishing", 40);
+    c.publish_ok(&bobs).await;
+    let vanish = sign(&bob, 62, "", &[&["relay", &relay.url]], t - 2);
+    c.publish_ok(&vanish).await;
+    // The vanish request itself is removed by an operator ban, as it may be;
+    // its tombstone must still travel.
+    drop(c);
+    relay.stop().await;
+    let data = relay.data_dir().to_str().unwrap().to_owned();
+    let dump = relay.temp_dir().join("dump.jsonl");
+    let out = cli(&["export", "--data-dir", &data, "--output", dump.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(text(&out).1.contains("and 3 tombstones"), "{}", text(&out).1);
+    let lines = std::fs::read_to_string(&dump).unwrap();
+    let without_vanish: String =
+        lines.lines().filter(|l| !l.contains(&vanish.id.to_hex())).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&dump, without_vanish).unwrap();
+
+    let fresh = relay.temp_dir().join("fresh");
+    let out = cli(&["import", "--data-dir", fresh.to_str().unwrap(), dump.to_str().unwrap()]);
+    assert!(out.status.success() && text(&out).1.contains("3 tombstones"), "{}", text(&out).1);
+    let mut cmd = TestRelay::command(&fresh, None);
+    cmd.stdout(std::process::Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let url = {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        lines.next_line().await.unwrap().unwrap().strip_prefix("wasm-relay listening on ").unwrap().to_owned()
+    };
+    let mut c = harness::Client::connect(&url).await;
+    // Nothing deleted or vanished comes back on the migrated relay.
+    for (event, what) in
+        [(&deleted, "a deleted note"), (&article, "a deleted address"), (&bobs, "a vanished user's note")]
+    {
+        let (ok, why) = c.publish(event).await;
+        assert!(!ok && why.starts_with("blocked:"), "{what} was accepted again: {why}");
+    }
+    // A tombstone belongs to its deleter: Carol's events are untouched.
+    c.publish_ok(&note(&carol, "unrelated", 0)).await;
     child.kill().await.unwrap();
 }

@@ -128,8 +128,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { data_dir, output } => {
             let dir = data_dir.unwrap_or(config.storage.data_dir);
             let mut out = wasm_relay::tools::output(output.as_ref())?;
-            let n = wasm_relay::tools::export(&dir, &mut out)?;
-            eprintln!("exported {n} events from {}", dir.display());
+            let (n, tombstones) = wasm_relay::tools::export(&dir, &mut out)?;
+            eprintln!("exported {n} events and {tombstones} tombstones from {}", dir.display());
             Ok(())
         }
         Command::Import { data_dir, input } => {

@@ -17,7 +17,7 @@ use crate::metadata::{MetadataStore, SledMetadataStore};
 use crate::metrics::Metrics;
 use crate::plugin::bindings::types as wit;
 use crate::plugin::{PluginCounters, PluginRuntime};
-use crate::store::{EventStore, SledEventStore, WriteOutcome};
+use crate::store::{EventStore, SledEventStore, Tombstone, WriteOutcome};
 
 /// What `plugin check` reports about a component.
 pub struct PluginReport {
@@ -84,10 +84,24 @@ fn progress(len: Option<u64>, what: &str) -> ProgressBar {
     bar
 }
 
-/// Writes every stored event as one JSON line to `out`; returns how many.
-pub fn export(data_dir: &Path, out: &mut dyn Write) -> anyhow::Result<u64> {
+/// Writes every tombstone, then every stored event, as one JSON line each to
+/// `out`; returns how many of each. Tombstone lines (`{"tombstone": ...}`)
+/// come first, so an import refuses the events they name.
+pub fn export(data_dir: &Path, out: &mut dyn Write) -> anyhow::Result<(u64, u64)> {
     let store = open_store(data_dir)?;
     let bar = progress(None, "events exported");
+    let mut tombstones = 0u64;
+    let mut failed: Option<std::io::Error> = None;
+    store.visit_tombstones(&mut |t| {
+        if failed.is_none() {
+            let line = serde_json::to_string(&t).expect("tombstones serialize");
+            failed = out.write_all(line.as_bytes()).and_then(|_| out.write_all(b"\n")).err();
+            tombstones += 1;
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
     let mut after: Option<[u8; 32]> = None;
     let mut n = 0u64;
     loop {
@@ -104,7 +118,7 @@ pub fn export(data_dir: &Path, out: &mut dyn Write) -> anyhow::Result<u64> {
     }
     out.flush()?;
     bar.finish_with_message(format!("{n} events exported"));
-    Ok(n)
+    Ok((n, tombstones))
 }
 
 /// What an import did.
@@ -116,14 +130,16 @@ pub struct ImportSummary {
     pub skipped: u64,
     /// Lines that are not a valid signed event, or expired events.
     pub invalid: u64,
+    /// Deletion and vanish tombstones restored.
+    pub tombstones: u64,
 }
 
 impl std::fmt::Display for ImportSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} stored, {} already present, {} skipped (superseded or deleted), {} invalid",
-            self.stored, self.duplicates, self.skipped, self.invalid
+            "{} stored, {} already present, {} skipped (superseded or deleted), {} invalid, {} tombstones",
+            self.stored, self.duplicates, self.skipped, self.invalid, self.tombstones
         )
     }
 }
@@ -161,6 +177,24 @@ pub fn import(data_dir: &Path, input: &Path) -> anyhow::Result<ImportSummary> {
         bar.inc(line.len() as u64 + 1);
         if line.trim().is_empty() {
             continue;
+        }
+        if line.contains("\"tombstone\"") {
+            match serde_json::from_str::<Tombstone>(&line) {
+                Ok(t) => {
+                    // Events of the batch so far go first: a tombstone must
+                    // not be undone by an earlier line's event, nor miss it.
+                    flush(&mut batch, &mut summary)?;
+                    store.restore_tombstones(std::slice::from_ref(&t))?;
+                    summary.tombstones += 1;
+                    continue;
+                }
+                Err(_) if serde_json::from_str::<Event>(&line).is_ok() => {}
+                Err(e) => {
+                    bar.suspend(|| eprintln!("line {}: not a tombstone: {e}", number + 1));
+                    summary.invalid += 1;
+                    continue;
+                }
+            }
         }
         let event: Event = match serde_json::from_str(&line) {
             Ok(e) => e,

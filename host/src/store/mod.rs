@@ -105,6 +105,49 @@ pub enum WriteOutcome {
     Vanished,
 }
 
+/// What keeps a removed event from coming back, as exported: one JSON line
+/// each, beside the events, so a migrated relay refuses what this one
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "tombstone", rename_all = "kebab-case")]
+pub enum Tombstone {
+    /// NIP-09: `deleter` deleted event `id` (it keeps out only `deleter`'s event).
+    Deleted {
+        #[serde(with = "hex32")]
+        id: [u8; 32],
+        #[serde(with = "hex32")]
+        deleter: [u8; 32],
+    },
+    /// NIP-09 `a`: versions of an address up to `until` are deleted.
+    DeletedAddress {
+        #[serde(with = "hex32")]
+        pubkey: [u8; 32],
+        kind: u16,
+        d: String,
+        until: u64,
+    },
+    /// NIP-62: everything by `pubkey` (and gift wraps to it) up to `until`.
+    Vanished {
+        #[serde(with = "hex32")]
+        pubkey: [u8; 32],
+        until: u64,
+    },
+}
+
+/// 32-byte values as 64 hex characters.
+mod hex32 {
+    pub fn serialize<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&text, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
 /// A stored event as served: its sort key and its canonical JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -145,6 +188,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Up to `limit` stored events in id order, after `after` (export).
     fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Every tombstone, in key order (export).
+    fn visit_tombstones(&self, visit: &mut dyn FnMut(Tombstone)) -> Result<(), StoreError>;
+
+    /// Writes `tombstones` (import), durably. A later tombstone of the same
+    /// address or key keeps the later time; a deleted event still stored by
+    /// its deleter is removed.
+    fn restore_tombstones(&self, tombstones: &[Tombstone]) -> Result<(), StoreError>;
 
     /// Bytes the store occupies on disk, if the engine knows.
     fn size_on_disk(&self) -> Option<u64> {

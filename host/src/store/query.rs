@@ -146,19 +146,25 @@ where
 /// Merges per-filter streams, each in NIP-01 order, into one stream in
 /// NIP-01 order in which an event matched by several filters appears once.
 /// It holds one pending entry per stream, whatever the result size.
+/// A stream's next entry in the merge: its NIP-01 order key and the stream.
+type UnionItem = Reverse<((Reverse<u64>, [u8; 32]), usize)>;
+
 pub struct UnionMerge<S: EntryStream> {
     streams: Vec<S>,
-    heap: BinaryHeap<Reverse<((Reverse<u64>, [u8; 32]), usize)>>,
+    heap: BinaryHeap<UnionItem>,
     pending: Vec<Option<S::Payload>>,
     last: Option<[u8; 32]>,
 }
 
-/// A stream of `(created_at, id, payload)` in NIP-01 order.
+/// One event of a stream in NIP-01 order: `created_at`, id, and what the
+/// stream carries with it.
+pub type Ordered<T> = (u64, [u8; 32], T);
+
+/// A stream of events in NIP-01 order.
 pub trait EntryStream {
     type Payload;
     type Error;
-    #[allow(clippy::type_complexity)]
-    fn next_entry(&mut self) -> Result<Option<(u64, [u8; 32], Self::Payload)>, Self::Error>;
+    fn next_entry(&mut self) -> Result<Option<Ordered<Self::Payload>>, Self::Error>;
 }
 
 impl<S: EntryStream> UnionMerge<S> {
@@ -178,8 +184,7 @@ impl<S: EntryStream> UnionMerge<S> {
     }
 
     /// The next `(created_at, id, payload)` of the union.
-    #[allow(clippy::type_complexity)]
-    pub fn next(&mut self) -> Result<Option<(u64, [u8; 32], S::Payload)>, S::Error> {
+    pub fn next(&mut self) -> Result<Option<Ordered<S::Payload>>, S::Error> {
         while let Some(Reverse(((Reverse(created_at), id), i))) = self.heap.pop() {
             let payload = self.pending[i].take().expect("a heap item has its payload");
             if let Some((next_at, next_id, next)) = self.streams[i].next_entry()? {

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use nostr::event::Event;
 
 use super::keys;
-use super::query::{EntryStream, MergedScan, Plan, UnionMerge, bounds, plan};
-use super::{EventStore, GIFT_WRAP, ReadAccess, StoreError, StoredEvent, WriteOutcome, p_tags};
+use super::query::{EntryStream, MergedScan, Ordered, Plan, UnionMerge, bounds, plan};
+use super::{EventStore, GIFT_WRAP, ReadAccess, StoreError, StoredEvent, Tombstone, WriteOutcome, p_tags};
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, filter_matches};
 
@@ -335,7 +335,7 @@ impl EntryStream for FilterCursor<'_> {
     type Payload = Option<String>;
     type Error = StoreError;
 
-    fn next_entry(&mut self) -> Result<Option<(u64, [u8; 32], Option<String>)>, StoreError> {
+    fn next_entry(&mut self) -> Result<Option<Ordered<Option<String>>>, StoreError> {
         if self.remaining == 0 {
             return Ok(None);
         }
@@ -528,6 +528,63 @@ impl EventStore for SledEventStore {
             out.push(StoredEvent { created_at: event.created_at.as_secs(), id, json });
         }
         Ok(out)
+    }
+
+    fn visit_tombstones(&self, visit: &mut dyn FnMut(Tombstone)) -> Result<(), StoreError> {
+        let id32 = |b: &[u8]| <[u8; 32]>::try_from(b).ok();
+        for kv in self.tree.scan_prefix([keys::DELETED]) {
+            let (k, _) = kv?;
+            if let (Some(id), Some(deleter)) = (k.get(1..33).and_then(id32), k.get(33..65).and_then(id32)) {
+                visit(Tombstone::Deleted { id, deleter });
+            }
+        }
+        for kv in self.tree.scan_prefix([keys::DELETED_ADDRESS]) {
+            let (k, v) = kv?;
+            // Layout of `address_key`: tag, pubkey, kind (2 bytes), d.
+            let (Some(pubkey), Some(kind)) = (k.get(1..33).and_then(id32), k.get(33..35)) else { continue };
+            let d = String::from_utf8_lossy(&k[35..]).into_owned();
+            let kind = u16::from_be_bytes([kind[0], kind[1]]);
+            visit(Tombstone::DeletedAddress { pubkey, kind, d, until: be_u64(&v) });
+        }
+        for kv in self.tree.scan_prefix([keys::VANISHED]) {
+            let (k, v) = kv?;
+            if let Some(pubkey) = k.get(1..33).and_then(id32) {
+                visit(Tombstone::Vanished { pubkey, until: be_u64(&v) });
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_tombstones(&self, tombstones: &[Tombstone]) -> Result<(), StoreError> {
+        let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = PendingBatch::new(&self.tree, false);
+        let later = |pending: &PendingBatch<'_>, key: &[u8], until: u64| -> Result<Vec<u8>, StoreError> {
+            let previous = pending.get(key)?.map(|v| be_u64(&v)).unwrap_or(0);
+            Ok(previous.max(until).to_be_bytes().to_vec())
+        };
+        for t in tombstones {
+            match t {
+                Tombstone::Deleted { id, deleter } => {
+                    if let Some(event) = pending.load_event(id)?
+                        && event.pubkey.to_bytes() == *deleter
+                    {
+                        pending.remove_event(&event)?;
+                    }
+                    pending.put(keys::deleted_key(id, deleter), vec![]);
+                }
+                Tombstone::DeletedAddress { pubkey, kind, d, until } => {
+                    let key = keys::deleted_address_key(&keys::address_key(pubkey, *kind, d));
+                    let value = later(&pending, &key, *until)?;
+                    pending.put(key, value);
+                }
+                Tombstone::Vanished { pubkey, until } => {
+                    let key = keys::vanished_key(pubkey);
+                    let value = later(&pending, &key, *until)?;
+                    pending.put(key, value);
+                }
+            }
+        }
+        self.commit(pending)
     }
 
     fn size_on_disk(&self) -> Option<u64> {
