@@ -14,7 +14,7 @@ use serde_json::json;
 use wasm_relay::event::AcceptedEvent;
 use wasm_relay::store::{EventStore, SledEventStore};
 
-use crate::client::{Conn, RelayProcess, bench_config};
+use crate::client::{Conn, RelayProcess, bench_config, rss_of};
 use crate::{RUN_TIME, RUNS, Row, median, percentile_ms, workspace_root};
 
 const INGEST_POOL_PER_RUN: usize = 40_000;
@@ -187,6 +187,15 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
             json!({"longest_ms": stall, "failures": failures}),
         ));
     }
+    if want("abuse") {
+        let (grown_mb, health_p99, events) = abusive_reads().await?;
+        rows.push(row(
+            format!("20 abusive COUNT + REQ (20 filters each), {events} events: RSS growth, /health p99"),
+            format!("{grown_mb:.0} MB, {health_p99:.1} ms"),
+            "< 200 MB, < 50 ms",
+            json!({"rss_growth_mb": grown_mb, "health_p99_ms": health_p99, "events": events}),
+        ));
+    }
     if want("idle") {
         let relay = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
         let per_conn = idle_connections(&relay, 10_000).await?;
@@ -198,6 +207,96 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
         ));
     }
     Ok(rows)
+}
+
+/// Events in the store the abusive-read scenario runs against.
+const ABUSE_STORE_EVENTS: usize = 1_000_000;
+
+/// 20 connections at once each ask for a COUNT of 20 `{}` filters and a REQ
+/// of 20 `{"limit":5000}` filters on a store of a million events, while
+/// `/health` is polled. Returns the relay's peak RSS growth (MB), the p99
+/// of `/health` (ms) and the store size.
+async fn abusive_reads() -> anyhow::Result<(f64, f64, usize)> {
+    eprintln!("building a store of {ABUSE_STORE_EVENTS} events...");
+    let signers = keys(AUTHORS);
+    let relay = RelayProcess::start(&bench_config(&[]), |dir| {
+        let store = SledEventStore::open(dir, 256 << 20).expect("open the bench store");
+        // Signed and written in slices, so the load generator never holds
+        // the whole store in memory.
+        for slice in 0..ABUSE_STORE_EVENTS / 50_000 {
+            let events = sign_many(50_000, &signers, |i| note(slice * 50_000 + i));
+            let accepted: Vec<Arc<AcceptedEvent>> =
+                events.into_iter().map(|e| Arc::new(AcceptedEvent::new(e))).collect();
+            for chunk in accepted.chunks(5000) {
+                store.write_batch(chunk).expect("write the bench store");
+            }
+        }
+    })
+    .await?;
+    let baseline = relay.rss_bytes();
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let done = Arc::new(AtomicBool::new(false));
+    let addr = relay.url.trim_start_matches("ws://").to_owned();
+    let health = {
+        let (addr, done) = (addr.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if health_check(&addr).await.is_ok() {
+                    latencies.push(started.elapsed().as_micros() as u64);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            latencies
+        })
+    };
+    let sampler = {
+        let (peak, done, pid) = (peak.clone(), done.clone(), relay.pid());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_of(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let every = vec!["{}"; 20].join(",");
+    let big = vec!["{\"limit\":5000}"; 20].join(",");
+    let abusers: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, every, big) = (relay.url.clone(), every.clone(), big.clone());
+            tokio::spawn(async move {
+                let mut c = Conn::connect(&url).await?;
+                c.send(format!("[\"COUNT\",\"n{i}\",{every}]")).await?;
+                loop {
+                    let v = c.recv().await?;
+                    if v[0] == "COUNT" || v[0] == "CLOSED" {
+                        break;
+                    }
+                }
+                c.req(&format!("r{i}"), &big).await
+            })
+        })
+        .collect();
+    for a in abusers {
+        a.await??;
+    }
+    done.store(true, Ordering::Relaxed);
+    sampler.await?;
+    let mut latencies = health.await?;
+    let grown = peak.load(Ordering::Relaxed).saturating_sub(baseline) as f64 / 1e6;
+    Ok((grown, percentile_ms(&mut latencies, 0.99), ABUSE_STORE_EVENTS))
+}
+
+/// One `GET /health` on a new connection.
+async fn health_check(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await?;
+    anyhow::ensure!(reply.starts_with(b"HTTP/1.1 200"), "health check failed");
+    Ok(())
 }
 
 fn copy_dir(from: &Path, to: &Path) {
