@@ -237,3 +237,97 @@ async fn when_firestore_goes_away_events_are_refused_clearly_and_nothing_is_half
     let (status, _, _) = relay.http_get("/ready", "*/*").await;
     assert!(status.contains("200"), "{status}");
 }
+
+/// The shared log's document for event `id` in `project`, if it is there.
+async fn shared_document(
+    project: &str,
+    id: &str,
+) -> Option<firestore::gcloud_sdk::google::firestore::v1::Document> {
+    use firestore::gcloud_sdk::google::firestore::v1::GetDocumentRequest;
+    let config = FirestoreConfig { project_id: project.to_owned(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
+    let mut client = firestore.client();
+    let request = GetDocumentRequest { name: firestore.document("events", id), ..Default::default() };
+    wasm_relay::firestore::call(client.get_document(request)).await.ok()
+}
+
+/// Polls until the shared log no longer holds event `id`.
+async fn eventually_gone(project: &str, id: &str, what: &str) {
+    for _ in 0..150 {
+        if shared_document(project, id).await.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} is still in the shared log after 15 s");
+}
+
+#[tokio::test]
+async fn deletions_requests_to_vanish_and_bans_clear_the_shared_log() {
+    let project = fresh_project();
+    let admin = Keys::generate();
+    let config = format!("{}[admin]\npubkeys = [\"{}\"]\n", replica_config(&project), admin.public_key().to_hex());
+    let a = TestRelay::start_with(Some(&config), &[("FIRESTORE_EMULATOR_HOST", emulator_host())]).await;
+    let mut c = a.client().await;
+    let (alice, bob, carol) = (Keys::generate(), Keys::generate(), Keys::generate());
+    let deleted = note(&alice, "deleted by its author", 5);
+    c.publish_ok(&deleted).await;
+    assert!(shared_document(&project, &deleted.id.to_hex()).await.is_some(), "published to the shared log");
+    c.publish_ok(&sign(&alice, 5, "", &[&["e", &deleted.id.to_hex()]], now())).await;
+    eventually_gone(&project, &deleted.id.to_hex(), "a deleted event").await;
+
+    let vanished = note(&bob, "before vanishing", 5);
+    c.publish_ok(&vanished).await;
+    let vanish = sign(&bob, 62, "", &[&["relay", "ALL_RELAYS"]], now());
+    c.publish_ok(&vanish).await;
+    eventually_gone(&project, &vanished.id.to_hex(), "a vanished user's event").await;
+    assert!(shared_document(&project, &vanish.id.to_hex()).await.is_some(), "the request itself must replicate");
+
+    let banned = note(&carol, "banned by the operator", 5);
+    c.publish_ok(&banned).await;
+    let body = json!({"method": "banevent", "params": [banned.id.to_hex()]}).to_string();
+    let url = a.url.replacen("ws://", "http://", 1);
+    let auth = nostr45::nip98_header(&admin, &url, body.as_bytes());
+    let headers = [("Content-Type", "application/nostr+json+rpc"), ("Authorization", auth.as_str())];
+    let (status, _, reply) = a.http("POST", "/", &headers, body.as_bytes()).await;
+    assert!(status.contains("200"), "{reply}");
+    eventually_gone(&project, &banned.id.to_hex(), "a banned event").await;
+
+    // Ephemeral documents carry the field a Firestore TTL policy deletes them by.
+    let typing = sign(&alice, 20001, "typing...", &[], now());
+    c.publish_ok(&typing).await;
+    let mut doc = None;
+    for _ in 0..100 {
+        doc = shared_document(&project, &typing.id.to_hex()).await;
+        if doc.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let doc = doc.expect("the ephemeral event reached the shared log");
+    let expire_at = wasm_relay::firestore::field_timestamp(&doc, "expire_at").expect("an expire_at field");
+    assert!(expire_at.seconds > now() as i64, "expire_at lies ahead");
+}
+
+#[tokio::test]
+async fn a_replicated_event_passes_the_receiving_replicas_checks() {
+    let project = fresh_project();
+    let config = replica_config(&project);
+    let host = emulator_host();
+    let a = TestRelay::start_with(Some(&config), &[("FIRESTORE_EMULATOR_HOST", host)]).await;
+    let b = TestRelay::start_with(
+        Some(&config),
+        &[("FIRESTORE_EMULATOR_HOST", host), ("WASM_RELAY_LIMITS__MAX_CONTENT_LENGTH", "1000")],
+    )
+    .await;
+    let k = Keys::generate();
+    let big = note(&k, &"b".repeat(2000), 2);
+    let marker = note(&k, "small", 1);
+    let mut on_a = a.client().await;
+    on_a.publish_ok(&big).await;
+    on_a.publish_ok(&marker).await;
+    // Once B has the later event, it has decided on the earlier one.
+    let mut on_b = b.client().await;
+    eventually_ids(&mut on_b, json!({"authors": [k.public_key().to_hex()]}), &[marker.id.to_hex()]).await;
+    b.wait_for_log("a replicated event is refused on this replica").await;
+}

@@ -257,8 +257,13 @@ async fn call(relay: &Arc<Relay>, method: &str, params: &[Value]) -> Result<Valu
                 .await?;
             policy.update_operator_lists(|l| {
                 l.allowed_pubkeys.remove(&pk);
-                l.banned_pubkeys.insert(pk, r);
+                l.banned_pubkeys.insert(pk.clone(), r);
             });
+            if let Some(replicator) = &relay.replicator {
+                let mut author = [0u8; 32];
+                hex::decode_to_slice(&pk, &mut author).map_err(|e| e.to_string())?;
+                replicator.retract(crate::replication::Retraction::Author { author, until: None });
+            }
             Ok(json!(true))
         }
         "allowpubkey" => {
@@ -283,6 +288,9 @@ async fn call(relay: &Arc<Relay>, method: &str, params: &[Value]) -> Result<Valu
             });
             let mut bytes = [0u8; 32];
             hex::decode_to_slice(&id, &mut bytes).map_err(|e| e.to_string())?;
+            if let Some(replicator) = &relay.replicator {
+                replicator.retract(crate::replication::Retraction::Events { ids: vec![bytes], author: None });
+            }
             let store = relay.store.clone();
             match tokio::task::spawn_blocking(move || store.remove(&bytes)).await {
                 Ok(Ok(_)) => Ok(json!(true)),

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
-use crate::replication::Replicator;
+use crate::replication::{Replicator, Retraction};
 use crate::store::{EventStore, WriteOutcome};
 
 /// Queue depth in front of the writer; senders wait when it is full.
@@ -108,6 +108,14 @@ fn writer_loop(
                     metrics.write_seconds.observe(job.submitted.elapsed().as_secs_f64());
                     if outcome == WriteOutcome::Stored {
                         fanout.broadcast(first_seq + i as u64, &job.event);
+                        // A deletion or request to vanish a client made here
+                        // also clears the shared log (once, by this replica).
+                        if let Some((replicator, _)) = replication
+                            && !job.event.replicated
+                            && let Some(retraction) = Retraction::of(&job.event)
+                        {
+                            replicator.retract(retraction);
+                        }
                     }
                     let _ = job.reply.send(Ok(outcome));
                 }

@@ -122,16 +122,14 @@ impl Policy {
     }
 
     /// `Err` is the `OK false` message.
-    pub fn check_write(&self, ip: IpAddr, event: &Event) -> Result<(), String> {
+    /// The rules that depend on the event alone: access lists and bans by
+    /// key, banned events, kinds. Also what an event another replica stored
+    /// must pass (it has no client address, and rate limits were the origin
+    /// replica's to apply).
+    pub fn check_content(&self, event: &Event) -> Result<(), String> {
         let author = event.pubkey.to_hex();
         let a = &self.access;
         let operator = self.operator();
-        if a.write_deny_ips.iter().any(|n| n.contains(&ip))
-            || (!a.write_allow_ips.is_empty() && !a.write_allow_ips.iter().any(|n| n.contains(&ip)))
-            || operator.blocked_ips.contains_key(&ip)
-        {
-            return Err("blocked: this relay does not accept events from your network".into());
-        }
         if a.write_deny_pubkeys.contains(&author) || operator.banned_pubkeys.contains_key(&author) {
             return Err("blocked: this relay does not accept events from this public key".into());
         }
@@ -148,7 +146,22 @@ impl Policy {
         {
             return Err(format!("blocked: this relay does not accept kind {kind} events"));
         }
-        drop(operator);
+        Ok(())
+    }
+
+    pub fn check_write(&self, ip: IpAddr, event: &Event) -> Result<(), String> {
+        let a = &self.access;
+        {
+            let operator = self.operator();
+            if a.write_deny_ips.iter().any(|n| n.contains(&ip))
+                || (!a.write_allow_ips.is_empty() && !a.write_allow_ips.iter().any(|n| n.contains(&ip)))
+                || operator.blocked_ips.contains_key(&ip)
+            {
+                return Err("blocked: this relay does not accept events from your network".into());
+            }
+        }
+        self.check_content(event)?;
+        let kind = event.kind.as_u16();
         if let Some(l) = &self.events_per_ip
             && l.check_key(&ip).is_err()
         {
@@ -168,7 +181,7 @@ impl Policy {
         for rule in self.kinds.iter().filter(|r| r.kind == kind) {
             let key = match &rule.per {
                 Per::Ip => ip.to_string(),
-                Per::Pubkey => author.clone(),
+                Per::Pubkey => event.pubkey.to_hex(),
                 Per::Tag(letter) => {
                     let value = event.tags.iter().map(|t| t.as_slice()).find(|t| t.len() >= 2 && t[0] == *letter);
                     match value {

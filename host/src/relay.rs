@@ -63,12 +63,12 @@ impl Relay {
             _ => Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?),
         };
         let replicator = match (&firestore, config.replication.enabled) {
-            (Some(fs), true) => Some(Arc::new(Replicator::new(
+            (Some(fs), true) => Some(Replicator::new(
                 fs.clone(),
                 config.server.public_url.clone(),
                 data_dir,
                 std::time::Duration::from_millis(config.replication.poll_interval_ms),
-            ))),
+            )),
             _ => None,
         };
         let metrics = Arc::new(Metrics::new());
@@ -99,9 +99,6 @@ impl Relay {
             metrics.clone(),
             replicator.clone(),
         )?;
-        if let Some(replicator) = &replicator {
-            plugins.set_missing_event_source(replicator.clone());
-        }
         let policy = Policy::new(&config.rate_limits, &config.access);
         let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;
         policy.update_operator_lists(|l| *l = lists);
@@ -126,10 +123,10 @@ impl Relay {
         });
         relay.start_housekeeping();
         if let Some(replicator) = &relay.replicator {
-            // Events the operator banned are not re-applied from the shared log.
-            let weak = Arc::downgrade(&relay);
-            let banned = move |e: &nostr::event::Event| weak.upgrade().is_some_and(|r| r.policy.is_banned(e));
-            replicator.clone().follow(relay.ingest.clone(), relay.fanout.clone(), Arc::new(banned));
+            let source = CheckedSource { replicator: replicator.clone(), relay: Arc::downgrade(&relay) };
+            relay.plugins.set_missing_event_source(Arc::new(source));
+            let checks = Arc::new(ReplicaChecks { relay: Arc::downgrade(&relay) });
+            replicator.clone().follow(relay.ingest.clone(), relay.fanout.clone(), checks);
         }
         if relay.config.metadata.backend == MetadataBackend::Firestore {
             relay.follow_operator_lists();
@@ -227,5 +224,46 @@ impl BoundRelay {
     /// Serves until `shutdown` turns true.
     pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         crate::server::serve(self.listener, self.relay, shutdown).await
+    }
+}
+
+/// What an event from another replica must pass here (see
+/// [`crate::replication::ReplicaAdmission`]).
+struct ReplicaChecks {
+    relay: std::sync::Weak<Relay>,
+}
+
+#[async_trait::async_trait]
+impl crate::replication::ReplicaAdmission for ReplicaChecks {
+    async fn admit(&self, json: &str) -> Result<nostr::event::Event, String> {
+        let relay = self.relay.upgrade().ok_or("error: the relay is stopping")?;
+        let raw = serde_json::value::RawValue::from_string(json.to_owned())
+            .map_err(|e| format!("invalid: malformed event: {e}"))?;
+        let event = crate::event::read_event(&raw, &relay.config.limits, crate::event::unix_now())
+            .map_err(|refusal| refusal.message)?;
+        relay.policy.check_content(&event)?;
+        if !relay.plugins.is_empty() {
+            relay.plugins.on_event(&crate::plugin::Caller::replica(), &event).await?;
+        }
+        Ok(event)
+    }
+}
+
+/// Events other replicas stored, as plugins may be served them before they
+/// arrive here: never one this replica's tombstones or the operator's bans
+/// keep out (a deletion, a request to vanish or a ban applied here first).
+struct CheckedSource {
+    replicator: Arc<Replicator>,
+    relay: std::sync::Weak<Relay>,
+}
+
+#[async_trait::async_trait]
+impl crate::plugin::EventSource for CheckedSource {
+    async fn fetch(&self, id: &[u8; 32]) -> Option<String> {
+        let json = self.replicator.fetch(id).await?;
+        let event: nostr::event::Event = serde_json::from_str(&json).ok()?;
+        let relay = self.relay.upgrade()?;
+        let kept_out = relay.policy.is_banned(&event) || !matches!(relay.store.refusal_of(&event), Ok(None));
+        (!kept_out).then_some(json)
     }
 }

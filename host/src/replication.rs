@@ -34,7 +34,7 @@ use nostr::event::Event;
 use crate::event::{AcceptedEvent, KindClass, kind_class};
 use crate::fanout::Fanout;
 use crate::firestore::{
-    Firestore, FirestoreError, ascending, call, field_string, field_timestamp, run_query, string_value,
+    Firestore, FirestoreError, ascending, call, field_filter, field_string, field_timestamp, run_query, string_value,
 };
 use crate::ingest::Ingest;
 
@@ -46,12 +46,84 @@ const PAGE: i32 = 500;
 /// Ephemeral events from other replicas older than this are not delivered
 /// (a replica catching up does not replay old ephemeral traffic).
 const EPHEMERAL_MAX_AGE_SECONDS: i64 = 30;
+/// Ephemeral documents carry `expire_at` this far ahead, for a Firestore TTL
+/// policy on that field to delete them (see the operator guide).
+const EPHEMERAL_TTL_SECONDS: i64 = 600;
+/// Background jobs (ephemeral events, retractions) waiting for Firestore.
+/// Beyond this, new ones are dropped and counted: a slow Firestore never
+/// grows the relay's memory or tasks.
+const BACKGROUND_QUEUE: usize = 4096;
 
-/// Events a replica must not apply (the operator banned them or their author).
-pub type Banned = Arc<dyn Fn(&Event) -> bool + Send + Sync>;
+/// The checks an event from another replica passes before it is applied:
+/// the same as a client's event (limits, NIP-40, access lists and bans,
+/// plugins' `on-event`), less what needs the client's connection (rate
+/// limits, NIP-42 and NIP-70, which the origin replica applied).
+#[async_trait]
+pub trait ReplicaAdmission: Send + Sync {
+    /// The event, checked, or the refusal. A refusal that may pass later
+    /// (`error:`, or a plugin busy) stops the page, to be applied again; any
+    /// other refusal skips the event on this replica.
+    async fn admit(&self, json: &str) -> Result<Event, String>;
+}
+
+/// Whether a refusal may pass if tried again later: a failure, or a plugin
+/// with no free instance. Other `rate-limited:` refusals are the origin
+/// replica's to give, and skip the event.
+fn is_transient(refusal: &str) -> bool {
+    refusal.starts_with("error:") || (refusal.starts_with("rate-limited:") && refusal.contains("is busy"))
+}
+
+/// Work published off the writer's path, by one background task.
+enum Background {
+    /// An ephemeral event for other replicas' live subscribers.
+    Ephemeral(Arc<AcceptedEvent>),
+    /// Remove documents from the shared log: an operator's ban, a NIP-09
+    /// deletion or a NIP-62 request to vanish this replica applied.
+    Retract(Retraction),
+}
+
+/// Which documents of the shared log to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retraction {
+    /// These events, when `author` wrote them (any author when `None`).
+    Events { ids: Vec<[u8; 32]>, author: Option<[u8; 32]> },
+    /// Everything `author` published (up to `until`, when given).
+    Author { author: [u8; 32], until: Option<u64> },
+}
+
+impl Retraction {
+    /// What a stored client event asks to remove from the shared log, if
+    /// anything: a deletion's `e` targets, a request to vanish's author.
+    pub fn of(accepted: &AcceptedEvent) -> Option<Self> {
+        let event = &accepted.event;
+        let author = event.pubkey.to_bytes();
+        match event.kind.as_u16() {
+            5 => {
+                let ids: Vec<[u8; 32]> = event
+                    .tags
+                    .iter()
+                    .map(|t| t.as_slice())
+                    .filter(|t| t.len() >= 2 && t[0] == "e")
+                    .filter_map(|t| {
+                        let mut id = [0u8; 32];
+                        hex::decode_to_slice(&t[1], &mut id).ok().map(|_| id)
+                    })
+                    .collect();
+                (!ids.is_empty()).then_some(Retraction::Events { ids, author: Some(author) })
+            }
+            62 if accepted.vanish_request => {
+                Some(Retraction::Author { author, until: Some(event.created_at.as_secs()) })
+            }
+            _ => None,
+        }
+    }
+}
 
 pub struct Replicator {
     firestore: Firestore,
+    background: tokio::sync::mpsc::Sender<Background>,
+    /// Background jobs dropped because the queue was full.
+    pub dropped_background: std::sync::atomic::AtomicU64,
     /// This process, in the `origin` field of what it publishes, so it can
     /// tell its own ephemeral events apart (it delivered them already).
     origin: String,
@@ -70,9 +142,137 @@ struct Cursor {
 }
 
 impl Replicator {
-    pub fn new(firestore: Firestore, public_url: String, data_dir: &Path, poll_interval: Duration) -> Self {
+    /// A replicator; its background publisher runs on the current Tokio runtime.
+    pub fn new(firestore: Firestore, public_url: String, data_dir: &Path, poll_interval: Duration) -> Arc<Self> {
         let origin = hex::encode(rand::random::<[u8; 8]>());
-        Self { firestore, origin, public_url, cursor_file: data_dir.join("replication-cursor.json"), poll_interval }
+        let (background, jobs) = tokio::sync::mpsc::channel(BACKGROUND_QUEUE);
+        let this = Arc::new(Self {
+            firestore,
+            background,
+            dropped_background: Default::default(),
+            origin,
+            public_url,
+            cursor_file: data_dir.join("replication-cursor.json"),
+            poll_interval,
+        });
+        tokio::spawn(Self::run_background(Arc::downgrade(&this), jobs));
+        this
+    }
+
+    fn queue(&self, job: Background) {
+        if self.background.try_send(job).is_err() {
+            let n = self.dropped_background.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "Firestore is slow: background replication work was dropped");
+            }
+        }
+    }
+
+    /// Removes documents from the shared log in the background (best effort:
+    /// every replica also keeps the tombstones that refuse them).
+    pub fn retract(&self, retraction: Retraction) {
+        self.queue(Background::Retract(retraction));
+    }
+
+    /// One task publishes the ephemeral events (in batches) and applies the
+    /// retractions queued, in order.
+    async fn run_background(this: std::sync::Weak<Self>, mut jobs: tokio::sync::mpsc::Receiver<Background>) {
+        while let Some(first) = jobs.recv().await {
+            let Some(this) = this.upgrade() else { return };
+            let mut ephemeral = Vec::new();
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Background::Ephemeral(e) => ephemeral.push(e),
+                    Background::Retract(r) => {
+                        if let Err(e) = this.apply_retraction(&r).await {
+                            tracing::warn!(error = %e, retraction = ?r, "removing events from the shared log failed");
+                        }
+                    }
+                }
+                if ephemeral.len() < MAX_WRITES_PER_COMMIT {
+                    next = jobs.try_recv().ok();
+                }
+            }
+            if !ephemeral.is_empty()
+                && let Some(Err(e)) = this.publish(&ephemeral).await.into_iter().find(Result::is_err)
+            {
+                tracing::warn!(error = %e, events = ephemeral.len(), "ephemeral events were not replicated");
+            }
+        }
+    }
+
+    async fn apply_retraction(&self, retraction: &Retraction) -> Result<(), FirestoreError> {
+        let doomed: Vec<String> = match retraction {
+            Retraction::Events { ids, author } => {
+                let mut names = Vec::new();
+                for id in ids {
+                    let name = self.firestore.document(COLLECTION, &hex::encode(id));
+                    let wanted = match author {
+                        None => true,
+                        Some(author) => self.fetch(id).await.is_some_and(|json| {
+                            serde_json::from_str::<Event>(&json).is_ok_and(|e| e.pubkey.to_bytes() == *author)
+                        }),
+                    };
+                    if wanted {
+                        names.push(name);
+                    }
+                }
+                names
+            }
+            Retraction::Author { author, until } => {
+                let mut names = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let page = self.by_author(author, after.as_deref()).await?;
+                    let full = page.len() == PAGE as usize;
+                    after = page.last().map(|d| d.name.clone());
+                    for doc in page {
+                        let event = field_string(&doc, "json").and_then(|j| serde_json::from_str::<Event>(j).ok());
+                        // A request to vanish stays: every replica must apply it.
+                        let keep = event.as_ref().is_some_and(|e| {
+                            e.kind.as_u16() == 62 || until.is_some_and(|u| e.created_at.as_secs() > u)
+                        });
+                        if !keep {
+                            names.push(doc.name);
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                names
+            }
+        };
+        for chunk in doomed.chunks(MAX_WRITES_PER_COMMIT) {
+            let writes = chunk
+                .iter()
+                .map(|name| fs::Write { operation: Some(fs::write::Operation::Delete(name.clone())), ..Default::default() })
+                .collect();
+            self.firestore.commit_idempotent("retract events", writes).await?;
+        }
+        Ok(())
+    }
+
+    /// A page of the shared log's documents by `author`, after document `after`.
+    async fn by_author(&self, author: &[u8; 32], after: Option<&str>) -> Result<Vec<fs::Document>, FirestoreError> {
+        use fs::structured_query::field_filter::Operator;
+        let query = fs::StructuredQuery {
+            from: vec![fs::structured_query::CollectionSelector {
+                collection_id: self.firestore.collection(COLLECTION),
+                all_descendants: false,
+            }],
+            r#where: Some(field_filter("pubkey", Operator::Equal, string_value(hex::encode(author)))),
+            order_by: vec![ascending("__name__")],
+            start_at: after.map(|name| fs::Cursor {
+                values: vec![fs::Value { value_type: Some(fs::value::ValueType::ReferenceValue(name.to_owned())) }],
+                before: false,
+            }),
+            limit: Some(PAGE),
+            ..Default::default()
+        };
+        let parent = self.firestore.documents();
+        self.firestore.retry("events by author", |client| run_query(client, parent.clone(), query.clone(), None)).await
     }
 
     /// Writes client events to Firestore; returns, per event, `Ok` or why it
@@ -91,16 +291,22 @@ impl Replicator {
 
     fn write(&self, e: &AcceptedEvent) -> fs::Write {
         let name = self.firestore.document(COLLECTION, &e.event.id.to_hex());
-        let document = fs::Document {
-            name,
-            fields: [
-                ("json".to_string(), string_value(e.json.clone())),
-                ("origin".to_string(), string_value(self.origin.clone())),
-            ]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        };
+        let mut fields: std::collections::HashMap<String, fs::Value> = [
+            ("json".to_string(), string_value(e.json.clone())),
+            ("origin".to_string(), string_value(self.origin.clone())),
+            // Lets a ban or a request to vanish find an author's documents.
+            ("pubkey".to_string(), string_value(e.event.pubkey.to_hex())),
+        ]
+        .into_iter()
+        .collect();
+        if kind_class(e.event.kind.as_u16()) == KindClass::Ephemeral {
+            let expire_at = Timestamp { seconds: crate::event::unix_now() as i64 + EPHEMERAL_TTL_SECONDS, nanos: 0 };
+            fields.insert(
+                "expire_at".to_string(),
+                fs::Value { value_type: Some(fs::value::ValueType::TimestampValue(expire_at)) },
+            );
+        }
+        let document = fs::Document { name, fields, ..Default::default() };
         use fs::document_transform::field_transform::{ServerValue, TransformType};
         fs::Write {
             operation: Some(fs::write::Operation::Update(document)),
@@ -155,17 +361,12 @@ impl Replicator {
     /// Writes an ephemeral event to the shared log, so other replicas deliver
     /// it to their live subscribers; failures are logged (ephemeral events
     /// are best effort).
-    pub fn publish_ephemeral(self: &Arc<Self>, event: Arc<AcceptedEvent>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if let Some(Err(e)) = this.publish(&[event]).await.pop() {
-                tracing::warn!(error = %e, "an ephemeral event was not replicated");
-            }
-        });
+    pub fn publish_ephemeral(&self, event: Arc<AcceptedEvent>) {
+        self.queue(Background::Ephemeral(event));
     }
 
     /// Applies other replicas' events until the relay stops.
-    pub fn follow(self: Arc<Self>, ingest: Ingest, fanout: Arc<Fanout>, banned: Banned) {
+    pub fn follow(self: Arc<Self>, ingest: Ingest, fanout: Arc<Fanout>, checks: Arc<dyn ReplicaAdmission>) {
         tokio::spawn(async move {
             let mut cursor = self.load_cursor();
             let mut backoff = self.poll_interval;
@@ -178,7 +379,7 @@ impl Replicator {
                     Ok(docs) => {
                         backoff = self.poll_interval;
                         let full = docs.len() == PAGE as usize;
-                        match self.apply(&ingest, &fanout, &banned, &docs).await {
+                        match self.apply(&ingest, &fanout, checks.as_ref(), &docs).await {
                             Ok(next) => {
                                 if let Err(e) = self.save_cursor(&next) {
                                     tracing::error!(error = %e, "saving the replication cursor failed");
@@ -209,27 +410,27 @@ impl Replicator {
         &self,
         ingest: &Ingest,
         fanout: &Fanout,
-        banned: &Banned,
+        checks: &dyn ReplicaAdmission,
         docs: &[fs::Document],
     ) -> Result<Cursor, String> {
         let mut pending = Vec::with_capacity(docs.len());
         let now = crate::event::unix_now() as i64;
         for doc in docs {
             let Some(json) = field_string(doc, "json") else { continue };
-            let event: Event = match serde_json::from_str(json) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(doc = %doc.name, error = %e, "skipping an unreadable replicated event");
+            let event = match checks.admit(json).await {
+                Ok(event) => event,
+                Err(refusal) if is_transient(&refusal) => {
+                    // Nothing after this document is applied yet; the page is read again.
+                    for rx in pending {
+                        let _ = rx.await;
+                    }
+                    return Err(format!("a replicated event cannot be applied yet: {refusal}"));
+                }
+                Err(refusal) => {
+                    tracing::info!(doc = %doc.name, refusal = %refusal, "a replicated event is refused on this replica");
                     continue;
                 }
             };
-            if !event.verify_id() || !event.verify_signature() {
-                tracing::warn!(doc = %doc.name, "skipping a replicated event with a bad id or signature");
-                continue;
-            }
-            if banned(&event) {
-                continue;
-            }
             let mut accepted = AcceptedEvent::new(event);
             accepted.vanish_request = crate::event::is_vanish_request_for(&accepted.event, &self.public_url);
             accepted.replicated = true;
@@ -256,10 +457,10 @@ impl Replicator {
     }
 }
 
-/// Reads events other replicas stored but this one has not applied yet.
-#[async_trait]
-impl crate::plugin::EventSource for Replicator {
-    async fn fetch(&self, id: &[u8; 32]) -> Option<String> {
+impl Replicator {
+    /// Reads an event other replicas stored, which this one may not have
+    /// applied yet (its JSON, unchecked).
+    pub async fn fetch(&self, id: &[u8; 32]) -> Option<String> {
         let name = self.firestore.document(COLLECTION, &hex::encode(id));
         let doc = self
             .firestore

@@ -49,14 +49,21 @@ pub struct Caller {
     /// rather than on every plugin call (formatting an address cost more
     /// than the rest of the request context together).
     remote_addr: String,
-    /// The address failures are charged to.
-    ip: IpAddr,
+    /// The address failures are charged to; `None` for the relay's own
+    /// calls (events from other replicas), which count toward the breaker.
+    ip: Option<IpAddr>,
 }
 
 impl Caller {
     /// A connection from `remote` that has not authenticated yet.
     pub fn new(connection_id: u64, remote: SocketAddr) -> Self {
-        Self { connection_id, authed_pubkeys: Vec::new(), remote_addr: remote.to_string(), ip: remote.ip() }
+        Self { connection_id, authed_pubkeys: Vec::new(), remote_addr: remote.to_string(), ip: Some(remote.ip()) }
+    }
+
+    /// The relay itself, applying an event another replica stored: plugins
+    /// see connection 0 and the address `replica`.
+    pub fn replica() -> Self {
+        Self { connection_id: 0, authed_pubkeys: Vec::new(), remote_addr: "replica".into(), ip: None }
     }
 
     fn context(&self, sub_id: Option<&str>, purpose: wit::RequestPurpose) -> wit::RequestContext {
@@ -223,7 +230,7 @@ impl PluginSlot {
         if self.disabled.load(Ordering::Relaxed) {
             return Err(Unavailable::Disabled);
         }
-        if let Some(wait) = caller.and_then(|c| self.client_failures.refused_for(c.ip)) {
+        if let Some(wait) = caller.and_then(|c| self.client_failures.refused_for(c.ip?)) {
             return Err(Unavailable::ClientFailures(wait));
         }
         match self.breaker.admit() {
@@ -255,7 +262,7 @@ impl PluginSlot {
         };
         // The first failure a client causes within a minute counts toward
         // the breaker; more only cost that client.
-        let counts = caller.is_none_or(|c| self.client_failures.record(c.ip));
+        let counts = caller.and_then(|c| c.ip).is_none_or(|ip| self.client_failures.record(ip));
         tracing::warn!(
             plugin = %self.config.name,
             hook = hook.as_str(),

@@ -189,6 +189,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// Up to `limit` stored events in id order, after `after` (export).
     fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// Why `event` would not be stored now (a deletion or request to vanish
+    /// keeps it out), if it would not.
+    fn refusal_of(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError>;
+
     /// Every tombstone, in key order (export).
     fn visit_tombstones(&self, visit: &mut dyn FnMut(Tombstone)) -> Result<(), StoreError>;
 

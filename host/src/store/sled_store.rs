@@ -530,6 +530,10 @@ impl EventStore for SledEventStore {
         Ok(out)
     }
 
+    fn refusal_of(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError> {
+        PendingBatch::new(&self.tree, false).tombstoned(event)
+    }
+
     fn visit_tombstones(&self, visit: &mut dyn FnMut(Tombstone)) -> Result<(), StoreError> {
         let id32 = |b: &[u8]| <[u8; 32]>::try_from(b).ok();
         for kv in self.tree.scan_prefix([keys::DELETED]) {

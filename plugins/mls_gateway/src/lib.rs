@@ -99,11 +99,11 @@ impl Plugin for MlsGateway {
                 RefusalKind::Blocked,
                 "kind 444 Welcomes must travel inside a NIP-59 gift wrap (kind 1059) addressed to the new member, never on their own",
             )),
-            KIND_GROUP_MESSAGE => rules::check_group_message(&event, settings, now),
+            // Events from other replicas arrive as `replica`: their origin applied the rate.
+            KIND_GROUP_MESSAGE => rules::check_group_message(&event, settings, now, ctx.remote_addr == "replica"),
             KIND_DELETION => index::apply_deletion(&event),
             _ => Ok(()),
         };
-        let _ = ctx;
         match result {
             Ok(()) => accept(),
             Err(r) => {

@@ -96,7 +96,9 @@ pub fn check_key_package(event: &Event, now: u64) -> Result<KeyPackageFacts, Ref
 
 /// Kind 445: exactly one `h` tag of 64 hex characters, and the optional
 /// per-group rate.
-pub fn check_group_message(event: &Event, settings: &Settings, now: u64) -> Result<(), Refused> {
+/// Checks a kind 445. `counted_elsewhere`: the event comes from another
+/// replica, which already counted it against the group's rate.
+pub fn check_group_message(event: &Event, settings: &Settings, now: u64, counted_elsewhere: bool) -> Result<(), Refused> {
     let h: Vec<&Vec<String>> = event.tags_named("h").collect();
     let [tag] = h.as_slice() else {
         return Err(invalid("bad_group_tag", format!("kind 445 needs exactly one h tag, found {}", h.len())));
@@ -106,7 +108,7 @@ pub fn check_group_message(event: &Event, settings: &Settings, now: u64) -> Resu
     if !is_hex64 {
         return Err(invalid("bad_group_tag", "kind 445 h tag must be a 64-character hex group id".into()));
     }
-    if settings.group_messages_per_minute > 0 {
+    if settings.group_messages_per_minute > 0 && !counted_elsewhere {
         let key = format!("rate445/{}/{}", now / 60, group.to_ascii_lowercase());
         let n = crate::index::increment(&key).map_err(|e| Refused {
             kind: RefusalKind::Error,
