@@ -358,6 +358,8 @@ async fn an_anonymous_flood_of_expensive_keypackage_requests_leaves_the_gateway_
     other.req("kps", vec![json!({"kinds": [443], "authors": [victim.public_key().to_hex()]})]).await;
     let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
     assert!(metrics.contains("wasm_relay_plugin_disabled{plugin=\"mls-gateway\"} 0"), "{metrics}");
+    // Naming 40,960 keys without KeyPackages left no state behind.
+    assert!(metrics.contains("wasm_relay_plugin_kv_keys{plugin=\"mls-gateway\"} 0"), "{metrics}");
 }
 
 #[tokio::test]

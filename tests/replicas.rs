@@ -239,10 +239,7 @@ async fn when_firestore_goes_away_events_are_refused_clearly_and_nothing_is_half
 }
 
 /// The shared log's document for event `id` in `project`, if it is there.
-async fn shared_document(
-    project: &str,
-    id: &str,
-) -> Option<firestore::gcloud_sdk::google::firestore::v1::Document> {
+async fn shared_document(project: &str, id: &str) -> Option<firestore::gcloud_sdk::google::firestore::v1::Document> {
     use firestore::gcloud_sdk::google::firestore::v1::GetDocumentRequest;
     let config = FirestoreConfig { project_id: project.to_owned(), ..Default::default() };
     let firestore = Firestore::connect(&config).await.expect("connect to the emulator");

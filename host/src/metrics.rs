@@ -58,6 +58,9 @@ pub struct Metrics {
     pub plugin_swaps: IntCounterVec,
     /// 1 while a plugin is disabled.
     pub plugin_disabled: IntGaugeVec,
+    /// Keys and bytes in each plugin's key-value namespace (its quota's use).
+    pub plugin_kv_keys: IntGaugeVec,
+    pub plugin_kv_bytes: IntGaugeVec,
     /// Ids or events a plugin returned that the host refused to serve.
     pub plugin_dropped_results: IntCounterVec,
     /// A plugin's own counters (`host.count`), by `plugin` and `name`.
@@ -145,7 +148,24 @@ impl Metrics {
             plugin_swaps: counter_vec("plugin_swaps_total", "Plugin versions swapped in", &["plugin", "result"]),
             plugin_disabled: reg(
                 r,
-                IntGaugeVec::new(opts("plugin_disabled", "1 while a plugin is disabled"), &["plugin"]).unwrap(),
+                IntGaugeVec::new(
+                    opts("plugin_disabled", "1 while a plugin is disabled or its circuit is open"),
+                    &["plugin"],
+                )
+                .unwrap(),
+            ),
+            plugin_kv_keys: reg(
+                r,
+                IntGaugeVec::new(opts("plugin_kv_keys", "Keys in a plugin's key-value namespace"), &["plugin"])
+                    .unwrap(),
+            ),
+            plugin_kv_bytes: reg(
+                r,
+                IntGaugeVec::new(
+                    opts("plugin_kv_bytes", "Bytes (keys plus values) in a plugin's key-value namespace"),
+                    &["plugin"],
+                )
+                .unwrap(),
             ),
             plugin_dropped_results: counter_vec(
                 "plugin_dropped_results_total",

@@ -247,7 +247,10 @@ impl Replicator {
         for chunk in doomed.chunks(MAX_WRITES_PER_COMMIT) {
             let writes = chunk
                 .iter()
-                .map(|name| fs::Write { operation: Some(fs::write::Operation::Delete(name.clone())), ..Default::default() })
+                .map(|name| fs::Write {
+                    operation: Some(fs::write::Operation::Delete(name.clone())),
+                    ..Default::default()
+                })
                 .collect();
             self.firestore.commit_idempotent("retract events", writes).await?;
         }

@@ -195,6 +195,7 @@ async fn metrics(req: &Request<Incoming>, relay: &Arc<Relay>) -> Response<Body> 
                 .expect("static response parts");
         }
     }
+    relay.plugins.refresh_usage_metrics();
     if let Some(size) = relay.store.size_on_disk() {
         relay.metrics.store_size_bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
     }

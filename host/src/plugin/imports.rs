@@ -328,3 +328,41 @@ impl host::Host for PluginState {
         Ok(ctx.settings.get(&name).cloned().or_else(|| ctx.defaults.get().and_then(|d| d.get(&name).cloned())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_memory_cap_is_the_instance_total_across_memories() {
+        let mut limits = InstanceLimits::new(10 << 20);
+        // Two memories of 4 MiB fit; a third grow to 4 MiB does not.
+        assert!(limits.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(limits.memory_growing(0, 4 << 20, None).unwrap());
+        let refused = limits.memory_growing(0, 4 << 20, None).unwrap_err();
+        assert!(refused.downcast_ref::<MemoryCapReached>().is_some());
+        // Growing one of them by the 2 MiB left fits exactly.
+        assert!(limits.memory_growing(4 << 20, 6 << 20, None).unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_cpu_meter_bills_work_not_waiting() {
+        let meter = CpuMeter::default();
+        // A future that waits 100 ms (pending in between)...
+        let mut sleep = Box::pin(tokio::time::sleep(std::time::Duration::from_millis(100)));
+        std::future::poll_fn(|cx| meter.poll(&mut sleep, cx)).await;
+        let waiting = meter.spent_ns();
+        // ...is billed far less than one that computes, however busy the machine.
+        meter.reset();
+        let mut work = Box::pin(async {
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i));
+            }
+        });
+        std::future::poll_fn(|cx| meter.poll(&mut work, cx)).await;
+        let working = meter.spent_ns();
+        assert!(working > 0 && waiting * 10 < working, "waiting billed {waiting} ns, working {working} ns");
+    }
+}

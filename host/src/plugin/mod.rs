@@ -154,6 +154,12 @@ impl PluginStats {
         self.metrics.plugin_swaps.with_label_values(&[self.plugin.as_str(), if ok { "ok" } else { "failed" }]).inc();
     }
 
+    fn set_kv_usage(&self, (keys, bytes): (u64, u64)) {
+        let plugin = [self.plugin.as_str()];
+        self.metrics.plugin_kv_keys.with_label_values(&plugin).set(i64::try_from(keys).unwrap_or(i64::MAX));
+        self.metrics.plugin_kv_bytes.with_label_values(&plugin).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     fn set_disabled(&self, disabled: bool) {
         self.metrics.plugin_disabled.with_label_values(&[self.plugin.as_str()]).set(i64::from(disabled));
     }
@@ -402,6 +408,13 @@ impl PluginHost {
     /// Kinds that ordinary read paths must not serve (sorted).
     pub fn managed_kinds(&self) -> Arc<Vec<u16>> {
         self.managed.load_full()
+    }
+
+    /// Brings the key-value usage gauges up to date (before a scrape).
+    pub fn refresh_usage_metrics(&self) {
+        for slot in &self.slots {
+            slot.stats.set_kv_usage(slot.kv.used());
+        }
     }
 
     pub fn status(&self) -> Vec<PluginStatus> {

@@ -98,7 +98,12 @@ pub fn check_key_package(event: &Event, now: u64) -> Result<KeyPackageFacts, Ref
 /// per-group rate.
 /// Checks a kind 445. `counted_elsewhere`: the event comes from another
 /// replica, which already counted it against the group's rate.
-pub fn check_group_message(event: &Event, settings: &Settings, now: u64, counted_elsewhere: bool) -> Result<(), Refused> {
+pub fn check_group_message(
+    event: &Event,
+    settings: &Settings,
+    now: u64,
+    counted_elsewhere: bool,
+) -> Result<(), Refused> {
     let h: Vec<&Vec<String>> = event.tags_named("h").collect();
     let [tag] = h.as_slice() else {
         return Err(invalid("bad_group_tag", format!("kind 445 needs exactly one h tag, found {}", h.len())));
