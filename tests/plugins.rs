@@ -254,6 +254,11 @@ async fn a_trapping_plugin_costs_one_call() {
             _ => "memory",
         };
         assert!(msg.contains(expected), "{mode}: {msg}");
+        // A short reason; the trap text and backtrace stay in the log.
+        assert!(
+            msg.len() < 120 && !msg.contains("backtrace") && !msg.contains("wasm") && !msg.contains(".rs"),
+            "{mode}: a client saw plugin internals: {msg}"
+        );
         // The relay and the plugin keep working.
         c.publish_ok(&sign(&k, 1, "after", &[], now())).await;
         let (ok, _) = c.publish(&sign(&k, 666, "again", &[], now())).await;
