@@ -77,12 +77,12 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
         "(bounds ingest)",
         json!(verify_rate),
     ));
-    eprintln!("signing the ingest pool...");
-    let signers = keys(64);
-    let pool: Arc<Vec<String>> =
-        Arc::new(sign_many(INGEST_POOL_PER_RUN * RUNS, &signers, note).iter().map(|e| e.as_json()).collect());
     let gateway = workspace_root().join("target/plugins/mls_gateway.wasm");
     if want("ingest") {
+        eprintln!("signing the ingest pool...");
+        let signers = keys(64);
+        let pool: Arc<Vec<String>> =
+            Arc::new(sign_many(INGEST_POOL_PER_RUN * RUNS, &signers, note).iter().map(|e| e.as_json()).collect());
         let publish = |pool: &Arc<Vec<String>>| {
             Arc::new(Publish { pool: pool.clone(), next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() })
         };
@@ -190,7 +190,7 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
     if want("abuse") {
         let (grown_mb, health_p99, events) = abusive_reads().await?;
         rows.push(row(
-            format!("20 abusive COUNT + REQ (20 filters each), {events} events: RSS growth, /health p99"),
+            format!("20 abusive COUNT + REQ (20 filters each), {events} events, warm cache: RSS growth, /health p99"),
             format!("{grown_mb:.0} MB, {health_p99:.1} ms"),
             "< 200 MB, < 50 ms",
             json!({"rss_growth_mb": grown_mb, "health_p99_ms": health_p99, "events": events}),
@@ -233,6 +233,11 @@ async fn abusive_reads() -> anyhow::Result<(f64, f64, usize)> {
         }
     })
     .await?;
+    let every = vec!["{}"; 20].join(",");
+    let big = vec!["{\"limit\":5000}"; 20].join(",");
+    // One pass first, so the page cache (storage.cache_capacity_bytes) is
+    // warm: the growth measured is what the abuse itself costs.
+    abusive_pass(&relay.url, "warm", &every, &big).await?;
     let baseline = relay.rss_bytes();
     let peak = Arc::new(AtomicU64::new(baseline));
     let done = Arc::new(AtomicBool::new(false));
@@ -260,22 +265,10 @@ async fn abusive_reads() -> anyhow::Result<(f64, f64, usize)> {
             }
         })
     };
-    let every = vec!["{}"; 20].join(",");
-    let big = vec!["{\"limit\":5000}"; 20].join(",");
     let abusers: Vec<_> = (0..20)
         .map(|i| {
             let (url, every, big) = (relay.url.clone(), every.clone(), big.clone());
-            tokio::spawn(async move {
-                let mut c = Conn::connect(&url).await?;
-                c.send(format!("[\"COUNT\",\"n{i}\",{every}]")).await?;
-                loop {
-                    let v = c.recv().await?;
-                    if v[0] == "COUNT" || v[0] == "CLOSED" {
-                        break;
-                    }
-                }
-                c.req(&format!("r{i}"), &big).await
-            })
+            tokio::spawn(async move { abusive_pass(&url, &i.to_string(), &every, &big).await })
         })
         .collect();
     for a in abusers {
@@ -286,6 +279,19 @@ async fn abusive_reads() -> anyhow::Result<(f64, f64, usize)> {
     let mut latencies = health.await?;
     let grown = peak.load(Ordering::Relaxed).saturating_sub(baseline) as f64 / 1e6;
     Ok((grown, percentile_ms(&mut latencies, 0.99), ABUSE_STORE_EVENTS))
+}
+
+/// One abusive client: a COUNT of `every`, then a REQ of `big`.
+async fn abusive_pass(url: &str, name: &str, every: &str, big: &str) -> anyhow::Result<usize> {
+    let mut c = Conn::connect(url).await?;
+    c.send(format!("[\"COUNT\",\"n{name}\",{every}]")).await?;
+    loop {
+        let v = c.recv().await?;
+        if v[0] == "COUNT" || v[0] == "CLOSED" {
+            break;
+        }
+    }
+    c.req(&format!("r{name}"), big).await
 }
 
 /// One `GET /health` on a new connection.

@@ -585,11 +585,19 @@ where
         }
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let store = self.relay.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut send = |e: StoredEvent| tx.blocking_send(Ok(e)).is_ok();
-            if let Err(e) = store.visit_filters(&filters, default_limit, max_limit, &access, &mut send) {
-                let _ = tx.blocking_send(Err(e.to_string()));
-            }
+        let slots = self.relay.heavy_reads.clone();
+        tokio::spawn(async move {
+            // Large reads take turns: a burst of them never outnumbers the
+            // cores, so the async workers (and `/health`) keep their share.
+            let Ok(slot) = slots.acquire_owned().await else { return };
+            let _ = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                let mut send = |e: StoredEvent| tx.blocking_send(Ok(e)).is_ok();
+                if let Err(e) = store.visit_filters(&filters, default_limit, max_limit, &access, &mut send) {
+                    let _ = tx.blocking_send(Err(e.to_string()));
+                }
+            })
+            .await;
         });
         Rows::Streamed(rx)
     }
@@ -609,7 +617,9 @@ where
         let store = self.relay.store.clone();
         // Counted from the indexes on the blocking pool; plugin answers the
         // store also counted count once.
+        let slot = self.relay.heavy_reads.clone().acquire_owned().await;
         let counted = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let n = store.count_filters(&store_filters, &access)?;
             let mut extra = 0u64;
             for e in &from_plugins {

@@ -37,6 +37,10 @@ pub struct Relay {
     /// Turns true when the relay starts shutting down; connections say
     /// goodbye and close.
     pub shutdown: watch::Sender<bool>,
+    /// Turns for large store reads (streamed REQs, COUNTs) on the blocking
+    /// pool: twice the cores, so a burst of them cannot starve the async
+    /// workers.
+    pub heavy_reads: Arc<tokio::sync::Semaphore>,
     /// Open connections, per client and in total.
     pub connections: crate::capacity::ConnectionCounter,
     /// NIP-98 events already used on the management API.
@@ -117,6 +121,9 @@ impl Relay {
             metrics,
             replicator,
             shutdown: watch::Sender::new(false),
+            heavy_reads: Arc::new(tokio::sync::Semaphore::new(
+                2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            )),
             connections,
             admin_replays: Default::default(),
             next_connection: AtomicU64::new(1),
