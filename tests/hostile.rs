@@ -639,3 +639,39 @@ async fn a_plugin_is_held_to_its_key_value_quota() {
     let why = c.req_refused("three", vec![json!({"kinds": [9001]})]).await;
     assert!(why.contains("quota of 2 keys is used up"), "{why}");
 }
+
+#[tokio::test]
+async fn clients_that_stop_reading_a_large_answer_do_not_hold_up_other_large_reads() {
+    let relay = TestRelay::start_with_env(&[
+        ("WASM_RELAY_RATE_LIMITS__EVENTS_PER_MINUTE_PER_IP", "0"),
+        ("WASM_RELAY_RATE_LIMITS__EVENTS_PER_MINUTE_PER_PUBKEY", "0"),
+    ])
+    .await;
+    let mut publisher = relay.client().await;
+    let k = Keys::generate();
+    let body = "s".repeat(4000);
+    // 4,000 events of 4 KB: 16 MB per full answer, more than the buffers
+    // between the relay and a client that does not read.
+    let start = now();
+    for chunk in 0..80 {
+        let events: Vec<_> = (0..50).map(|i| sign(&k, 1, &body, &[], start - (chunk * 50 + i))).collect();
+        for e in &events {
+            publisher.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
+        }
+        for e in &events {
+            assert!(publisher.expect_ok(&e.id.to_hex()).await.0);
+        }
+    }
+    // More stalled readers than the relay gives large reads turns at once.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut stalled = Vec::new();
+    for i in 0..(2 * cores + 1) {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&relay.url).await.unwrap();
+        ws.send(Message::Text(format!("[\"REQ\",\"big{i}\",{{\"limit\":5000}}]").into())).await.unwrap();
+        stalled.push(ws); // never read
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut reader = Client::connect_from(&relay.url, "127.0.0.2").await;
+    assert_eq!(reader.req("all", vec![json!({"limit": 5000})]).await.len(), 4000);
+    drop(stalled);
+}

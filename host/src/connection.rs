@@ -586,13 +586,26 @@ where
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         let store = self.relay.store.clone();
         let slots = self.relay.heavy_reads.clone();
+        let runtime = tokio::runtime::Handle::current();
         tokio::spawn(async move {
             // Large reads take turns: a burst of them never outnumbers the
             // cores, so the async workers (and `/health`) keep their share.
-            let Ok(slot) = slots.acquire_owned().await else { return };
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let _ = tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                let mut send = |e: StoredEvent| tx.blocking_send(Ok(e)).is_ok();
+                let mut slot = Some(slot);
+                let mut send = |e: StoredEvent| {
+                    if tx.capacity() > 0 {
+                        return tx.blocking_send(Ok(e)).is_ok();
+                    }
+                    // The client is the bottleneck: give the turn back while
+                    // waiting for it, so a reader that stalls holds no turn.
+                    slot = None;
+                    if tx.blocking_send(Ok(e)).is_err() {
+                        return false;
+                    }
+                    slot = runtime.block_on(slots.clone().acquire_owned()).ok();
+                    true
+                };
                 if let Err(e) = store.visit_filters(&filters, default_limit, max_limit, &access, &mut send) {
                     let _ = tx.blocking_send(Err(e.to_string()));
                 }
