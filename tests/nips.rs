@@ -90,6 +90,28 @@ async fn nip59_gift_wraps_reach_only_their_authenticated_recipient() {
 }
 
 #[tokio::test]
+async fn nip59_a_gift_wraps_recipient_deletes_it_and_no_one_else_can() {
+    let relay = TestRelay::start().await;
+    let (bob, eve) = (Keys::generate(), Keys::generate());
+    let mut bob_c = relay.client().await;
+    authenticate(&mut bob_c, &bob, &relay.url).await;
+    let (wrap, other_wrap, early) = (gift_wrap(&bob, 3600), gift_wrap(&bob, 7200), gift_wrap(&bob, 60));
+    let mut sender = relay.client().await;
+    sender.publish_ok(&wrap).await;
+    sender.publish_ok(&other_wrap).await;
+    // Someone neither its author nor its recipient cannot delete a wrap.
+    sender.publish_ok(&sign(&eve, 5, "", &[&["e", &other_wrap.id.to_hex()]], now())).await;
+    // Its recipient can, stored or not yet stored, and it stays deleted.
+    bob_c.publish_ok(&sign(&bob, 5, "", &[&["e", &wrap.id.to_hex()], &["e", &early.id.to_hex()]], now())).await;
+    let inbox = bob_c.req_ids("inbox", vec![json!({"kinds": [1059]})]).await;
+    assert_eq!(inbox, ids(&[&other_wrap]), "the recipient's deletion removed only its wrap");
+    for w in [&wrap, &early] {
+        let (ok, msg) = sender.publish(w).await;
+        assert!(!ok && msg.starts_with("blocked:"), "a deleted wrap came back: {msg}");
+    }
+}
+
+#[tokio::test]
 async fn nip59_open_policy_serves_gift_wraps_to_anyone() {
     let relay = TestRelay::start_with_env(&[("WASM_RELAY_NIPS__GIFT_WRAP_POLICY", "open")]).await;
     let bob = Keys::generate();

@@ -210,8 +210,13 @@ impl Replicator {
                     let name = self.firestore.document(COLLECTION, &hex::encode(id));
                     let wanted = match author {
                         None => true,
+                        // Its author's, or a gift wrap addressed to it (NIP-59).
                         Some(author) => self.fetch(id).await.is_some_and(|json| {
-                            serde_json::from_str::<Event>(&json).is_ok_and(|e| e.pubkey.to_bytes() == *author)
+                            serde_json::from_str::<Event>(&json).is_ok_and(|e| {
+                                e.pubkey.to_bytes() == *author
+                                    || (e.kind.as_u16() == crate::store::GIFT_WRAP
+                                        && crate::store::p_tags(&e).any(|p| p == *author))
+                            })
                         }),
                     };
                     if wanted {

@@ -135,6 +135,14 @@ impl<'a> PendingBatch<'a> {
         if self.get(&keys::deleted_key(&id, &author))?.is_some() {
             return Ok(Some(WriteOutcome::Deleted));
         }
+        // NIP-59: a gift wrap's recipient may delete it too.
+        if event.kind.as_u16() == GIFT_WRAP {
+            for p in p_tags(event) {
+                if self.get(&keys::deleted_key(&id, &p))?.is_some() {
+                    return Ok(Some(WriteOutcome::Deleted));
+                }
+            }
+        }
         let created_at = event.created_at.as_secs();
         if self.vanished_at(&author)?.is_some_and(|t| created_at <= t) {
             return Ok(Some(WriteOutcome::Vanished));
@@ -154,9 +162,10 @@ impl<'a> PendingBatch<'a> {
         Ok(None)
     }
 
-    /// NIP-09: a kind 5 removes its author's events named by `e`, and the
-    /// versions of its author's addresses named by `a` up to its time; the
-    /// tombstones keep them from coming back.
+    /// NIP-09: a kind 5 removes its author's events named by `e` (and gift
+    /// wraps addressed to its author, NIP-59), and the versions of its
+    /// author's addresses named by `a` up to its time; the tombstones keep
+    /// them from coming back.
     fn apply_deletion(&mut self, deletion: &Event) -> Result<(), StoreError> {
         let author = deletion.pubkey.to_bytes();
         let until = deletion.created_at.as_secs();
@@ -168,6 +177,11 @@ impl<'a> PendingBatch<'a> {
                         continue;
                     }
                     match self.load_event(&id)? {
+                        // NIP-59: relays SHOULD delete a gift wrap whose `p`
+                        // tag names the signer of the deletion.
+                        Some(target) if target.kind.as_u16() == GIFT_WRAP && p_tags(&target).any(|p| p == author) => {
+                            self.remove_event(&target)?
+                        }
                         Some(target) if target.pubkey.to_bytes() != author => continue,
                         Some(target) if target.kind.as_u16() == 5 => continue, // deletions cannot be undone
                         Some(target) => self.remove_event(&target)?,
