@@ -22,8 +22,12 @@ fn refuse(kind: RefusalKind, message: String) -> ReqResult {
 /// feed's `#t` without `kinds`; the host does not call it for filters whose
 /// kinds exclude KeyPackages) end at the first check, before any host call.
 pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now: impl Fn() -> u64) -> ReqResult {
-    let reaches_kps =
-        |f: &&Filter| f.could_match_kind(KIND_KEY_PACKAGE) || f.could_match_kind(KIND_KEY_PACKAGE_ADDRESSABLE);
+    // Only a filter that names a KeyPackage kind asks for KeyPackages: a
+    // profile view (`{"authors":[pk]}`) or a feed never sees, consumes or is
+    // refused because of one.
+    let reaches_kps = |f: &&Filter| {
+        f.kinds.as_ref().is_some_and(|k| k.contains(&KIND_KEY_PACKAGE) || k.contains(&KIND_KEY_PACKAGE_ADDRESSABLE))
+    };
     let kp_filters: Vec<&Filter> = filters.iter().filter(reaches_kps).filter(|f| names_owners(f)).collect();
     if kp_filters.is_empty() {
         return ReqResult::Continue;
@@ -60,9 +64,12 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
         return ReqResult::Continue;
     }
     let consuming = ctx.purpose == RequestPurpose::Req;
+    // An owner authenticated with NIP-42 sees its own KeyPackages without
+    // consuming them or counting against the rate limit.
+    let is_owner = |owner: &str| ctx.authed_pubkeys.iter().any(|k| k == owner);
     if consuming && settings.requests_per_hour > 0 {
         let requester = requester(ctx);
-        for owner in by_owner.keys() {
+        for owner in by_owner.keys().filter(|o| !is_owner(o)) {
             let key = format!("rl/{}/{requester}/{owner}", now / 3600);
             match increment(&key) {
                 Ok(n) if n > settings.requests_per_hour => {
@@ -85,7 +92,7 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
     }
     let mut ids = Vec::new();
     for (owner, owner_filters) in &by_owner {
-        match select(owner, owner_filters, settings, now, consuming) {
+        match select(owner, owner_filters, settings, now, consuming && !is_owner(owner)) {
             Ok(selected) => ids.extend(selected),
             Err(message) => return refuse(RefusalKind::Error, message),
         }
@@ -174,9 +181,11 @@ fn record_matches(f: &Filter, owner: &str, r: &Record) -> bool {
     !needs_event || events::get_event(&r.id).is_some_and(|e| f.matches(&e))
 }
 
-/// Chooses and (for a REQ) consumes `owner`'s KeyPackages for `filters`:
-/// up to `per_author` distinct KeyPackages (twins count once), kind 30443
-/// preferred, oldest first; the owner's last one is served unconsumed.
+/// Chooses and (for an inviter's REQ) consumes `owner`'s KeyPackages for
+/// `filters`: up to `per_author` distinct KeyPackages (twins count once),
+/// kind 30443 preferred, newest first; the owner's last one is served
+/// unconsumed. Without `consuming` (a COUNT, or the owner itself) every
+/// matching live KeyPackage is listed and none is consumed.
 fn select(
     owner: &str,
     filters: &[&Filter],
@@ -206,7 +215,9 @@ fn select(
             }
         }
         let mut chosen: Vec<&Record> = groups.into_values().collect();
-        chosen.sort_by_key(|r| (r.kind != KIND_KEY_PACKAGE_ADDRESSABLE, r.created_at, r.id.clone()));
+        // Newest first: the freshest KeyPackage is the likeliest to still
+        // have its private key on the owner's device.
+        chosen.sort_by_key(|r| (r.kind != KIND_KEY_PACKAGE_ADDRESSABLE, std::cmp::Reverse(r.created_at), r.id.clone()));
         chosen.truncate(settings.per_author);
         // Index entries whose event the relay no longer holds are dropped first.
         let stale: Vec<&Record> = chosen.iter().copied().filter(|r| events::get_event(&r.id).is_none()).collect();

@@ -103,11 +103,14 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
             }
             kept.retain(|r| !same_slot(r));
         }
+        // Consumption follows the KeyPackage (its `i` group), whatever slot
+        // it is re-published in: re-publishing never hands it out again.
+        let consumed = state.records.iter().any(|r| r.group == facts.group && r.consumed);
         let record = Record {
             id: event.id.clone(),
             kind: event.kind,
             d: facts.d.clone(),
-            consumed: kept.iter().any(|r| r.group == facts.group && r.consumed),
+            consumed,
             group: facts.group.clone(),
             ciphersuite: facts.ciphersuite.clone(),
             created_at: event.created_at,

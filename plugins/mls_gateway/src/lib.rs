@@ -3,13 +3,16 @@
 //!
 //! - KeyPackages (kinds 443 and 30443) are checked on arrival and indexed in
 //!   the plugin's key-value store ([`index`]); they are served only through
-//!   `process-req` ([`delivery`]), which hands each requester at most N per
-//!   author and marks them consumed in the same atomic store operation, so no
-//!   KeyPackage is ever given to two requesters. An owner's last KeyPackage is
-//!   served without being consumed (last resort).
+//!   `process-req` ([`delivery`]), and only to filters whose `kinds` name
+//!   them. An inviter gets at most N per author, newest first, consumed in
+//!   the same atomic store operation, so no KeyPackage is ever given to two
+//!   requesters; an owner's last KeyPackage is served without being
+//!   consumed (last resort). An owner authenticated as itself sees its own
+//!   and consumes none.
 //! - Kind 444 (a Welcome outside its gift wrap) is refused; kind 445 needs
 //!   exactly one 64-hex `h` tag.
-//! - `tick` expires KeyPackages and prunes rate-limit counters.
+//! - `tick` expires KeyPackages and prunes rate-limit counters, a page at a
+//!   time.
 
 mod delivery;
 mod index;
@@ -22,6 +25,11 @@ pub const KIND_KEY_PACKAGE_ADDRESSABLE: u16 = 30443;
 pub const KIND_WELCOME: u16 = 444;
 pub const KIND_GROUP_MESSAGE: u16 = 445;
 pub const KIND_DELETION: u16 = 5;
+
+/// How long a KeyPackage without an `expiration` tag is served: 90 days.
+/// Current clients publish none and keep KeyPackages up to about 90 days
+/// (mdk rotates 14-21 days before that).
+const DEFAULT_TTL_SECONDS: u64 = 90 * 24 * 3600;
 
 /// Operator settings, read once per call.
 pub(crate) struct Settings {
@@ -45,7 +53,7 @@ impl Settings {
         Self {
             per_author: setting_or("max_keypackages_per_author", 1usize).max(1),
             requests_per_hour: setting_or("requests_per_hour", 10u64),
-            default_ttl: setting_or("default_ttl_seconds", 7 * 24 * 3600u64),
+            default_ttl: setting_or("default_ttl_seconds", DEFAULT_TTL_SECONDS),
             max_per_owner: setting_or("max_keypackages_per_owner", 15usize).max(1),
             group_messages_per_minute: setting_or("group_messages_per_minute", 0u64),
         }
@@ -77,7 +85,11 @@ impl Plugin for MlsGateway {
             settings: vec![
                 spec("max_keypackages_per_author", "1", "KeyPackages handed out per author per request"),
                 spec("requests_per_hour", "10", "KeyPackage requests per (requester, author) per hour; 0: unlimited"),
-                spec("default_ttl_seconds", "604800", "Lifetime of a KeyPackage without an expiration tag"),
+                spec(
+                    "default_ttl_seconds",
+                    &DEFAULT_TTL_SECONDS.to_string(),
+                    "Lifetime of a KeyPackage without an expiration tag (clients rotate within about 90 days)",
+                ),
                 spec("max_keypackages_per_owner", "15", "KeyPackages kept per owner; the oldest are dropped"),
                 spec(
                     "group_messages_per_minute",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use harness::{Client, TestRelay, plugin_path};
 use serde_json::json;
-use support::{Member, fetch_key_packages, gateway_config, gateway_relay, now, publish, publish_ok};
+use support::{Member, fetch_key_packages, gateway_config, gateway_relay, nostr_auth, now, publish, publish_ok};
 
 const UNLIMITED: (&str, &str) = ("requests_per_hour", "0");
 
@@ -133,7 +133,7 @@ async fn welcomes_outside_gift_wraps_and_bad_group_messages_are_refused() {
 }
 
 #[tokio::test]
-async fn delivery_is_capped_per_author_and_prefers_30443_oldest_first() {
+async fn delivery_is_capped_per_author_and_prefers_30443_newest_first() {
     let relay = gateway_relay(&[UNLIMITED, ("max_keypackages_per_author", "2")]).await;
     let mut c = relay.client().await;
     let (bob, carol) = (Member::new(), Member::new());
@@ -144,8 +144,8 @@ async fn delivery_is_capped_per_author_and_prefers_30443_oldest_first() {
         publish_ok(&mut c, &kp).await;
         bob_kps.push(kp);
     }
-    // A 443 that is older than all of them still comes after the 30443s.
-    let old443 = bob.key_package_shaped(&relay.url, 443, false, Some(t - 100), |t| t);
+    // A 443 newer than all of them still comes after the 30443s.
+    let old443 = bob.key_package_shaped(&relay.url, 443, false, Some(t + 100), |t| t);
     publish_ok(&mut c, &old443).await;
     for i in 0..3 {
         publish_ok(&mut c, &carol.key_package_shaped(&relay.url, 30443, false, Some(t + i), |t| t)).await;
@@ -153,12 +153,13 @@ async fn delivery_is_capped_per_author_and_prefers_30443_oldest_first() {
     let mut alice = relay.client().await;
     let got = fetch_key_packages(&mut alice, "kp", &[&bob.pubkey(), &carol.pubkey()]).await;
     assert_eq!(got.len(), 4, "two per author, not two in total: {got:?}");
-    assert!(got.contains(&bob_kps[0].id.to_hex()) && got.contains(&bob_kps[1].id.to_hex()));
+    // The newest first: the likeliest to still have their keys on the device.
+    assert!(got.contains(&bob_kps[3].id.to_hex()) && got.contains(&bob_kps[2].id.to_hex()), "{got:?}");
     // Other filters are honoured: #d picks one slot.
-    let d = bob_kps[3].tags.iter().find(|t| t.kind().to_string() == "d").unwrap().content().unwrap().to_string();
+    let d = bob_kps[1].tags.iter().find(|t| t.kind().to_string() == "d").unwrap().content().unwrap().to_string();
     let got = alice.req_ids("d", vec![json!({"kinds": [30443], "authors": [bob.pubkey()], "#d": [d]})]).await;
-    assert_eq!(got, vec![bob_kps[3].id.to_hex()]);
-    let got = alice.req_ids("until", vec![json!({"kinds": [443], "authors": [bob.pubkey()], "until": t - 1})]).await;
+    assert_eq!(got, vec![bob_kps[1].id.to_hex()]);
+    let got = alice.req_ids("since", vec![json!({"kinds": [443], "authors": [bob.pubkey()], "since": t + 50})]).await;
     assert_eq!(got, vec![old443.id.to_hex()]);
 }
 
@@ -215,7 +216,8 @@ async fn concurrent_requesters_never_receive_the_same_key_package() {
     assert_ne!(got[0], got[1], "two concurrent inviters received the same KeyPackage");
     assert_consumed_once(&got, None);
 
-    // Fifty requesters, forty KeyPackages: 39 handed out once each, then the last resort.
+    // Fifty requesters, forty KeyPackages: 39 handed out once each (newest
+    // first), then the last resort, the oldest.
     let dave = Member::new();
     let mut all = Vec::new();
     for i in 0..40 {
@@ -225,7 +227,7 @@ async fn concurrent_requesters_never_receive_the_same_key_package() {
     }
     let got = concurrent_fetches(&relay, &dave.pubkey(), 50).await;
     assert!(got.iter().all(|ids| ids.len() == 1), "every requester gets one: {got:?}");
-    let last = all.last().unwrap().clone();
+    let last = all.first().unwrap().clone();
     assert_consumed_once(&got, Some(&last));
     let distinct: std::collections::HashSet<_> = got.iter().flatten().collect();
     assert_eq!(distinct.len(), 40, "all forty were handed out");
@@ -252,10 +254,10 @@ async fn requesters_spread_over_two_replicas_never_receive_the_same_key_package(
         publish_ok(c, &kp).await;
         all.push(kp.id.to_hex());
     }
-    // 30 requesters, alternating replicas: 19 KeyPackages once each, then the last resort.
+    // 30 requesters, alternating replicas: 19 KeyPackages once each, then the last resort (the oldest).
     let got = concurrent_fetches_on(&[&a, &b], &erin.pubkey(), 30).await;
     assert!(got.iter().all(|ids| ids.len() == 1), "every requester gets one: {got:?}");
-    let last = all.last().unwrap().clone();
+    let last = all.first().unwrap().clone();
     assert_consumed_once(&got, Some(&last));
     let distinct: std::collections::HashSet<_> = got.iter().flatten().collect();
     assert_eq!(distinct.len(), 20, "all twenty were handed out");
@@ -296,9 +298,9 @@ async fn consuming_one_twin_consumes_the_other() {
     let (kp30443, kp443) = bob.key_package_pair(&relay.url);
     publish_ok(&mut c, &kp443).await;
     publish_ok(&mut c, &kp30443).await;
-    let spare = bob.key_package_shaped(&relay.url, 30443, false, Some(now() + 5), |t| t);
+    let spare = bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 100), |t| t);
     publish_ok(&mut c, &spare).await;
-    // The pair counts as one KeyPackage; its 30443 is preferred.
+    // The pair counts as one KeyPackage (the newest); its 30443 is preferred.
     assert_eq!(fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await, vec![kp30443.id.to_hex()]);
     // The 443 twin is consumed with it: next comes the spare.
     assert_eq!(fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await, vec![spare.id.to_hex()]);
@@ -310,8 +312,10 @@ async fn consumed_key_packages_are_invisible_on_every_read_path() {
     let relay = gateway_relay(&[UNLIMITED]).await;
     let mut c = relay.client().await;
     let bob = Member::new();
-    let (used, spare) =
-        (bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 10), |t| t), bob.key_package(&relay.url));
+    let (used, spare) = (
+        bob.key_package_shaped(&relay.url, 30443, false, Some(now()), |t| t),
+        bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 10), |t| t),
+    );
     publish_ok(&mut c, &used).await;
     publish_ok(&mut c, &spare).await;
     assert_eq!(fetch_key_packages(&mut c, "take", &[&bob.pubkey()]).await, vec![used.id.to_hex()]);
@@ -384,7 +388,11 @@ async fn expired_pruned_deleted_and_replaced_key_packages_are_not_served() {
     }
     let count = c.count("n", vec![json!({"kinds": [30443], "authors": [carol.pubkey()]})]).await;
     assert_eq!(count[2]["count"], 3);
-    assert_eq!(fetch_key_packages(&mut c, "prune", &[&carol.pubkey()]).await, vec![kps[1].id.to_hex()]);
+    // The oldest was dropped; the newest is handed out first.
+    assert_eq!(fetch_key_packages(&mut c, "prune", &[&carol.pubkey()]).await, vec![kps[3].id.to_hex()]);
+    let count =
+        c.count("n2", vec![json!({"kinds": [30443], "authors": [carol.pubkey()], "ids": [kps[0].id.to_hex()]})]).await;
+    assert_eq!(count[2]["count"], 0, "the oldest was pruned");
 
     // Kind 5 by e and by a.
     let dave = Member::new();
@@ -451,18 +459,18 @@ async fn consumption_survives_restart_and_hot_swap() {
     for kp in &kps {
         publish_ok(&mut c, kp).await;
     }
-    assert_eq!(fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await, vec![kps[0].id.to_hex()]);
+    assert_eq!(fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await, vec![kps[3].id.to_hex()]);
     drop(c);
     let relay = relay.crash_and_restart().await;
     let mut c = relay.client().await;
-    assert_eq!(fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await, vec![kps[1].id.to_hex()]);
+    assert_eq!(fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await, vec![kps[2].id.to_hex()]);
     // Swap in a different file of the same plugin.
     let bytes = with_custom_section(std::fs::read(plugin_path("mls_gateway.wasm")).unwrap(), "v2");
     let tmp = dir.path().join("next.tmp");
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
     relay.wait_for_log("plugin swapped").await;
-    assert_eq!(fetch_key_packages(&mut c, "3", &[&bob.pubkey()]).await, vec![kps[2].id.to_hex()]);
+    assert_eq!(fetch_key_packages(&mut c, "3", &[&bob.pubkey()]).await, vec![kps[1].id.to_hex()]);
 }
 
 #[tokio::test]
@@ -485,4 +493,62 @@ async fn group_messages_can_be_rate_limited_per_group() {
     assert!(!refusals.is_empty(), "no message refused");
     assert!(refusals.iter().all(|t| t.starts_with("rate-limited:")), "{refusals:?}");
     publish_ok(&mut c, &msg(&g2, "other group")).await;
+}
+
+#[tokio::test]
+async fn profile_views_and_owner_checks_never_consume_or_hit_the_rate_limit() {
+    // The default rate limit (10 requests per requester and author per hour).
+    let relay = gateway_relay(&[]).await;
+    let bob = Member::new();
+    let mut bob_c = relay.client().await;
+    nostr_auth(&mut bob_c, &bob, &relay.url).await;
+    let t = now() - 100;
+    let (older, newer) = (
+        bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t),
+    );
+    publish_ok(&mut bob_c, &older).await;
+    publish_ok(&mut bob_c, &newer).await;
+
+    // A client showing Bob's profile: no KeyPackage, nothing consumed, never refused.
+    let mut viewer = relay.client().await;
+    for i in 0..20 {
+        let got = viewer.req_ids(&format!("profile{i}"), vec![json!({"authors": [bob.pubkey()]})]).await;
+        assert!(!got.contains(&older.id.to_hex()) && !got.contains(&newer.id.to_hex()), "{got:?}");
+        viewer.req_ids(&format!("by-id{i}"), vec![json!({"ids": [newer.id.to_hex()]})]).await;
+    }
+    // Bob checking his own KeyPackages at every login sees both, consumes none, is never limited.
+    for i in 0..20 {
+        let mut mine = fetch_key_packages(&mut bob_c, &format!("login{i}"), &[&bob.pubkey()]).await;
+        mine.sort();
+        let mut both = vec![older.id.to_hex(), newer.id.to_hex()];
+        both.sort();
+        assert_eq!(mine, both, "login check {i}");
+    }
+    // An inviter still gets the newest, then the other one as the last resort.
+    let mut alice = relay.client().await;
+    assert_eq!(fetch_key_packages(&mut alice, "invite1", &[&bob.pubkey()]).await, vec![newer.id.to_hex()]);
+    assert_eq!(fetch_key_packages(&mut alice, "invite2", &[&bob.pubkey()]).await, vec![older.id.to_hex()]);
+}
+
+#[tokio::test]
+async fn republishing_a_consumed_key_package_does_not_hand_it_out_again() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let t = now() - 100;
+    let spare = bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t);
+    let used = bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t);
+    publish_ok(&mut c, &spare).await;
+    publish_ok(&mut c, &used).await;
+    assert_eq!(fetch_key_packages(&mut c, "take", &[&bob.pubkey()]).await, vec![used.id.to_hex()]);
+    // The same KeyPackage (same content and tags, so the same `i` and `d`)
+    // published again later in its slot.
+    let tags: Vec<Vec<String>> = used.tags.iter().map(|t| t.as_slice().to_vec()).collect();
+    let again = bob.sign_raw(30443, &used.content, tags, Some(t + 20));
+    publish_ok(&mut c, &again).await;
+    for i in 0..3 {
+        let got = fetch_key_packages(&mut c, &format!("after{i}"), &[&bob.pubkey()]).await;
+        assert_eq!(got, vec![spare.id.to_hex()], "the consumed KeyPackage came back");
+    }
 }

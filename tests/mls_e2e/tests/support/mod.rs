@@ -131,3 +131,12 @@ pub async fn publish_ok(c: &mut Client, e: &Event) {
 pub async fn fetch_key_packages(c: &mut Client, sub: &str, owners: &[&str]) -> Vec<String> {
     c.req_ids(sub, vec![serde_json::json!({"kinds": [30443, 443], "authors": owners})]).await
 }
+
+/// Authenticates `c` with NIP-42 as `member`.
+pub async fn nostr_auth(c: &mut Client, member: &Member, relay: &str) {
+    let tags = vec![vec!["challenge".to_string(), c.challenge.clone()], vec!["relay".to_string(), relay.to_string()]];
+    let auth = member.sign_raw(22242, "", tags, None);
+    c.send_raw(&format!("[\"AUTH\",{}]", auth.as_json())).await;
+    let (ok, msg) = c.expect_ok(&auth.id.to_hex()).await;
+    assert!(ok, "AUTH refused: {msg}");
+}
