@@ -68,24 +68,35 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
     // consuming them or counting against the rate limit.
     let is_owner = |owner: &str| ctx.authed_pubkeys.iter().any(|k| k == owner);
     if consuming && settings.requests_per_hour > 0 {
-        let requester = requester(ctx);
         for owner in by_owner.keys().filter(|o| !is_owner(o)) {
-            let key = format!("rl/{}/{requester}/{owner}", now / 3600);
-            match increment(&key) {
-                Ok(n) if n > settings.requests_per_hour => {
-                    host::count("refused_rate_limited", 1);
-                    return refuse(
-                        RefusalKind::RateLimited,
-                        format!(
-                            "more than {} KeyPackage requests for {} this hour; retry later",
-                            settings.requests_per_hour,
-                            short(owner)
-                        ),
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return refuse(RefusalKind::Error, format!("KeyPackage index unavailable ({e:?}); retry later"));
+            // Counted per address and per authenticated key: fresh keys
+            // from one address drain no one.
+            for requester in requesters(ctx) {
+                let key = format!("rl/{}/{requester}/{owner}", now / 3600);
+                match increment(&key) {
+                    Ok(n) if n > settings.requests_per_hour => {
+                        host::count("refused_rate_limited", 1);
+                        // Only the KeyPackage filters are refused: a REQ that
+                        // also asks for other things is served without them.
+                        if !filters.iter().all(|f| reaches_kps(&f)) {
+                            return ReqResult::Continue;
+                        }
+                        return refuse(
+                            RefusalKind::RateLimited,
+                            format!(
+                                "more than {} KeyPackage requests for {} this hour; retry later",
+                                settings.requests_per_hour,
+                                short(owner)
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return refuse(
+                            RefusalKind::Error,
+                            format!("KeyPackage index unavailable ({e:?}); retry later"),
+                        );
+                    }
                 }
             }
         }
@@ -108,12 +119,11 @@ fn names_owners(f: &Filter) -> bool {
     f.authors.is_some() || f.ids.is_some() || f.tags.iter().any(|t| t.name == "i")
 }
 
-/// The NIP-42 key the connection proved, else its IP address.
-fn requester(ctx: &RequestContext) -> String {
-    match ctx.authed_pubkeys.first() {
-        Some(pk) => pk.clone(),
-        None => ctx.remote_addr.rsplit_once(':').map_or(ctx.remote_addr.as_str(), |(ip, _)| ip).to_owned(),
-    }
+/// Who a KeyPackage request is counted against: the connection's address,
+/// and the first NIP-42 key it proved, if any.
+fn requesters(ctx: &RequestContext) -> Vec<String> {
+    let ip = ctx.remote_addr.rsplit_once(':').map_or(ctx.remote_addr.as_str(), |(ip, _)| ip).to_owned();
+    std::iter::once(ip).chain(ctx.authed_pubkeys.first().cloned()).collect()
 }
 
 fn short(pk: &str) -> &str {

@@ -552,3 +552,36 @@ async fn republishing_a_consumed_key_package_does_not_hand_it_out_again() {
         assert_eq!(got, vec![spare.id.to_hex()], "the consumed KeyPackage came back");
     }
 }
+
+#[tokio::test]
+async fn fresh_keys_from_one_address_do_not_escape_the_rate_limit_and_other_filters_are_still_served() {
+    let relay = gateway_relay(&[("requests_per_hour", "2")]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    for _ in 0..4 {
+        publish_ok(&mut c, &bob.key_package(&relay.url)).await;
+    }
+    let note = bob.sign_raw(1, "hello", vec![], None);
+    publish_ok(&mut c, &note).await;
+    // Each request from a new connection authenticated as a new throwaway key.
+    for i in 0..2 {
+        let mut drainer = relay.client().await;
+        nostr_auth(&mut drainer, &Member::new(), &relay.url).await;
+        assert_eq!(fetch_key_packages(&mut drainer, &format!("d{i}"), &[&bob.pubkey()]).await.len(), 1);
+    }
+    let mut drainer = relay.client().await;
+    nostr_auth(&mut drainer, &Member::new(), &relay.url).await;
+    let msg = drainer.req_refused("d2", vec![json!({"kinds": [30443, 443], "authors": [bob.pubkey()]})]).await;
+    assert!(msg.starts_with("rate-limited:"), "{msg}");
+    // A REQ that asks for other things too is served, without KeyPackages.
+    let got = drainer
+        .req_ids(
+            "mixed",
+            vec![
+                json!({"kinds": [30443, 443], "authors": [bob.pubkey()]}),
+                json!({"kinds": [1], "authors": [bob.pubkey()]}),
+            ],
+        )
+        .await;
+    assert_eq!(got, vec![note.id.to_hex()]);
+}
