@@ -4,7 +4,8 @@
 //! Standard methods change the operator's lists in [`crate::policy`]
 //! (persisted in the metadata store, namespace `relay:admin`, so they survive
 //! restarts); extra methods manage plugins (`listplugins`, `reloadplugin`,
-//! `swapplugin`, `disableplugin`, `enableplugin`).
+//! `swapplugin`, `disableplugin`, `enableplugin`, and `releasemanagedkinds` /
+//! `claimmanagedkinds`, the rollback switch for a plugin's managed kinds).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ const METHODS: &[&str] = &[
     "swapplugin",
     "disableplugin",
     "enableplugin",
+    "releasemanagedkinds",
+    "claimmanagedkinds",
 ];
 
 /// Why a request is not authorized; the HTTP status is 401.
@@ -375,6 +378,11 @@ async fn call(relay: &Arc<Relay>, method: &str, params: &[Value]) -> Result<Valu
             let name = plugin_name(params)?;
             relay.plugins.disable(&name)?;
             Ok(json!(true))
+        }
+        "releasemanagedkinds" | "claimmanagedkinds" => {
+            let name = plugin_name(params)?;
+            relay.plugins.release_managed_kinds(&name, method == "releasemanagedkinds")?;
+            Ok(status_of(relay, &name))
         }
         "enableplugin" => {
             let name = plugin_name(params)?;

@@ -291,6 +291,11 @@ pub struct PluginConfig {
     /// expensive requests cost that client, not everyone).
     #[serde(default = "default_client_failures_per_minute")]
     pub client_failures_per_minute: u32,
+    /// Serve the kinds the plugin manages through the ordinary read paths
+    /// instead of through the plugin (a rollback switch): the plugin keeps
+    /// seeing events, so taking the kinds back finds its state as it was.
+    #[serde(default)]
+    pub release_managed_kinds: bool,
     /// Values for the settings the plugin declares in `info()`.
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, SettingValue>,
@@ -365,6 +370,7 @@ impl PluginConfig {
             max_consecutive_failures: default_max_consecutive_failures(),
             circuit_open_seconds: default_circuit_open_seconds(),
             client_failures_per_minute: default_client_failures_per_minute(),
+            release_managed_kinds: false,
             settings: Default::default(),
         }
     }

@@ -201,6 +201,9 @@ pub struct PluginSlot {
     client_failures: ClientFailures,
     /// Turned off by an operator (NIP-86 `disableplugin`).
     disabled: AtomicBool,
+    /// Its managed kinds are served by the ordinary read paths, not by it
+    /// (`release_managed_kinds`, NIP-86 `releasemanagedkinds`).
+    released: AtomicBool,
     pub stats: PluginStats,
     last_error: Mutex<Option<String>>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -218,6 +221,8 @@ pub struct PluginStatus {
     pub managed_kinds: Vec<u16>,
     /// Not being called: turned off by an operator, or its circuit is open.
     pub disabled: bool,
+    /// Its managed kinds are served by the ordinary read paths (rollback).
+    pub managed_kinds_released: bool,
     /// `"closed"`, `"open"` (not called) or `"half-open"` (probing).
     pub circuit: &'static str,
     pub last_error: Option<String>,
@@ -369,6 +374,7 @@ impl PluginHost {
                 ),
                 client_failures: ClientFailures::new(config.client_failures_per_minute),
                 disabled: AtomicBool::new(false),
+                released: AtomicBool::new(config.release_managed_kinds),
                 stats,
                 last_error: Mutex::new(None),
                 reload_lock: tokio::sync::Mutex::new(()),
@@ -431,6 +437,7 @@ impl PluginHost {
                     path: s.config.path.clone(),
                     managed_kinds: c.info.managed_kinds.clone(),
                     disabled: s.disabled.load(Ordering::Relaxed) || s.breaker.is_open(),
+                    managed_kinds_released: s.released.load(Ordering::Relaxed),
                     circuit: s.breaker.describe(),
                     last_error: s.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                     calls: s.stats.calls(),
@@ -464,7 +471,12 @@ impl PluginHost {
     }
 
     fn publish_managed_kinds(&self) {
-        let mut kinds: Vec<u16> = self.slots.iter().flat_map(|s| s.current().info.managed_kinds.clone()).collect();
+        let mut kinds: Vec<u16> = self
+            .slots
+            .iter()
+            .filter(|s| !s.released.load(Ordering::Relaxed))
+            .flat_map(|s| s.current().info.managed_kinds.clone())
+            .collect();
         kinds.sort_unstable();
         kinds.dedup();
         self.fanout.set_excluded_kinds(kinds.clone());
@@ -562,7 +574,9 @@ impl PluginHost {
         let mut wit_filters: Option<Vec<wit::Filter>> = None;
         for (index, slot) in self.slots.iter().enumerate() {
             let loaded = slot.current();
-            if !concerns(&loaded.info, filters) {
+            // A plugin whose kinds are released has nothing to serve: the
+            // store serves them like any other kind.
+            if slot.released.load(Ordering::Relaxed) || !concerns(&loaded.info, filters) {
                 continue;
             }
             let managed = &loaded.info.managed_kinds;
@@ -748,6 +762,17 @@ impl PluginHost {
         slot.stats.set_disabled(true);
         *slot.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some("disabled by an operator".into());
         tracing::warn!(plugin = %name, "plugin disabled by an operator");
+        Ok(())
+    }
+
+    /// Serves plugin `name`'s managed kinds through the ordinary read paths
+    /// (`release` true) or through the plugin again (false). The plugin
+    /// keeps seeing events either way, so its state stays current.
+    pub fn release_managed_kinds(&self, name: &str, release: bool) -> Result<(), String> {
+        let (_, slot) = self.slot(name)?;
+        slot.released.store(release, Ordering::Relaxed);
+        self.publish_managed_kinds();
+        tracing::warn!(plugin = %name, released = release, "managed kinds changed hands by an operator");
         Ok(())
     }
 

@@ -585,3 +585,62 @@ async fn fresh_keys_from_one_address_do_not_escape_the_rate_limit_and_other_filt
         .await;
     assert_eq!(got, vec![note.id.to_hex()]);
 }
+
+/// A NIP-86 call to `relay` signed by `admin`; returns the HTTP status line and body.
+async fn admin_call(relay: &TestRelay, admin: &Member, method: &str, params: serde_json::Value) -> (String, String) {
+    use base64::Engine;
+    use nostr::JsonUtil;
+    use nostr::hashes::{Hash, sha256};
+    let body = json!({"method": method, "params": params}).to_string();
+    let url = relay.url.replacen("ws://", "http://", 1);
+    let payload = sha256::Hash::hash(body.as_bytes()).to_string();
+    let auth = admin.sign_raw(
+        27235,
+        "",
+        vec![vec!["u".into(), url], vec!["method".into(), "POST".into()], vec!["payload".into(), payload]],
+        None,
+    );
+    let header = format!("Nostr {}", base64::engine::general_purpose::STANDARD.encode(auth.as_json()));
+    let headers = [("Content-Type", "application/nostr+json+rpc"), ("Authorization", header.as_str())];
+    let (status, _, reply) = relay.http("POST", "/", &headers, body.as_bytes()).await;
+    (status, reply)
+}
+
+#[tokio::test]
+async fn an_operator_can_roll_the_gateway_back_and_take_its_kinds_again_with_state_intact() {
+    let admin = Member::new();
+    let config = format!("[admin]\npubkeys = [\"{}\"]\n", admin.pubkey())
+        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED]);
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let t = now() - 100;
+    let (old, new) = (
+        bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t),
+    );
+    publish_ok(&mut c, &old).await;
+    publish_ok(&mut c, &new).await;
+    // Through the gateway: the newest is handed out and consumed.
+    assert_eq!(fetch_key_packages(&mut c, "gw", &[&bob.pubkey()]).await, vec![new.id.to_hex()]);
+
+    // Rollback: kinds 443/30443 are served by the standard query path, every time, in full.
+    let (status, reply) = admin_call(&relay, &admin, "releasemanagedkinds", json!(["mls-gateway"])).await;
+    assert!(status.contains("200") && reply.contains("\"managed_kinds_released\":true"), "{status} {reply}");
+    let mut both = vec![old.id.to_hex(), new.id.to_hex()];
+    both.sort();
+    for i in 0..3 {
+        let mut got = fetch_key_packages(&mut c, &format!("std{i}"), &[&bob.pubkey()]).await;
+        got.sort();
+        assert_eq!(got, both, "served as ordinary events");
+    }
+    // The gateway kept indexing meanwhile.
+    let later = bob.key_package_shaped(&relay.url, 30443, false, Some(t + 5), |t| t);
+    publish_ok(&mut c, &later).await;
+
+    // Taking the kinds back finds the consumption state as it was.
+    let (status, reply) = admin_call(&relay, &admin, "claimmanagedkinds", json!(["mls-gateway"])).await;
+    assert!(status.contains("200") && reply.contains("\"managed_kinds_released\":false"), "{status} {reply}");
+    assert_eq!(fetch_key_packages(&mut c, "back1", &[&bob.pubkey()]).await, vec![later.id.to_hex()]);
+    assert_eq!(fetch_key_packages(&mut c, "back2", &[&bob.pubkey()]).await, vec![old.id.to_hex()]);
+}
