@@ -265,15 +265,15 @@ impl events::Host for PluginState {
         if hex::decode_to_slice(&id, &mut bytes).is_err() {
             return Ok(None);
         }
-        let mut json = self.ctx.events.get(&bytes).ok().flatten().map(|s| s.json);
-        if json.is_none()
-            && let Some(source) = self.ctx.missing_events.get()
-        {
-            // Stored by another replica, not applied here yet: a plugin must
-            // not mistake it for a deleted event.
-            json = source.fetch(&bytes).await;
+        // Events in the local store were verified when they were accepted.
+        if let Some(stored) = self.ctx.events.get(&bytes).ok().flatten() {
+            let event: Option<nostr::event::Event> = serde_json::from_str(&stored.json).ok();
+            return Ok(event.map(|e| event_to_wit(&e)));
         }
-        let event: Option<nostr::event::Event> = json.and_then(|j| serde_json::from_str(&j).ok());
+        // Stored by another replica, not applied here yet: a plugin must not
+        // mistake it for a deleted event. It comes from outside: verify it.
+        let Some(source) = self.ctx.missing_events.get() else { return Ok(None) };
+        let event: Option<nostr::event::Event> = source.fetch(&bytes).await.and_then(|j| serde_json::from_str(&j).ok());
         let event = event.filter(|e| e.id.to_bytes() == bytes && e.verify_id() && e.verify_signature());
         Ok(event.map(|e| event_to_wit(&e)))
     }

@@ -1,11 +1,11 @@
 //! Answering REQ and COUNT for KeyPackages: which ones a requester gets, and
 //! consuming them atomically.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use wasm_relay_plugin_sdk::*;
 
-use crate::index::{MAX_ATTEMPTS, OwnerState, Record, increment};
+use crate::index::{MAX_ATTEMPTS, OwnerState, Record, STALE_AFTER_SECONDS, increment};
 use crate::{KIND_KEY_PACKAGE, KIND_KEY_PACKAGE_ADDRESSABLE, Settings};
 
 /// Owners one request may ask KeyPackages of.
@@ -203,6 +203,7 @@ fn select(
     now: u64,
     consuming: bool,
 ) -> Result<Vec<String>, String> {
+    let mut held_events: BTreeMap<String, bool> = BTreeMap::new();
     for _ in 0..MAX_ATTEMPTS {
         let state =
             OwnerState::load(owner).map_err(|e| format!("KeyPackage index unavailable ({e:?}); retry later"))?;
@@ -212,9 +213,28 @@ fn select(
         if !consuming {
             return Ok(matching.iter().map(|r| r.id.clone()).collect());
         }
+        // What can really be served now: records whose event the relay holds.
+        // A record whose event is gone (deleted, banned, vanished, expired by
+        // the relay) is dropped, unless it is fresh: its event may still be
+        // on its way to the store.
+        let mut stored: BTreeSet<&str> = BTreeSet::new();
+        let mut stale: Vec<&Record> = Vec::new();
+        for r in &live {
+            // Looked up once per request, not again on every retry.
+            let held = *held_events.entry(r.id.clone()).or_insert_with(|| events::get_event(&r.id).is_some());
+            if held {
+                stored.insert(r.id.as_str());
+            } else if now.saturating_sub(r.indexed_at) > STALE_AFTER_SECONDS {
+                stale.push(r);
+            }
+        }
+        if !stale.is_empty() {
+            let _ = state.commit(stale.iter().map(|r| state.delete(&r.id)).collect());
+            continue;
+        }
         // One representative per KeyPackage: its 30443 if it has one.
         let mut groups: BTreeMap<&str, &Record> = BTreeMap::new();
-        for r in &matching {
+        for r in matching.iter().filter(|r| stored.contains(r.id.as_str())) {
             let better =
                 |old: &&Record| (r.kind == KIND_KEY_PACKAGE_ADDRESSABLE) && old.kind != KIND_KEY_PACKAGE_ADDRESSABLE;
             match groups.get(r.group.as_str()) {
@@ -229,14 +249,11 @@ fn select(
         // have its private key on the owner's device.
         chosen.sort_by_key(|r| (r.kind != KIND_KEY_PACKAGE_ADDRESSABLE, std::cmp::Reverse(r.created_at), r.id.clone()));
         chosen.truncate(settings.per_author);
-        // Index entries whose event the relay no longer holds are dropped first.
-        let stale: Vec<&Record> = chosen.iter().copied().filter(|r| events::get_event(&r.id).is_none()).collect();
-        if !stale.is_empty() {
-            let _ = state.commit(stale.iter().map(|r| state.delete(&r.id)).collect());
-            continue;
-        }
+        // The last one is the last one that can be served: phantoms and
+        // KeyPackages still on their way do not count.
         let mut remaining = {
-            let mut g: Vec<&str> = live.iter().map(|r| r.group.as_str()).collect();
+            let mut g: Vec<&str> =
+                live.iter().filter(|r| stored.contains(r.id.as_str())).map(|r| r.group.as_str()).collect();
             g.sort();
             g.dedup();
             g.len()

@@ -25,7 +25,17 @@ pub struct Record {
     pub created_at: u64,
     pub expires_at: u64,
     pub consumed: bool,
+    /// When the gateway indexed it. `on-event` runs before the relay stores
+    /// the event, so for a short while a fresh record has no stored event
+    /// yet; only past [`STALE_AFTER_SECONDS`] does a missing event mean the
+    /// relay removed it.
+    #[serde(default)]
+    pub indexed_at: u64,
 }
+
+/// How long after indexing a record whose event is missing is still
+/// assumed to be on its way to the store.
+pub const STALE_AFTER_SECONDS: u64 = 60;
 
 /// One owner's records as read, with the version they were read at.
 pub struct OwnerState {
@@ -115,6 +125,7 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
             ciphersuite: facts.ciphersuite.clone(),
             created_at: event.created_at,
             expires_at: facts.expires_at.unwrap_or(event.created_at.max(now).saturating_add(settings.default_ttl)),
+            indexed_at: now,
         };
         writes.push(state.put(&record));
         kept.push(&record);

@@ -644,3 +644,27 @@ async fn an_operator_can_roll_the_gateway_back_and_take_its_kinds_again_with_sta
     assert_eq!(fetch_key_packages(&mut c, "back1", &[&bob.pubkey()]).await, vec![later.id.to_hex()]);
     assert_eq!(fetch_key_packages(&mut c, "back2", &[&bob.pubkey()]).await, vec![old.id.to_hex()]);
 }
+
+#[tokio::test]
+async fn a_banned_key_package_leaves_no_phantom_and_the_real_last_one_stays_served() {
+    let admin = Member::new();
+    let config = format!("[admin]\npubkeys = [\"{}\"]\n", admin.pubkey())
+        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED]);
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let t = now() - 100;
+    let (kept, banned) = (
+        bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t),
+    );
+    publish_ok(&mut c, &kept).await;
+    publish_ok(&mut c, &banned).await;
+    let (status, reply) = admin_call(&relay, &admin, "banevent", json!([banned.id.to_hex(), "spam"])).await;
+    assert!(status.contains("200"), "{reply}");
+    // The banned one is gone; the other is now Bob's last and is never consumed.
+    for i in 0..3 {
+        let got = fetch_key_packages(&mut c, &format!("after-ban{i}"), &[&bob.pubkey()]).await;
+        assert_eq!(got, vec![kept.id.to_hex()], "fetch {i}");
+    }
+}
