@@ -583,16 +583,13 @@ async fn connections_are_capped_per_address_and_in_total_and_identities_per_conn
     other.publish_ok(&note(&Keys::generate(), "still served", 0)).await;
 }
 
-#[tokio::test]
-async fn many_filters_with_big_limits_cost_the_relay_no_memory_per_filter() {
-    let relay = TestRelay::start_with_env(&[("WASM_RELAY_RATE_LIMITS__EVENTS_PER_MINUTE_PER_IP", "0")]).await;
-    let mut publisher = relay.client().await;
-    let k = Keys::generate();
-    let body = "m".repeat(3000);
-    // 2,000 events of 3 KB: 6 MB of JSON.
+/// Publishes `n` kind 1 events by `k` with `body`, one second apart, 50 in
+/// flight at a time, each acknowledged with `OK true`.
+async fn publish_many(publisher: &mut Client, k: &Keys, body: &str, n: u64) {
     let start = now();
-    for chunk in 0..40 {
-        let events: Vec<_> = (0..50).map(|i| sign(&k, 1, &body, &[], start - (chunk * 50 + i))).collect();
+    for chunk in 0..n.div_ceil(50) {
+        let events: Vec<_> =
+            (0..50.min(n - chunk * 50)).map(|i| sign(k, 1, body, &[], start - (chunk * 50 + i))).collect();
         for e in &events {
             publisher.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
         }
@@ -600,6 +597,16 @@ async fn many_filters_with_big_limits_cost_the_relay_no_memory_per_filter() {
             assert!(publisher.expect_ok(&e.id.to_hex()).await.0);
         }
     }
+}
+
+#[tokio::test]
+async fn many_filters_with_big_limits_cost_the_relay_no_memory_per_filter() {
+    let relay = TestRelay::start_with_env(&[("WASM_RELAY_RATE_LIMITS__EVENTS_PER_MINUTE_PER_IP", "0")]).await;
+    let mut publisher = relay.client().await;
+    let k = Keys::generate();
+    let body = "m".repeat(3000);
+    // 2,000 events of 3 KB: 6 MB of JSON.
+    publish_many(&mut publisher, &k, &body, 2000).await;
     let rss_before = relay.rss_bytes();
     let every: Vec<Value> = (0..20).map(|_| json!({})).collect();
     let big: Vec<Value> = (0..20).map(|_| json!({"limit": 5000})).collect();
@@ -652,16 +659,7 @@ async fn clients_that_stop_reading_a_large_answer_do_not_hold_up_other_large_rea
     let body = "s".repeat(4000);
     // 4,000 events of 4 KB: 16 MB per full answer, more than the buffers
     // between the relay and a client that does not read.
-    let start = now();
-    for chunk in 0..80 {
-        let events: Vec<_> = (0..50).map(|i| sign(&k, 1, &body, &[], start - (chunk * 50 + i))).collect();
-        for e in &events {
-            publisher.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
-        }
-        for e in &events {
-            assert!(publisher.expect_ok(&e.id.to_hex()).await.0);
-        }
-    }
+    publish_many(&mut publisher, &k, &body, 4000).await;
     // More stalled readers than the relay gives large reads turns at once.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut stalled = Vec::new();

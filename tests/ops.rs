@@ -31,6 +31,19 @@ async fn managed_relay(admin: &Keys) -> (TestRelay, tempfile::TempDir) {
     (relay, dir)
 }
 
+/// Starts a relay on the data directory `dir` (an imported store); returns
+/// the process and its WebSocket URL.
+async fn serve_on(dir: &Path) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = TestRelay::command(dir, None);
+    cmd.stdout(std::process::Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let url = line.strip_prefix("wasm-relay listening on ").unwrap().to_owned();
+    (child, url)
+}
+
 /// The relay's HTTP URL, as NIP-98 `u` tags name it.
 fn http_url(relay: &TestRelay) -> String {
     relay.url.replacen("ws://", "http://", 1)
@@ -395,14 +408,7 @@ async fn export_then_import_moves_every_event_to_a_new_relay() {
     );
 
     // A relay on the imported store serves every event.
-    let mut cmd = TestRelay::command(&fresh, None);
-    cmd.stdout(std::process::Stdio::piped()).kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let url = {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        lines.next_line().await.unwrap().unwrap().strip_prefix("wasm-relay listening on ").unwrap().to_owned()
-    };
+    let (mut child, url) = serve_on(&fresh).await;
     let mut c = harness::Client::connect(&url).await;
     let mut found = c.req_ids("all", vec![json!({"authors": [keys.public_key().to_hex()]})]).await;
     found.sort();
@@ -446,14 +452,7 @@ async fn export_and_import_keep_deletions_and_vanish_requests() {
     let fresh = relay.temp_dir().join("fresh");
     let out = cli(&["import", "--data-dir", fresh.to_str().unwrap(), dump.to_str().unwrap()]);
     assert!(out.status.success() && text(&out).1.contains("3 tombstones"), "{}", text(&out).1);
-    let mut cmd = TestRelay::command(&fresh, None);
-    cmd.stdout(std::process::Stdio::piped()).kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let url = {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        lines.next_line().await.unwrap().unwrap().strip_prefix("wasm-relay listening on ").unwrap().to_owned()
-    };
+    let (mut child, url) = serve_on(&fresh).await;
     let mut c = harness::Client::connect(&url).await;
     // Nothing deleted or vanished comes back on the migrated relay.
     for (event, what) in

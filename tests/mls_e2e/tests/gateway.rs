@@ -586,6 +586,15 @@ async fn fresh_keys_from_one_address_do_not_escape_the_rate_limit_and_other_filt
     assert_eq!(got, vec![note.id.to_hex()]);
 }
 
+/// A relay with the gateway (no rate limit) and the management API open to
+/// the returned admin.
+async fn gateway_relay_with_admin() -> (TestRelay, Member) {
+    let admin = Member::new();
+    let config = format!("[admin]\npubkeys = [\"{}\"]\n", admin.pubkey())
+        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED]);
+    (TestRelay::start_with_config(&config).await, admin)
+}
+
 /// A NIP-86 call to `relay` signed by `admin`; returns the HTTP status line and body.
 async fn admin_call(relay: &TestRelay, admin: &Member, method: &str, params: serde_json::Value) -> (String, String) {
     use base64::Engine;
@@ -608,10 +617,7 @@ async fn admin_call(relay: &TestRelay, admin: &Member, method: &str, params: ser
 
 #[tokio::test]
 async fn an_operator_can_roll_the_gateway_back_and_take_its_kinds_again_with_state_intact() {
-    let admin = Member::new();
-    let config = format!("[admin]\npubkeys = [\"{}\"]\n", admin.pubkey())
-        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED]);
-    let relay = TestRelay::start_with_config(&config).await;
+    let (relay, admin) = gateway_relay_with_admin().await;
     let mut c = relay.client().await;
     let bob = Member::new();
     let t = now() - 100;
@@ -647,10 +653,7 @@ async fn an_operator_can_roll_the_gateway_back_and_take_its_kinds_again_with_sta
 
 #[tokio::test]
 async fn a_banned_key_package_leaves_no_phantom_and_the_real_last_one_stays_served() {
-    let admin = Member::new();
-    let config = format!("[admin]\npubkeys = [\"{}\"]\n", admin.pubkey())
-        + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED]);
-    let relay = TestRelay::start_with_config(&config).await;
+    let (relay, admin) = gateway_relay_with_admin().await;
     let mut c = relay.client().await;
     let bob = Member::new();
     let t = now() - 100;
