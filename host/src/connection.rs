@@ -575,9 +575,14 @@ where
     fn query_rows(&self, filters: Vec<Filter>, limits: &crate::config::Limits) -> Rows {
         let access = self.read_access();
         let (default_limit, max_limit) = (limits.default_limit, limits.max_limit);
+        // The most events each filter can yield: its limit, and no more
+        // than the ids it names.
         let requested: usize = filters
             .iter()
-            .map(|f| f.limit.map_or(default_limit, |l| usize::try_from(l).unwrap_or(usize::MAX)).min(max_limit))
+            .map(|f| {
+                let limit = f.limit.map_or(default_limit, |l| usize::try_from(l).unwrap_or(usize::MAX)).min(max_limit);
+                f.ids.as_ref().map_or(limit, |ids| limit.min(ids.len()))
+            })
             .fold(0usize, usize::saturating_add);
         if requested <= INLINE_QUERY_EVENTS {
             let rows = self.relay.store.query_filters(&filters, default_limit, max_limit, &access);
