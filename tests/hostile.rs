@@ -406,6 +406,12 @@ async fn a_client_that_makes_a_plugin_fail_pays_for_it_and_the_circuit_recovers_
     bystander.publish_ok(&sign(&d, 5, "", &[&["e", &kept.id.to_hex()]], now())).await;
     let (ok, why) = bystander.publish(&sign(&d, 5, "", &[&["a", &format!("5555:{}:", d.public_key())]], now())).await;
     assert!(!ok && why.contains("unavailable"), "{why}");
+    // Checking a deletion costs store reads: one naming too many events waits for the plugin.
+    let many: Vec<String> = (0..65u8).map(|i| hex::encode([i; 32])).collect();
+    let tags: Vec<[&str; 2]> = many.iter().map(|id| ["e", id.as_str()]).collect();
+    let tags: Vec<&[&str]> = tags.iter().map(|t| &t[..]).collect();
+    let (ok, why) = bystander.publish(&sign(&d, 5, "", &tags, now())).await;
+    assert!(!ok && why.contains("unavailable"), "{why}");
 
     // After the open period one call probes the plugin; it answers, and the
     // circuit closes without an operator.

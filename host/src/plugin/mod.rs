@@ -533,6 +533,13 @@ impl PluginHost {
         if event.kind.as_u16() != 5 || managed.is_empty() {
             return false;
         }
+        // Each `e` tag is a store read on this async worker: a deletion
+        // naming more than a handful waits until the plugin is back.
+        if event.tags.iter().filter(|t| t.as_slice().first().is_some_and(|n| n == "e")).count()
+            > MAX_LOOKUPS_WHILE_UNAVAILABLE
+        {
+            return false;
+        }
         event.tags.iter().map(|t| t.as_slice()).all(|tag| match (tag.first().map(String::as_str), tag.get(1)) {
             (Some("e"), Some(id)) => {
                 let mut bytes = [0u8; 32];
@@ -922,6 +929,10 @@ impl PluginHost {
         }
     }
 }
+
+/// Events a deletion may name and still be stored while the plugin that
+/// would check it is unavailable (each is looked up in the store).
+const MAX_LOOKUPS_WHILE_UNAVAILABLE: usize = 64;
 
 /// Whether a request with `filters` concerns a plugin with `info`.
 fn concerns(info: &wit::PluginInfo, filters: &[Filter]) -> bool {
