@@ -36,7 +36,7 @@ run: build
 # Unit tests, integration tests that drive the real binary over WebSockets,
 # and the MLS client tests (mdk-core) against the relay with the gateway.
 test: plugins
-	$(CARGO) test -p wasm-relay -p mls-e2e --no-fail-fast
+	$(CARGO) test -p wasm-relay -p mls-e2e -p mls-gateway --no-fail-fast
 
 # Load and micro benchmarks against release builds on loopback ports; prints a
 # table and writes target/bench/results.json, then criterion's single plugin

@@ -1,11 +1,11 @@
 //! Answering REQ and COUNT for KeyPackages: which ones a requester gets, and
 //! consuming them atomically.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use wasm_relay_plugin_sdk::*;
 
-use crate::index::{MAX_ATTEMPTS, OwnerState, Record, STALE_AFTER_SECONDS, increment};
+use crate::index::{MAX_ATTEMPTS, OwnerState, Record, increment};
 use crate::{KIND_KEY_PACKAGE, KIND_KEY_PACKAGE_ADDRESSABLE, Settings};
 
 /// Owners one request may ask KeyPackages of.
@@ -101,10 +101,21 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
             }
         }
     }
+    // Everything selected is sent: the host serves plugin answers without
+    // applying `limit`s or cutting below `limits.max_limit`, so the
+    // request's limits and the gateway's own cap are applied here, before
+    // anything is consumed.
+    let mut room = request_room(filters.iter().filter(|f| reaches_kps(f)), settings);
     let mut ids = Vec::new();
     for (owner, owner_filters) in &by_owner {
-        match select(owner, owner_filters, settings, now, consuming && !is_owner(owner)) {
-            Ok(selected) => ids.extend(selected),
+        if room == 0 {
+            break; // the owners left over consume nothing
+        }
+        match select(owner, owner_filters, settings, now, consuming && !is_owner(owner), room) {
+            Ok(selected) => {
+                room -= selected.len();
+                ids.extend(selected);
+            }
             Err(message) => return refuse(RefusalKind::Error, message),
         }
     }
@@ -112,6 +123,20 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
         return ReqResult::Continue;
     }
     ReqResult::FilterQuery(FilterQuery { ids, filters: filters.to_vec() })
+}
+
+/// How many KeyPackages a request may get: the sum of its KeyPackage
+/// filters' `limit`s (a filter without one adds no bound), at most
+/// `max_keypackages_per_request`.
+fn request_room<'f>(kp_filters: impl Iterator<Item = &'f Filter>, settings: &Settings) -> usize {
+    let mut room = 0usize;
+    for f in kp_filters {
+        match f.limit {
+            Some(limit) => room = room.saturating_add(limit as usize),
+            None => return settings.max_per_request,
+        }
+    }
+    room.min(settings.max_per_request)
 }
 
 /// Whether `f` can name a KeyPackage owner at all (see [`owners_asked`]).
@@ -163,8 +188,10 @@ fn is_key_package(e: &Event) -> bool {
     e.kind == KIND_KEY_PACKAGE || e.kind == KIND_KEY_PACKAGE_ADDRESSABLE
 }
 
-/// Whether `r` (owned by `owner`) satisfies `f`, from the record where it can
-/// and from the stored event for other tag conditions.
+/// Whether `r` (owned by `owner`) may satisfy `f`, from the record where it
+/// can and from the stored event for other tag conditions. Used where
+/// nothing is consumed (COUNT, an owner's own view); the host checks every
+/// event against the filters again.
 fn record_matches(f: &Filter, owner: &str, r: &Record) -> bool {
     let basic = f.kinds.as_ref().is_none_or(|k| k.contains(&r.kind))
         && f.ids.as_ref().is_none_or(|ids| ids.contains(&r.id))
@@ -176,55 +203,60 @@ fn record_matches(f: &Filter, owner: &str, r: &Record) -> bool {
     }
     let mut needs_event = false;
     for t in &f.tags {
-        let ok = match t.name.as_str() {
-            "d" => r.d.as_ref().is_some_and(|d| t.values.contains(d)),
-            "i" => t.values.iter().any(|v| r.group == format!("i:{}", v.to_ascii_lowercase())),
-            _ => {
-                needs_event = true;
-                true
-            }
-        };
-        if !ok {
-            return false;
+        match t.name.as_str() {
+            "d" if !r.d.as_ref().is_some_and(|d| t.values.contains(d)) => return false,
+            "d" => {}
+            // Tag values match exactly (NIP-01), as the host matches them.
+            _ => needs_event = true,
         }
     }
     !needs_event || events::get_event(&r.id).is_some_and(|e| f.matches(&e))
 }
 
+/// Which device a KeyPackage belongs to (see the crate docs): its 30443
+/// slot, the slot of its 30443 twin, or the legacy pool.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Device {
+    Slot(String),
+    LegacyPool,
+}
+
 /// Chooses and (for an inviter's REQ) consumes `owner`'s KeyPackages for
-/// `filters`: up to `per_author` distinct KeyPackages (twins count once),
-/// kind 30443 preferred, newest first; the owner's last one is served
-/// unconsumed. Without `consuming` (a COUNT, or the owner itself) every
-/// matching live KeyPackage is listed and none is consumed.
+/// `filters` by the per-device rule in the crate docs, at most `room` of
+/// them. Without `consuming` (a COUNT, or the owner itself) every matching
+/// live KeyPackage is listed and none is consumed.
 fn select(
     owner: &str,
     filters: &[&Filter],
     settings: &Settings,
     now: u64,
     consuming: bool,
+    room: usize,
 ) -> Result<Vec<String>, String> {
-    let mut held_events: BTreeMap<String, bool> = BTreeMap::new();
+    // Stored events, looked up once per request, not again on every retry.
+    let mut held_events: BTreeMap<String, Option<Event>> = BTreeMap::new();
     for _ in 0..MAX_ATTEMPTS {
         let state =
             OwnerState::load(owner).map_err(|e| format!("KeyPackage index unavailable ({e:?}); retry later"))?;
         let live: Vec<&Record> = state.records.iter().filter(|r| !r.consumed && r.expires_at > now).collect();
-        let matching: Vec<&Record> =
-            live.iter().copied().filter(|r| filters.iter().any(|f| record_matches(f, owner, r))).collect();
         if !consuming {
-            return Ok(matching.iter().map(|r| r.id.clone()).collect());
+            let mut ids: Vec<String> = live
+                .iter()
+                .filter(|r| filters.iter().any(|f| record_matches(f, owner, r)))
+                .map(|r| r.id.clone())
+                .collect();
+            ids.truncate(room);
+            return Ok(ids);
         }
         // What can really be served now: records whose event the relay holds.
         // A record whose event is gone (deleted, banned, vanished, expired by
         // the relay) is dropped, unless it is fresh: its event may still be
         // on its way to the store.
-        let mut stored: BTreeSet<&str> = BTreeSet::new();
+        let mut stored: BTreeMap<&str, &Event> = BTreeMap::new();
         let mut stale: Vec<&Record> = Vec::new();
         for r in &live {
-            // Looked up once per request, not again on every retry.
-            let held = *held_events.entry(r.id.clone()).or_insert_with(|| events::get_event(&r.id).is_some());
-            if held {
-                stored.insert(r.id.as_str());
-            } else if now.saturating_sub(r.indexed_at) > STALE_AFTER_SECONDS {
+            let held = held_events.entry(r.id.clone()).or_insert_with(|| events::get_event(&r.id));
+            if held.is_none() && now.saturating_sub(r.indexed_at) > settings.index_grace {
                 stale.push(r);
             }
         }
@@ -232,48 +264,71 @@ fn select(
             let _ = state.commit(stale.iter().map(|r| state.delete(&r.id)).collect());
             continue;
         }
-        // One representative per KeyPackage: its 30443 if it has one.
-        let mut groups: BTreeMap<&str, &Record> = BTreeMap::new();
-        for r in matching.iter().filter(|r| stored.contains(r.id.as_str())) {
-            let better =
-                |old: &&Record| (r.kind == KIND_KEY_PACKAGE_ADDRESSABLE) && old.kind != KIND_KEY_PACKAGE_ADDRESSABLE;
-            match groups.get(r.group.as_str()) {
-                Some(old) if !better(old) => {}
-                _ => {
-                    groups.insert(&r.group, r);
-                }
+        for r in &live {
+            if let Some(Some(event)) = held_events.get(&r.id) {
+                stored.insert(r.id.as_str(), event);
             }
         }
-        let mut chosen: Vec<&Record> = groups.into_values().collect();
-        // Newest first: the freshest KeyPackage is the likeliest to still
-        // have its private key on the owner's device.
-        chosen.sort_by_key(|r| (r.kind != KIND_KEY_PACKAGE_ADDRESSABLE, std::cmp::Reverse(r.created_at), r.id.clone()));
-        chosen.truncate(settings.per_author);
-        // The last one is the last one that can be served: phantoms and
-        // KeyPackages still on their way do not count.
-        let mut remaining = {
-            let mut g: Vec<&str> =
-                live.iter().filter(|r| stored.contains(r.id.as_str())).map(|r| r.group.as_str()).collect();
-            g.sort();
-            g.dedup();
-            g.len()
+        let servable: Vec<&Record> = live.iter().copied().filter(|r| stored.contains_key(r.id.as_str())).collect();
+        // Devices: each 30443 slot, and the legacy pool for 443s whose
+        // KeyPackage has no 30443 twin.
+        let slot_of_group: BTreeMap<&str, &str> = servable
+            .iter()
+            .filter(|r| r.kind == KIND_KEY_PACKAGE_ADDRESSABLE)
+            .map(|r| (r.group.as_str(), r.d.as_deref().unwrap_or("")))
+            .collect();
+        let device_of = |r: &Record| match slot_of_group.get(r.group.as_str()) {
+            Some(d) => Device::Slot((*d).to_owned()),
+            None => Device::LegacyPool,
         };
+        // Per device: its servable KeyPackages (twins once) and the one
+        // representative of each that matches the request, 30443 preferred.
+        let mut devices: BTreeMap<Device, BTreeMap<&str, Option<&Record>>> = BTreeMap::new();
+        for r in &servable {
+            let groups = devices.entry(device_of(r)).or_default();
+            let slot = groups.entry(r.group.as_str()).or_insert(None);
+            // The host serves exactly what NIP-01 matching allows: checked
+            // on the stored event with the same rule.
+            if !filters.iter().any(|f| f.matches(stored[r.id.as_str()])) {
+                continue;
+            }
+            let better = match slot {
+                None => true,
+                Some(old) => r.kind == KIND_KEY_PACKAGE_ADDRESSABLE && old.kind != KIND_KEY_PACKAGE_ADDRESSABLE,
+            };
+            if better {
+                *slot = Some(r);
+            }
+        }
+        // The newest matching KeyPackage of each device: the likeliest to
+        // still have its private key on that device.
+        let mut picks: Vec<(&Device, &Record, usize)> = devices
+            .iter()
+            .filter_map(|(device, groups)| {
+                let newest = groups.values().flatten().max_by_key(|r| (r.created_at, std::cmp::Reverse(&r.id)))?;
+                Some((device, *newest, groups.len()))
+            })
+            .collect();
+        // Slots before the legacy pool, newer devices first.
+        picks.sort_by_key(|(device, r, _)| {
+            (matches!(device, Device::LegacyPool), std::cmp::Reverse(r.created_at), r.id.clone())
+        });
+        picks.truncate(settings.per_author.min(room));
         let mut writes = Vec::new();
         let mut consumed = 0u64;
-        for pick in &chosen {
-            if remaining <= 1 {
+        for (_, pick, servable_in_device) in &picks {
+            if *servable_in_device <= 1 {
                 host::count("keypackages_last_resort", 1);
-                break; // the last one stays available
+                continue; // the device's last one stays available
             }
             for twin in state.records.iter().filter(|r| r.group == pick.group) {
                 let mut used = twin.clone();
                 used.consumed = true;
                 writes.push(state.put(&used));
             }
-            remaining -= 1;
             consumed += 1;
         }
-        let ids: Vec<String> = chosen.iter().map(|r| r.id.clone()).collect();
+        let ids: Vec<String> = picks.iter().map(|(_, r, _)| r.id.clone()).collect();
         if writes.is_empty()
             || state.commit(writes).map_err(|e| format!("KeyPackage index unavailable ({e:?}); retry later"))?
         {

@@ -27,15 +27,11 @@ pub struct Record {
     pub consumed: bool,
     /// When the gateway indexed it. `on-event` runs before the relay stores
     /// the event, so for a short while a fresh record has no stored event
-    /// yet; only past [`STALE_AFTER_SECONDS`] does a missing event mean the
-    /// relay removed it.
+    /// yet; only past the `index_grace_seconds` setting does a missing event
+    /// mean the relay removed it.
     #[serde(default)]
     pub indexed_at: u64,
 }
-
-/// How long after indexing a record whose event is missing is still
-/// assumed to be on its way to the store.
-pub const STALE_AFTER_SECONDS: u64 = 60;
 
 /// One owner's records as read, with the version they were read at.
 pub struct OwnerState {
@@ -108,10 +104,15 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
             if kept.iter().any(|r| same_slot(r) && newer(r)) {
                 return Ok(()); // the relay keeps the newer one; nothing to index
             }
-            for old in kept.iter().filter(|r| same_slot(r)) {
+            // The replaced KeyPackage's 443 twin goes with it: the device
+            // may have deleted its private key once the replacement was out.
+            let retired: Vec<&str> =
+                kept.iter().filter(|r| same_slot(r) && r.group != facts.group).map(|r| r.group.as_str()).collect();
+            let gone = |r: &Record| same_slot(r) || retired.contains(&r.group.as_str());
+            for old in kept.iter().filter(|r| gone(r)) {
                 writes.push(state.delete(&old.id));
             }
-            kept.retain(|r| !same_slot(r));
+            kept.retain(|r| !gone(r));
         }
         // Consumption follows the KeyPackage (its `i` group), whatever slot
         // it is re-published in: re-publishing never hands it out again.
@@ -124,7 +125,7 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
             group: facts.group.clone(),
             ciphersuite: facts.ciphersuite.clone(),
             created_at: event.created_at,
-            expires_at: facts.expires_at.unwrap_or(event.created_at.max(now).saturating_add(settings.default_ttl)),
+            expires_at: expiry(&facts, event.created_at.max(now), settings),
             indexed_at: now,
         };
         writes.push(state.put(&record));
@@ -143,6 +144,18 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
         }
     }
     Err(Refused { kind: RefusalKind::Error, message: "the KeyPackage index is busy; retry".into(), counter: "busy" })
+}
+
+/// Until when a KeyPackage is served: the earliest of its `expiration` tag
+/// and its MLS `not_after`, or `default_ttl` after it arrived when it has
+/// neither.
+fn expiry(facts: &KeyPackageFacts, arrived: u64, settings: &Settings) -> u64 {
+    let mls = facts.mls_lifetime.map(|l| l.not_after);
+    match (facts.expires_at, mls) {
+        (Some(tag), Some(mls)) => tag.min(mls),
+        (Some(t), None) | (None, Some(t)) => t,
+        (None, None) => arrived.saturating_add(settings.default_ttl),
+    }
 }
 
 /// NIP-09: a kind 5 by the owner removes the KeyPackages it names by `e`,

@@ -4,18 +4,49 @@
 //! - KeyPackages (kinds 443 and 30443) are checked on arrival and indexed in
 //!   the plugin's key-value store ([`index`]); they are served only through
 //!   `process-req` ([`delivery`]), and only to filters whose `kinds` name
-//!   them. An inviter gets at most N per author, newest first, consumed in
-//!   the same atomic store operation, so no KeyPackage is ever given to two
-//!   requesters; an owner's last KeyPackage is served without being
-//!   consumed (last resort). An owner authenticated as itself sees its own
-//!   and consumes none.
+//!   them (a profile view `{"authors":[pk]}` never sees one). An owner
+//!   authenticated as itself (NIP-42) sees all its own and consumes none.
 //! - Kind 444 (a Welcome outside its gift wrap) is refused; kind 445 needs
 //!   exactly one 64-hex `h` tag.
 //! - `tick` expires KeyPackages and prunes rate-limit counters, a page at a
 //!   time.
+//!
+//! # Who gets which KeyPackage: the per-device rule
+//!
+//! The Marmot spec gives each account one or more *KeyPackage slots*: a kind
+//! 30443 event whose `d` tag is "a random non-empty KeyPackage slot id"
+//! (`transports/nostr.md`), kept by a device and replaced by it (NIP-01
+//! addressable events: one live event per slot). Inviters "prefer valid
+//! non-`last_resort` candidates when available, then prefer the freshest
+//! valid candidate", and a client that processed a Welcome "SHOULD publish a
+//! fresh replacement" (`foundation/key-packages.md`). Current clients (mdk)
+//! mark their KeyPackages last-resort, keep one per device slot, and take the
+//! newest valid one per device. The gateway therefore treats each 30443 slot
+//! as one device, and every legacy kind 443 without a 30443 twin (same `i`
+//! KeyPackageRef) as one more device, the *legacy pool*:
+//!
+//! 1. An inviter gets the newest servable KeyPackage of each device, slots
+//!    before the legacy pool and newer devices first, up to
+//!    `max_keypackages_per_author` devices, the request's `limit`s and
+//!    `max_keypackages_per_request`. A KeyPackage and its twin count once;
+//!    the 30443 is served.
+//! 2. Consumption and "keep the last one" apply per device. Handing out a
+//!    device's KeyPackage consumes it (and its twin) unless it is the last
+//!    servable one of that device. A slot holds one live KeyPackage, so a
+//!    device's slot is never emptied by inviters: the device retires it by
+//!    replacing it. The legacy pool is consumed one KeyPackage at a time,
+//!    newest first, down to its last. No consumed KeyPackage is handed out
+//!    again, on this replica or another.
+//! 3. When a device replaces its slot, the old KeyPackage's 443 twin is
+//!    retired with it (the device may have deleted its private key).
+//! 4. A KeyPackage is served until the earliest of its `expiration` tag and
+//!    its MLS `Lifetime.not_after` (read from the KeyPackage when
+//!    `read_mls_lifetime` is on), or for `default_ttl_seconds` (90 days)
+//!    when it has neither.
 
 mod delivery;
 mod index;
+mod key_package;
 mod rules;
 
 use wasm_relay_plugin_sdk::*;
@@ -31,12 +62,26 @@ pub const KIND_DELETION: u16 = 5;
 /// (mdk rotates 14-21 days before that).
 const DEFAULT_TTL_SECONDS: u64 = 90 * 24 * 3600;
 
+/// Devices whose KeyPackage one request gets per author: enough for a
+/// phone, a desktop and a few more, so no device of an account is hidden.
+const DEFAULT_PER_AUTHOR: usize = 8;
+/// KeyPackages one request gets in total (below the relay's default
+/// `limits.max_limit`, 5,000, so the host never cuts what was consumed).
+const DEFAULT_PER_REQUEST: usize = 256;
+/// How long after indexing a KeyPackage whose event is not in the store yet
+/// is assumed to be on its way there (`on-event` runs before the store
+/// commit), rather than removed.
+const DEFAULT_INDEX_GRACE_SECONDS: u64 = 60;
+
 /// Operator settings, read once per call.
 pub(crate) struct Settings {
     pub per_author: usize,
+    pub max_per_request: usize,
     pub requests_per_hour: u64,
     pub default_ttl: u64,
+    pub read_mls_lifetime: bool,
     pub max_per_owner: usize,
+    pub index_grace: u64,
     pub group_messages_per_minute: u64,
 }
 
@@ -51,10 +96,13 @@ impl Settings {
 
     fn read() -> Self {
         Self {
-            per_author: setting_or("max_keypackages_per_author", 1usize).max(1),
+            per_author: setting_or("max_keypackages_per_author", DEFAULT_PER_AUTHOR).max(1),
+            max_per_request: setting_or("max_keypackages_per_request", DEFAULT_PER_REQUEST).max(1),
             requests_per_hour: setting_or("requests_per_hour", 10u64),
             default_ttl: setting_or("default_ttl_seconds", DEFAULT_TTL_SECONDS),
+            read_mls_lifetime: setting_or("read_mls_lifetime", true),
             max_per_owner: setting_or("max_keypackages_per_owner", 15usize).max(1),
+            index_grace: setting_or("index_grace_seconds", DEFAULT_INDEX_GRACE_SECONDS),
             group_messages_per_minute: setting_or("group_messages_per_minute", 0u64),
         }
     }
@@ -83,14 +131,33 @@ impl Plugin for MlsGateway {
             req_kinds: Some(vec![]),
             tick_interval_seconds: Some(60),
             settings: vec![
-                spec("max_keypackages_per_author", "1", "KeyPackages handed out per author per request"),
+                spec(
+                    "max_keypackages_per_author",
+                    &DEFAULT_PER_AUTHOR.to_string(),
+                    "Devices (30443 slots, plus the legacy 443 pool) whose newest KeyPackage an inviter gets per author per request",
+                ),
+                spec(
+                    "max_keypackages_per_request",
+                    &DEFAULT_PER_REQUEST.to_string(),
+                    "KeyPackages one request gets in total; keep it at or below the relay's limits.max_limit",
+                ),
                 spec("requests_per_hour", "10", "KeyPackage requests per (requester, author) per hour; 0: unlimited"),
                 spec(
                     "default_ttl_seconds",
                     &DEFAULT_TTL_SECONDS.to_string(),
                     "Lifetime of a KeyPackage without an expiration tag (clients rotate within about 90 days)",
                 ),
+                spec(
+                    "read_mls_lifetime",
+                    "true",
+                    "Read the MLS Lifetime inside each KeyPackage: refuse it past not_after, stop serving it then",
+                ),
                 spec("max_keypackages_per_owner", "15", "KeyPackages kept per owner; the oldest are dropped"),
+                spec(
+                    "index_grace_seconds",
+                    &DEFAULT_INDEX_GRACE_SECONDS.to_string(),
+                    "How long a freshly indexed KeyPackage not yet in the store counts as on its way, not removed",
+                ),
                 spec(
                     "group_messages_per_minute",
                     "0",
@@ -105,7 +172,7 @@ impl Plugin for MlsGateway {
         let now = host::now();
         let result = match event.kind {
             KIND_KEY_PACKAGE | KIND_KEY_PACKAGE_ADDRESSABLE => {
-                rules::check_key_package(&event, now).and_then(|kp| index::add(&event, kp, settings, now))
+                rules::check_key_package(&event, settings, now).and_then(|kp| index::add(&event, kp, settings, now))
             }
             KIND_WELCOME => Err(refusal(
                 RefusalKind::Blocked,
@@ -145,4 +212,7 @@ pub(crate) fn refusal(kind: RefusalKind, message: &str) -> Refused {
     Refused { kind, message: message.into(), counter: "other" }
 }
 
+// Exported only in the component: the crate's unit tests build for the
+// host, whose linker rejects the component's export names.
+#[cfg(target_family = "wasm")]
 export_plugin!(MlsGateway);

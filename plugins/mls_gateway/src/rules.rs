@@ -4,6 +4,7 @@
 use base64::Engine;
 use wasm_relay_plugin_sdk::*;
 
+use crate::key_package::{self, Lifetime};
 use crate::{Refused, Settings};
 
 /// What the index keeps from a valid KeyPackage event.
@@ -12,7 +13,11 @@ pub struct KeyPackageFacts {
     /// KeyPackageRef (`i` tag), or a digest of the decoded content.
     pub group: String,
     pub ciphersuite: Option<String>,
+    /// The `expiration` (NIP-40) tag.
     pub expires_at: Option<u64>,
+    /// The MLS `Lifetime` inside the KeyPackage, when the gateway reads it
+    /// (setting `read_mls_lifetime`) and can.
+    pub mls_lifetime: Option<Lifetime>,
 }
 
 fn invalid(counter: &'static str, message: String) -> Refused {
@@ -24,7 +29,7 @@ fn first_value<'a>(event: &'a Event, names: &[&str]) -> Option<&'a str> {
 }
 
 /// Refuses what is broken; counts what is merely unusual.
-pub fn check_key_package(event: &Event, now: u64) -> Result<KeyPackageFacts, Refused> {
+pub fn check_key_package(event: &Event, settings: &Settings, now: u64) -> Result<KeyPackageFacts, Refused> {
     if event.content.trim().is_empty() {
         return Err(invalid("empty_content", "KeyPackage content is empty".into()));
     }
@@ -73,6 +78,17 @@ pub fn check_key_package(event: &Event, now: u64) -> Result<KeyPackageFacts, Ref
         },
         None => None,
     };
+    let mls_lifetime = if settings.read_mls_lifetime { key_package::lifetime(&decoded) } else { None };
+    match mls_lifetime {
+        Some(l) if l.not_after <= now => {
+            return Err(invalid(
+                "expired",
+                format!("the KeyPackage's MLS lifetime ended at {} (not_after), before it arrived", l.not_after),
+            ));
+        }
+        Some(_) => {}
+        None => host::count("soft_unreadable_lifetime", 1),
+    }
     let ciphersuite = first_value(event, &["mls_ciphersuite", "ciphersuite"]).map(str::to_owned);
     if ciphersuite.is_none() {
         host::count("soft_missing_ciphersuite", 1);
@@ -91,7 +107,7 @@ pub fn check_key_package(event: &Event, now: u64) -> Result<KeyPackageFacts, Ref
             format!("c:{}", hex::encode(sha2::Sha256::digest(&decoded)))
         }
     };
-    Ok(KeyPackageFacts { d, group, ciphersuite, expires_at })
+    Ok(KeyPackageFacts { d, group, ciphersuite, expires_at, mls_lifetime })
 }
 
 /// Kind 445: exactly one `h` tag of 64 hex characters, and the optional

@@ -207,7 +207,7 @@ async fn concurrent_requesters_never_receive_the_same_key_package() {
     let carol = Member::new();
     let mut kps = Vec::new();
     for i in 0..3 {
-        let kp = carol.key_package_shaped(&relay.url, 30443, false, Some(now() - 100 + i), |t| t);
+        let kp = carol.key_package_shaped(&relay.url, 443, false, Some(now() - 100 + i), |t| t);
         publish_ok(&mut c, &kp).await;
         kps.push(kp.id.to_hex());
     }
@@ -221,7 +221,7 @@ async fn concurrent_requesters_never_receive_the_same_key_package() {
     let dave = Member::new();
     let mut all = Vec::new();
     for i in 0..40 {
-        let kp = dave.key_package_shaped(&relay.url, 30443, false, Some(now() - 1000 + i), |t| t);
+        let kp = dave.key_package_shaped(&relay.url, 443, false, Some(now() - 1000 + i), |t| t);
         publish_ok(&mut c, &kp).await;
         all.push(kp.id.to_hex());
     }
@@ -250,7 +250,7 @@ async fn requesters_spread_over_two_replicas_never_receive_the_same_key_package(
     let (mut on_a, mut on_b) = (a.client().await, b.client().await);
     for i in 0..20 {
         let c = if i % 2 == 0 { &mut on_a } else { &mut on_b };
-        let kp = erin.key_package_shaped(&a.url, 30443, false, Some(now() - 1000 + i), |t| t);
+        let kp = erin.key_package_shaped(&a.url, 443, false, Some(now() - 1000 + i), |t| t);
         publish_ok(c, &kp).await;
         all.push(kp.id.to_hex());
     }
@@ -268,7 +268,11 @@ async fn the_last_key_package_keeps_being_served() {
     let relay = gateway_relay(&[UNLIMITED]).await;
     let mut c = relay.client().await;
     let bob = Member::new();
-    let (a, b) = (bob.key_package(&relay.url), bob.key_package(&relay.url));
+    // Legacy 443s without slots: one pool, consumed down to its last.
+    let (a, b) = (
+        bob.key_package_shaped(&relay.url, 443, false, None, |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, None, |t| t),
+    );
     publish_ok(&mut c, &a).await;
     publish_ok(&mut c, &b).await;
     let first = fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await;
@@ -291,20 +295,73 @@ async fn the_last_key_package_keeps_being_served() {
 }
 
 #[tokio::test]
-async fn consuming_one_twin_consumes_the_other() {
+async fn a_key_package_and_its_twin_count_once_and_are_consumed_together() {
     let relay = gateway_relay(&[UNLIMITED]).await;
     let mut c = relay.client().await;
     let bob = Member::new();
-    let (kp30443, kp443) = bob.key_package_pair(&relay.url);
+    let t = now() - 100;
+    // A device publishes its KeyPackage as mdk does: a 30443 and its 443 twin.
+    let (kp30443, kp443) = bob.key_package_pair_at(&relay.url, t + 50, None);
     publish_ok(&mut c, &kp443).await;
     publish_ok(&mut c, &kp30443).await;
-    let spare = bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 100), |t| t);
-    publish_ok(&mut c, &spare).await;
-    // The pair counts as one KeyPackage (the newest); its 30443 is preferred.
-    assert_eq!(fetch_key_packages(&mut c, "1", &[&bob.pubkey()]).await, vec![kp30443.id.to_hex()]);
-    // The 443 twin is consumed with it: next comes the spare.
-    assert_eq!(fetch_key_packages(&mut c, "2", &[&bob.pubkey()]).await, vec![spare.id.to_hex()]);
-    assert!(c.req_ids("by-id", vec![json!({"ids": [kp443.id.to_hex()]})]).await.is_empty());
+    // The pair is one device and one KeyPackage: its 30443 is served, once.
+    assert_eq!(fetch_key_packages(&mut c, "pair", &[&bob.pubkey()]).await, vec![kp30443.id.to_hex()]);
+    assert_eq!(
+        c.req_ids("443-only", vec![json!({"kinds": [443], "authors": [bob.pubkey()]})]).await,
+        vec![kp443.id.to_hex()]
+    );
+
+    // Carol's legacy pool: two 443s. Handing out the newer consumes it...
+    let carol = Member::new();
+    let (newer30443, newer443) = carol.key_package_pair_at(&relay.url, t + 10, None);
+    let older443 = carol.key_package_shaped(&relay.url, 443, false, Some(t), |t| t);
+    publish_ok(&mut c, &older443).await;
+    publish_ok(&mut c, &newer443).await;
+    assert_eq!(fetch_key_packages(&mut c, "pool", &[&carol.pubkey()]).await, vec![newer443.id.to_hex()]);
+    // ...and its 30443 twin, published afterwards, is consumed with it.
+    publish_ok(&mut c, &newer30443).await;
+    for i in 0..2 {
+        let got = fetch_key_packages(&mut c, &format!("after{i}"), &[&carol.pubkey()]).await;
+        assert_eq!(got, vec![older443.id.to_hex()], "the consumed KeyPackage came back as its twin");
+    }
+    assert!(c.req_ids("by-id", vec![json!({"ids": [newer30443.id.to_hex()]})]).await.is_empty());
+}
+
+#[tokio::test]
+async fn two_devices_of_one_user_are_both_reachable_and_neither_is_used_up() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let t = now() - 100;
+    // Bob's phone and laptop each keep a slot; the laptop's KeyPackage is newer.
+    let (phone, phone443) = bob.key_package_pair_at(&relay.url, t, Some("phone-slot"));
+    let (laptop, laptop443) = bob.key_package_pair_at(&relay.url, t + 10, Some("laptop-slot"));
+    for e in [&phone, &phone443, &laptop, &laptop443] {
+        publish_ok(&mut c, e).await;
+    }
+    // Every inviter gets both devices' KeyPackages (newest first, 30443s, twins once).
+    for i in 0..5 {
+        let mut inviter = relay.client().await;
+        let got = fetch_key_packages(&mut inviter, &format!("invite{i}"), &[&bob.pubkey()]).await;
+        assert_eq!(got, vec![laptop.id.to_hex(), phone.id.to_hex()], "invite {i}");
+    }
+    // With one device per request, the newest device is the one handed out,
+    // and it stays: a slot's KeyPackage is its device's last.
+    let one = gateway_relay(&[UNLIMITED, ("max_keypackages_per_author", "1")]).await;
+    let mut c = one.client().await;
+    for e in [&phone, &phone443, &laptop, &laptop443] {
+        publish_ok(&mut c, e).await;
+    }
+    for i in 0..3 {
+        assert_eq!(fetch_key_packages(&mut c, &format!("one{i}"), &[&bob.pubkey()]).await, vec![laptop.id.to_hex()]);
+    }
+    // The laptop replaces its slot: the new KeyPackage is served, and the old
+    // one's 443 twin is retired with it (the laptop may have dropped its key).
+    let (laptop2, _) = bob.key_package_pair_at(&relay.url, t + 20, Some("laptop-slot"));
+    publish_ok(&mut c, &laptop2).await;
+    assert_eq!(fetch_key_packages(&mut c, "replaced", &[&bob.pubkey()]).await, vec![laptop2.id.to_hex()]);
+    let legacy = c.req_ids("legacy", vec![json!({"kinds": [443], "authors": [bob.pubkey()]})]).await;
+    assert_eq!(legacy, vec![phone443.id.to_hex()], "the replaced KeyPackage's twin is still served");
 }
 
 #[tokio::test]
@@ -313,8 +370,8 @@ async fn consumed_key_packages_are_invisible_on_every_read_path() {
     let mut c = relay.client().await;
     let bob = Member::new();
     let (used, spare) = (
-        bob.key_package_shaped(&relay.url, 30443, false, Some(now()), |t| t),
-        bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 10), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(now()), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(now() - 10), |t| t),
     );
     publish_ok(&mut c, &used).await;
     publish_ok(&mut c, &spare).await;
@@ -324,7 +381,7 @@ async fn consumed_key_packages_are_invisible_on_every_read_path() {
     let mut eve = relay.client().await;
     for (sub, filter) in [
         ("ids", json!({"ids": [id]})),
-        ("ids-kinds", json!({"ids": [id], "kinds": [30443]})),
+        ("ids-kinds", json!({"ids": [id], "kinds": [443]})),
         ("author-all", json!({"authors": [pk]})),
         ("no-author", json!({"kinds": [30443, 443]})),
         ("all", json!({})),
@@ -335,7 +392,7 @@ async fn consumed_key_packages_are_invisible_on_every_read_path() {
     let count = eve.count("c", vec![json!({"kinds": [30443, 443], "authors": [pk]})]).await;
     assert_eq!(count[2]["count"], 1, "COUNT sees only the unconsumed one: {count}");
     // COUNT does not consume.
-    assert_eq!(eve.count("c2", vec![json!({"kinds": [30443], "authors": [pk]})]).await[2]["count"], 1);
+    assert_eq!(eve.count("c2", vec![json!({"kinds": [443], "authors": [pk]})]).await[2]["count"], 1);
     // Live subscriptions never carry KeyPackages.
     eve.req("live", vec![json!({"kinds": [30443, 443], "authors": [pk], "limit": 0})]).await;
     publish_ok(&mut c, &bob.key_package(&relay.url)).await;
@@ -388,8 +445,9 @@ async fn expired_pruned_deleted_and_replaced_key_packages_are_not_served() {
     }
     let count = c.count("n", vec![json!({"kinds": [30443], "authors": [carol.pubkey()]})]).await;
     assert_eq!(count[2]["count"], 3);
-    // The oldest was dropped; the newest is handed out first.
-    assert_eq!(fetch_key_packages(&mut c, "prune", &[&carol.pubkey()]).await, vec![kps[3].id.to_hex()]);
+    // The oldest was dropped; each remaining slot is a device, newest first.
+    let got = fetch_key_packages(&mut c, "prune", &[&carol.pubkey()]).await;
+    assert_eq!(got, vec![kps[3].id.to_hex(), kps[2].id.to_hex(), kps[1].id.to_hex()]);
     let count =
         c.count("n2", vec![json!({"kinds": [30443], "authors": [carol.pubkey()], "ids": [kps[0].id.to_hex()]})]).await;
     assert_eq!(count[2]["count"], 0, "the oldest was pruned");
@@ -455,7 +513,7 @@ async fn consumption_survives_restart_and_hot_swap() {
     let mut c = relay.client().await;
     let bob = Member::new();
     let kps: Vec<_> =
-        (0..4).map(|i| bob.key_package_shaped(&relay.url, 30443, false, Some(now() - 100 + i), |t| t)).collect();
+        (0..4).map(|i| bob.key_package_shaped(&relay.url, 443, false, Some(now() - 100 + i), |t| t)).collect();
     for kp in &kps {
         publish_ok(&mut c, kp).await;
     }
@@ -504,8 +562,8 @@ async fn profile_views_and_owner_checks_never_consume_or_hit_the_rate_limit() {
     nostr_auth(&mut bob_c, &bob, &relay.url).await;
     let t = now() - 100;
     let (older, newer) = (
-        bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t),
-        bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t + 10), |t| t),
     );
     publish_ok(&mut bob_c, &older).await;
     publish_ok(&mut bob_c, &newer).await;
@@ -537,15 +595,15 @@ async fn republishing_a_consumed_key_package_does_not_hand_it_out_again() {
     let mut c = relay.client().await;
     let bob = Member::new();
     let t = now() - 100;
-    let spare = bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t);
-    let used = bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t);
+    let spare = bob.key_package_shaped(&relay.url, 443, false, Some(t), |t| t);
+    let used = bob.key_package_shaped(&relay.url, 443, false, Some(t + 10), |t| t);
     publish_ok(&mut c, &spare).await;
     publish_ok(&mut c, &used).await;
     assert_eq!(fetch_key_packages(&mut c, "take", &[&bob.pubkey()]).await, vec![used.id.to_hex()]);
-    // The same KeyPackage (same content and tags, so the same `i` and `d`)
-    // published again later in its slot.
+    // The same KeyPackage (same content and tags, so the same `i`)
+    // published again later.
     let tags: Vec<Vec<String>> = used.tags.iter().map(|t| t.as_slice().to_vec()).collect();
-    let again = bob.sign_raw(30443, &used.content, tags, Some(t + 20));
+    let again = bob.sign_raw(443, &used.content, tags, Some(t + 20));
     publish_ok(&mut c, &again).await;
     for i in 0..3 {
         let got = fetch_key_packages(&mut c, &format!("after{i}"), &[&bob.pubkey()]).await;
@@ -567,7 +625,7 @@ async fn fresh_keys_from_one_address_do_not_escape_the_rate_limit_and_other_filt
     for i in 0..2 {
         let mut drainer = relay.client().await;
         nostr_auth(&mut drainer, &Member::new(), &relay.url).await;
-        assert_eq!(fetch_key_packages(&mut drainer, &format!("d{i}"), &[&bob.pubkey()]).await.len(), 1);
+        assert!(!fetch_key_packages(&mut drainer, &format!("d{i}"), &[&bob.pubkey()]).await.is_empty());
     }
     let mut drainer = relay.client().await;
     nostr_auth(&mut drainer, &Member::new(), &relay.url).await;
@@ -622,8 +680,8 @@ async fn an_operator_can_roll_the_gateway_back_and_take_its_kinds_again_with_sta
     let bob = Member::new();
     let t = now() - 100;
     let (old, new) = (
-        bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t),
-        bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t + 10), |t| t),
     );
     publish_ok(&mut c, &old).await;
     publish_ok(&mut c, &new).await;
@@ -641,7 +699,7 @@ async fn an_operator_can_roll_the_gateway_back_and_take_its_kinds_again_with_sta
         assert_eq!(got, both, "served as ordinary events");
     }
     // The gateway kept indexing meanwhile.
-    let later = bob.key_package_shaped(&relay.url, 30443, false, Some(t + 5), |t| t);
+    let later = bob.key_package_shaped(&relay.url, 443, false, Some(t + 5), |t| t);
     publish_ok(&mut c, &later).await;
 
     // Taking the kinds back finds the consumption state as it was.
@@ -660,8 +718,8 @@ async fn a_banned_key_package_leaves_no_phantom_and_the_real_last_one_stays_serv
     // The banned one is the older: inviters are never handed it, so only an
     // honest count of what is left keeps the newer one from being consumed.
     let (banned, kept) = (
-        bob.key_package_shaped(&relay.url, 30443, false, Some(t), |t| t),
-        bob.key_package_shaped(&relay.url, 30443, false, Some(t + 10), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t + 10), |t| t),
     );
     publish_ok(&mut c, &banned).await;
     publish_ok(&mut c, &kept).await;

@@ -54,6 +54,30 @@ impl Member {
         key_package_pair(&self.mdk, &self.keys, relay)
     }
 
+    /// [`Self::key_package_pair`] created at `created_at`, its 30443 in slot
+    /// `d` when given.
+    pub fn key_package_pair_at(&self, relay: &str, created_at: u64, d: Option<&str>) -> (Event, Event) {
+        let data = self
+            .mdk
+            .create_key_package_for_event(&self.keys.public_key(), [RelayUrl::parse(relay).unwrap()])
+            .expect("mdk key package");
+        let tags = |tags: Vec<Tag>| -> Vec<Vec<String>> {
+            tags.into_iter()
+                .map(|t| t.to_vec())
+                .map(|mut t| {
+                    if let (Some(d), "d") = (d, t[0].as_str()) {
+                        t[1] = d.to_owned();
+                    }
+                    t
+                })
+                .collect()
+        };
+        (
+            self.sign_raw(30443, &data.content, tags(data.tags_30443), Some(created_at)),
+            self.sign_raw(443, &data.content, tags(data.tags_443), Some(created_at)),
+        )
+    }
+
     /// A kind 30443 KeyPackage alone.
     pub fn key_package(&self, relay: &str) -> Event {
         self.key_package_pair(relay).0
