@@ -560,7 +560,8 @@ impl PluginHost {
         })
     }
 
-    /// Runs `process-req` of every plugin the request could concern. Returns
+    /// Runs `process-req` of every plugin the request could concern, those
+    /// that manage kinds last. Returns
     /// the events plugins contributed (already checked against `filters`), or
     /// the `CLOSED` message.
     ///
@@ -579,7 +580,13 @@ impl PluginHost {
     ) -> Result<Vec<StoredEvent>, String> {
         let mut contributed: Vec<StoredEvent> = Vec::new();
         let mut wit_filters: Option<Vec<wit::Filter>> = None;
-        for (index, slot) in self.slots.iter().enumerate() {
+        // Plugins that manage kinds answer last: what they hand out can be
+        // state they commit (the MLS gateway consumes KeyPackages), so every
+        // other plugin's refusal must come first. Order among the rest is
+        // the configured order; only which refusal wins depends on it.
+        let (serving, policies): (Vec<_>, Vec<_>) =
+            self.slots.iter().enumerate().partition(|(_, s)| !s.current().info.managed_kinds.is_empty());
+        for (index, slot) in policies.into_iter().chain(serving) {
             let loaded = slot.current();
             // A plugin whose kinds are released has nothing to serve: the
             // store serves them like any other kind.

@@ -731,3 +731,141 @@ async fn a_banned_key_package_leaves_no_phantom_and_the_real_last_one_stays_serv
         assert_eq!(got, vec![kept.id.to_hex()], "fetch {i}");
     }
 }
+
+/// The first value of `e`'s tag `name`.
+fn tag_value(e: &nostr::Event, name: &str) -> String {
+    e.tags.iter().find(|t| t.kind().to_string() == name).and_then(|t| t.content()).unwrap().to_string()
+}
+
+/// The gateway's counter `name` from `/metrics`.
+async fn gateway_counter(relay: &TestRelay, name: &str) -> u64 {
+    let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
+    let series = format!("wasm_relay_plugin_counter_total{{name=\"{name}\",plugin=\"mls-gateway\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_key_package_is_served_until_the_end_of_its_own_mls_lifetime() {
+    // Neither relay's default lifetime lasts the test; only the KeyPackage's
+    // own MLS Lifetime (mdk: months) keeps it served.
+    let short = [UNLIMITED, ("default_ttl_seconds", "1")];
+    let reading = gateway_relay(&short).await;
+    let blind = gateway_relay(&[UNLIMITED, ("default_ttl_seconds", "1"), ("read_mls_lifetime", "false")]).await;
+    let bob = Member::new();
+    let kp = bob.key_package(&reading.url);
+    assert!(!kp.tags.iter().any(|t| t.kind().to_string() == "expiration"), "mdk sets no expiration tag");
+    let (mut on_reading, mut on_blind) = (reading.client().await, blind.client().await);
+    publish_ok(&mut on_reading, &kp).await;
+    publish_ok(&mut on_blind, &kp).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(fetch_key_packages(&mut on_reading, "read", &[&bob.pubkey()]).await, vec![kp.id.to_hex()]);
+    assert!(fetch_key_packages(&mut on_blind, "blind", &[&bob.pubkey()]).await.is_empty());
+    assert_eq!(gateway_counter(&reading, "soft_unreadable_lifetime").await, 0, "mdk's KeyPackage was read");
+}
+
+#[tokio::test]
+async fn only_what_the_client_is_sent_is_consumed() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let t = now() - 100;
+    // Three owners, each with a legacy pool of two.
+    let owners: Vec<Member> = (0..3).map(|_| Member::new()).collect();
+    let mut newest = Vec::new();
+    for o in &owners {
+        publish_ok(&mut c, &o.key_package_shaped(&relay.url, 443, false, Some(t), |t| t)).await;
+        let kp = o.key_package_shaped(&relay.url, 443, false, Some(t + 10), |t| t);
+        publish_ok(&mut c, &kp).await;
+        newest.push(kp);
+    }
+    let mut alice = relay.client().await;
+    // `#i` values match exactly, as NIP-01 says and the host does: an
+    // upper-case KeyPackageRef names nothing, so nothing is consumed.
+    let upper = tag_value(&newest[0], "i").to_ascii_uppercase();
+    let got = alice.req_ids("upper", vec![json!({"kinds": [443], "#i": [upper]})]).await;
+    assert!(got.is_empty(), "{got:?}");
+    // A `limit` bounds what a request gets, across its authors.
+    let pks: Vec<String> = owners.iter().map(Member::pubkey).collect();
+    let got = alice.req_ids("limited", vec![json!({"kinds": [443], "authors": pks, "limit": 1})]).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(gateway_counter(&relay, "keypackages_consumed").await, 1);
+    // Every owner not sent anything still has its newest KeyPackage.
+    for (i, o) in owners.iter().enumerate() {
+        let got = fetch_key_packages(&mut alice, &format!("after{i}"), &[&o.pubkey()]).await;
+        if got != vec![newest[i].id.to_hex()] {
+            assert!(!newest.iter().any(|kp| got.contains(&kp.id.to_hex())), "owner {i}: {got:?}");
+        }
+    }
+    assert_eq!(gateway_counter(&relay, "keypackages_consumed").await, 3, "each owner's newest handed out once");
+}
+
+#[tokio::test]
+async fn a_refusal_from_another_plugin_comes_before_anything_is_consumed() {
+    // The gateway is configured first, a policy that refuses KeyPackage
+    // requests second: the policy is asked first all the same.
+    let config = gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED])
+        + &format!(
+            "\n[[plugins]]\nname = \"gatekeeper\"\npath = {}\n[plugins.settings]\nreq = \"reject\"\nreq-kinds = \"443,30443\"\n",
+            serde_json::to_string(&plugin_path("probe.wasm").display().to_string()).unwrap()
+        );
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    for i in 0..3 {
+        publish_ok(&mut c, &bob.key_package_shaped(&relay.url, 443, false, Some(now() - 10 + i), |t| t)).await;
+    }
+    for i in 0..3 {
+        let msg = c.req_refused(&format!("r{i}"), vec![json!({"kinds": [443], "authors": [bob.pubkey()]})]).await;
+        assert!(msg.contains("says slow down"), "{msg}");
+    }
+    assert_eq!(gateway_counter(&relay, "keypackages_served").await, 0);
+    assert_eq!(gateway_counter(&relay, "keypackages_consumed").await, 0);
+}
+
+#[tokio::test]
+async fn a_marmot_app_style_batch_of_32_authors_gets_every_device_once() {
+    let relay = gateway_relay(&[]).await;
+    let mut c = relay.client().await;
+    let members: Vec<Member> = (0..32).map(|_| Member::new()).collect();
+    let mut expected = Vec::new();
+    for m in &members {
+        let (kp30443, kp443) = m.key_package_pair(&relay.url);
+        publish_ok(&mut c, &kp30443).await;
+        publish_ok(&mut c, &kp443).await;
+        expected.push(kp30443.id.to_hex());
+    }
+    expected.sort();
+    let pks: Vec<String> = members.iter().map(Member::pubkey).collect();
+    // Several inviters, each one batched REQ without a limit.
+    for i in 0..3 {
+        let mut inviter = relay.client().await;
+        let mut got = inviter.req_ids(&format!("batch{i}"), vec![json!({"kinds": [30443, 443], "authors": pks})]).await;
+        got.sort();
+        assert_eq!(got, expected, "inviter {i}: one 30443 per author, twins once");
+    }
+}
+
+#[tokio::test]
+async fn a_key_package_published_while_inviters_ask_is_served_afterwards() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    for round in 0..10 {
+        let bob = Member::new();
+        let kp = bob.key_package_shaped(&relay.url, 443, false, None, |t| t);
+        let (url, pk) = (relay.url.clone(), bob.pubkey());
+        // Inviters keep asking while the KeyPackage is being published.
+        let asking = tokio::spawn(async move {
+            let mut inviter = Client::connect(&url).await;
+            let mut seen = Vec::new();
+            for i in 0..20 {
+                seen.extend(fetch_key_packages(&mut inviter, &format!("race{i}"), &[&pk]).await);
+            }
+            seen
+        });
+        let mut publisher = relay.client().await;
+        publish_ok(&mut publisher, &kp).await;
+        let during = asking.await.unwrap();
+        assert!(during.iter().all(|id| *id == kp.id.to_hex()), "round {round}: {during:?}");
+        let mut inviter = relay.client().await;
+        let after = fetch_key_packages(&mut inviter, "after", &[&bob.pubkey()]).await;
+        assert_eq!(after, vec![kp.id.to_hex()], "round {round}: the KeyPackage was lost to the race");
+    }
+}
