@@ -679,3 +679,49 @@ async fn clients_that_stop_reading_a_large_answer_do_not_hold_up_other_large_rea
     assert_eq!(reader.req("all", vec![json!({"limit": 5000})]).await.len(), 4000);
     drop(stalled);
 }
+
+/// A WebSocket handshake from 127.0.0.1 carrying `X-Forwarded-For:
+/// forwarded`: the open socket, or the HTTP status and body of the refusal.
+async fn handshake_forwarded(
+    url: &str,
+    forwarded: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, (u16, String)>
+{
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("x-forwarded-for", forwarded.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            Err((response.status().as_u16(), body))
+        }
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_cannot_pick_its_address_but_a_trusted_proxy_names_it() {
+    // Reached directly, the header is ignored: three "different" clients
+    // from one socket address are one client.
+    let direct = TestRelay::start_with_env(&[("WASM_RELAY_LIMITS__MAX_CONNECTIONS_PER_IP", "2")]).await;
+    let _a = handshake_forwarded(&direct.url, "203.0.113.1").await.expect("first");
+    let _b = handshake_forwarded(&direct.url, "203.0.113.2").await.expect("second");
+    let (status, why) = handshake_forwarded(&direct.url, "203.0.113.3").await.err().expect("a spoofed header got in");
+    assert_eq!(status, 503);
+    assert!(why.starts_with("rate-limited: 2 connections from your address"), "{why}");
+
+    // Behind a proxy the operator names: the last entry, the address the
+    // proxy saw, is the client; what the client put to its left is ignored.
+    let proxied = TestRelay::start_with_env(&[
+        ("WASM_RELAY_LIMITS__MAX_CONNECTIONS_PER_IP", "2"),
+        ("WASM_RELAY_CLIENT_ADDRESS_HEADER", "x-forwarded-for"),
+    ])
+    .await;
+    let _c = handshake_forwarded(&proxied.url, "198.51.100.7, 203.0.113.1").await.expect("first");
+    let _d = handshake_forwarded(&proxied.url, "198.51.100.8, 203.0.113.1").await.expect("second");
+    let (status, _) = handshake_forwarded(&proxied.url, "198.51.100.9, 203.0.113.1").await.err().expect("third");
+    assert_eq!(status, 503, "one client behind the proxy, however it fills the header");
+    let _e = handshake_forwarded(&proxied.url, "203.0.113.2").await.expect("another client behind the same proxy");
+    let _f = handshake_forwarded(&proxied.url, "203.0.113.3").await.expect("and another");
+}

@@ -20,6 +20,7 @@ pub const ENV_PREFIX: &str = "WASM_RELAY_";
 const ENV_ALIASES: &[(&str, &str)] = &[
     ("bind", "server.bind"),
     ("public_url", "server.public_url"),
+    ("client_address_header", "server.client_address_header"),
     ("data_dir", "storage.data_dir"),
     ("log", "log.filter"),
 ];
@@ -390,6 +391,16 @@ pub struct ServerConfig {
     /// The URL clients use to reach this relay (NIP-42 `relay` tag, NIP-62,
     /// the NIP-11 page). Empty: `ws://` and the address the relay listens on.
     pub public_url: String,
+    /// Header naming the client's address when the relay runs behind a
+    /// proxy (Cloud Run, a load balancer): `x-forwarded-for`. Empty (the
+    /// default): the socket's peer address; the header is ignored.
+    pub client_address_header: String,
+    /// Which entry of that comma-separated header is the client, counted
+    /// from the right: 1 (the default) is the address the nearest proxy saw.
+    pub client_address_hops: usize,
+    /// Peers whose header is believed (CIDR networks). Empty (the default):
+    /// every peer, for a relay reachable only through its proxy.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -481,7 +492,13 @@ pub enum LogFormat {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:7777".parse().expect("static address"), public_url: String::new() }
+        Self {
+            bind: "127.0.0.1:7777".parse().expect("static address"),
+            public_url: String::new(),
+            client_address_header: String::new(),
+            client_address_hops: 1,
+            trusted_proxies: Vec::new(),
+        }
     }
 }
 
@@ -564,6 +581,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let fail = |m: &str| Err(ConfigError::OutOfRange(m.into()));
+        if self.server.client_address_hops == 0 {
+            return fail("server.client_address_hops must be at least 1 (1: the last entry of the header)");
+        }
         if l.default_limit > l.max_limit {
             return fail("limits.default_limit must not exceed limits.max_limit");
         }

@@ -15,13 +15,15 @@
 //! - [`firestore`]: the Firestore client; [`replication`]: replicas sharing events.
 //! - [`plugin`]: the WebAssembly plugin runtime and its WIT bindings.
 //! - [`policy`]: access lists and rate limits; [`capacity`]: connections one
-//!   client (and the relay) may hold.
+//!   client (and the relay) may hold; [`client_address`]: which address a
+//!   client is known by (behind a proxy, the one its header names).
 //! - [`relay`]: shared state and start-up.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the NIP-86 management API.
 //! - [`tools`]: offline operator tools (plugin check, export, import).
 
 pub mod admin;
 pub mod capacity;
+pub mod client_address;
 pub mod config;
 pub mod connection;
 pub mod event;

@@ -83,7 +83,9 @@ async fn accept_until_shutdown(listener: &TcpListener, relay: &Arc<Relay>, shutd
     }
 }
 
-async fn handle(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) -> Result<Response<Body>, Infallible> {
+async fn handle(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+    // Behind a trusted proxy, the client's own address; else the peer's.
+    let remote = crate::client_address::resolve(req.headers(), peer, &relay.config.server);
     let path = req.uri().path();
     // The management API answers blocked addresses too (its callers prove
     // who they are, before any body is read), so an operator can always
