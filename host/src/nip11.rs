@@ -7,7 +7,11 @@ use crate::config::Config;
 /// NIPs this relay implements, each backed by integration tests.
 pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 40, 42, 45, 59, 62, 70];
 
-pub fn document(config: &Config, restricted_writes: bool) -> Value {
+/// The document. `plugin_fields` are the fields loaded plugins advertise
+/// (`PluginHost::relay_info_additions`): a new field is added; a list the
+/// relay already has (`supported_nips`) gains the plugin's entries; any
+/// other field the relay sets itself stays the relay's.
+pub fn document(config: &Config, restricted_writes: bool, plugin_fields: &[(String, Value)]) -> Value {
     let l = &config.limits;
     let mut nips = SUPPORTED_NIPS.to_vec();
     if !config.admin.pubkeys.is_empty() {
@@ -41,6 +45,19 @@ pub fn document(config: &Config, restricted_writes: bool) -> Value {
     }
     if let Some(contact) = &config.info.contact {
         doc["contact"] = contact.clone().into();
+    }
+    for (field, value) in plugin_fields {
+        match (doc.get_mut(field.as_str()), value) {
+            (None, _) => doc[field.as_str()] = value.clone(),
+            (Some(Value::Array(ours)), Value::Array(theirs)) => {
+                for v in theirs {
+                    if !ours.contains(v) {
+                        ours.push(v.clone());
+                    }
+                }
+            }
+            (Some(_), _) => {}
+        }
     }
     doc
 }

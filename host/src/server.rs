@@ -110,7 +110,9 @@ async fn handle(req: Request<Incoming>, relay: Arc<Relay>, peer: SocketAddr) -> 
     let response = match (req.method(), req.uri().path()) {
         (&Method::OPTIONS, _) => cors(Response::builder().status(StatusCode::NO_CONTENT)).body(Body::default()),
         (&Method::GET, "/") if wants_nip11 => {
-            let doc = crate::nip11::document(&relay.config, relay.policy.restricted_writes()).to_string();
+            let plugin_fields = relay.plugins.relay_info_additions();
+            let doc =
+                crate::nip11::document(&relay.config, relay.policy.restricted_writes(), &plugin_fields).to_string();
             cors(Response::builder().header(header::CONTENT_TYPE, "application/nostr+json")).body(Body::from(doc))
         }
         (&Method::GET, "/") => Response::builder()

@@ -191,6 +191,10 @@ impl PluginStats {
 }
 
 /// One configured plugin and the version currently serving.
+/// Settings with this prefix are NIP-11 fields the plugin advertises (see
+/// [`PluginHost::relay_info_additions`]).
+pub const NIP11_SETTING_PREFIX: &str = "nip11.";
+
 pub struct PluginSlot {
     pub config: PluginConfig,
     current: ArcSwap<LoadedPlugin>,
@@ -468,6 +472,31 @@ impl PluginHost {
             }
         }
         None
+    }
+
+    /// Fields the plugins that are loaded and enabled add to the NIP-11
+    /// document: each declared setting named `nip11.<field>` whose value
+    /// (the operator's, else the declared default) is JSON. An empty value
+    /// adds nothing, so an operator can withdraw a plugin's advertisement.
+    pub fn relay_info_additions(&self) -> Vec<(String, serde_json::Value)> {
+        let mut out = Vec::new();
+        for slot in self.slots.iter().filter(|s| !s.disabled.load(Ordering::Relaxed)) {
+            for spec in &slot.current().info.settings {
+                let Some(field) = spec.name.strip_prefix(NIP11_SETTING_PREFIX) else { continue };
+                let value =
+                    slot.config.settings.get(&spec.name).map_or_else(|| spec.default_value.clone(), |v| v.to_string());
+                if value.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str(&value) {
+                    Ok(json) => out.push((field.to_owned(), json)),
+                    Err(e) => {
+                        tracing::debug!(plugin = %slot.config.name, setting = %spec.name, error = %e, "not JSON; not advertised")
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn publish_managed_kinds(&self) {

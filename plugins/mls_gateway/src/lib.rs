@@ -158,6 +158,16 @@ impl Plugin for MlsGateway {
                     &DEFAULT_INDEX_GRACE_SECONDS.to_string(),
                     "How long a freshly indexed KeyPackage not yet in the store counts as on its way, not removed",
                 ),
+                // Advertised in the relay's NIP-11 document while the
+                // gateway is loaded, in nostream's shape: the Marmot
+                // proposals this relay carries (MIP-00 KeyPackages, MIP-01
+                // groups, MIP-02 Welcomes in gift wraps, MIP-03 group
+                // messages).
+                spec(
+                    "nip11.supported_mips",
+                    "[0, 1, 2, 3]",
+                    "Marmot MIPs advertised in NIP-11 (JSON list) while the gateway is loaded; empty: none",
+                ),
                 spec(
                     "group_messages_per_minute",
                     "0",

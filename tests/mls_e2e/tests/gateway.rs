@@ -869,3 +869,29 @@ async fn a_key_package_published_while_inviters_ask_is_served_afterwards() {
         assert_eq!(after, vec![kp.id.to_hex()], "round {round}: the KeyPackage was lost to the race");
     }
 }
+
+async fn nip11(relay: &TestRelay) -> serde_json::Value {
+    let (_, _, body) = relay.http_get("/", "application/nostr+json").await;
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn nip11_advertises_marmot_support_only_while_the_gateway_serves() {
+    let (relay, admin) = gateway_relay_with_admin().await;
+    let doc = nip11(&relay).await;
+    assert_eq!(doc["supported_mips"], json!([0, 1, 2, 3]), "{doc}");
+    assert!(doc["supported_nips"].as_array().unwrap().contains(&json!(59)), "{doc}");
+    // An operator turns the gateway off: the advertisement goes with it.
+    let (status, _) = admin_call(&relay, &admin, "disableplugin", json!(["mls-gateway"])).await;
+    assert!(status.contains("200"), "{status}");
+    assert!(nip11(&relay).await.get("supported_mips").is_none());
+    let (status, _) = admin_call(&relay, &admin, "enableplugin", json!(["mls-gateway"])).await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(nip11(&relay).await["supported_mips"], json!([0, 1, 2, 3]));
+    // A relay without the gateway says nothing of Marmot; an operator can
+    // withdraw the advertisement with an empty setting.
+    let plain = TestRelay::start().await;
+    assert!(nip11(&plain).await.get("supported_mips").is_none());
+    let quiet = gateway_relay(&[("nip11.supported_mips", "")]).await;
+    assert!(nip11(&quiet).await.get("supported_mips").is_none());
+}

@@ -17,8 +17,10 @@ pub fn gateway_config(plugin_file: &Path, settings: &[(&str, &str)]) -> String {
 
 /// [`gateway_config`] with extra `[[plugins]]` keys (e.g. `call_timeout_ms = 1000`).
 pub fn gateway_config_with(plugin_file: &Path, extra: &str, settings: &[(&str, &str)]) -> String {
-    let settings: String =
-        settings.iter().map(|(k, v)| format!("{k} = {}\n", serde_json::to_string(v).unwrap())).collect();
+    let settings: String = settings
+        .iter()
+        .map(|(k, v)| format!("{} = {}\n", serde_json::to_string(k).unwrap(), serde_json::to_string(v).unwrap()))
+        .collect();
     format!(
         "[[plugins]]\nname = \"mls-gateway\"\npath = {}\n{extra}\n[plugins.settings]\n{settings}",
         serde_json::to_string(&plugin_file.display().to_string()).unwrap()
