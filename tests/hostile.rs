@@ -707,7 +707,7 @@ async fn a_client_cannot_pick_its_address_but_a_trusted_proxy_names_it() {
     let direct = TestRelay::start_with_env(&[("WASM_RELAY_LIMITS__MAX_CONNECTIONS_PER_IP", "2")]).await;
     let _a = handshake_forwarded(&direct.url, "203.0.113.1").await.expect("first");
     let _b = handshake_forwarded(&direct.url, "203.0.113.2").await.expect("second");
-    let (status, why) = handshake_forwarded(&direct.url, "203.0.113.3").await.err().expect("a spoofed header got in");
+    let (status, why) = handshake_forwarded(&direct.url, "203.0.113.3").await.expect_err("a spoofed header got in");
     assert_eq!(status, 503);
     assert!(why.starts_with("rate-limited: 2 connections from your address"), "{why}");
 
@@ -720,7 +720,7 @@ async fn a_client_cannot_pick_its_address_but_a_trusted_proxy_names_it() {
     .await;
     let _c = handshake_forwarded(&proxied.url, "198.51.100.7, 203.0.113.1").await.expect("first");
     let _d = handshake_forwarded(&proxied.url, "198.51.100.8, 203.0.113.1").await.expect("second");
-    let (status, _) = handshake_forwarded(&proxied.url, "198.51.100.9, 203.0.113.1").await.err().expect("third");
+    let (status, _) = handshake_forwarded(&proxied.url, "198.51.100.9, 203.0.113.1").await.expect_err("third");
     assert_eq!(status, 503, "one client behind the proxy, however it fills the header");
     let _e = handshake_forwarded(&proxied.url, "203.0.113.2").await.expect("another client behind the same proxy");
     let _f = handshake_forwarded(&proxied.url, "203.0.113.3").await.expect("and another");
