@@ -319,7 +319,7 @@ fn plugin_check_prints_info_and_names_what_is_wrong() {
     assert!(stdout.contains("name:          mls-gateway"), "{stdout}");
     assert!(stdout.contains("wit:           nostr-relay:plugin@0.1.0"), "{stdout}");
     assert!(stdout.contains("managed kinds: [443, 30443]"), "{stdout}");
-    assert!(stdout.contains("setting:       max_keypackages_per_author = 1"), "{stdout}");
+    assert!(stdout.contains("setting:       max_keypackages_per_author = 8"), "{stdout}");
 
     let out = cli(&["plugin", "check", plugin_path("future_wit.wasm").to_str().unwrap()]);
     let (_, stderr) = text(&out);

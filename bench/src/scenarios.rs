@@ -554,14 +554,15 @@ async fn keypackage_fetch(relay: &RelayProcess) -> anyhow::Result<(f64, f64, f64
     let owners = keys(OWNERS);
     let kps = sign_many(OWNERS * PER_OWNER, &owners, |i| {
         let content = base64::engine::general_purpose::STANDARD.encode([i as u8; 300]);
+        // Legacy 443s: one pool per owner, consumed one per request (30443
+        // slots are devices, whose last KeyPackage is never consumed).
         let tags = vec![
-            vec!["d".into(), format!("slot{i}")],
             vec!["mls_protocol_version".into(), "1.0".into()],
             vec!["mls_ciphersuite".into(), "0x0001".into()],
             vec!["encoding".into(), "base64".into()],
             vec!["i".into(), format!("{i:064x}")],
         ];
-        (30443, content, tags)
+        (443, content, tags)
     });
     let mut loaders = Vec::new();
     for chunk in kps.chunks(kps.len().div_ceil(50)) {

@@ -613,9 +613,10 @@ impl PluginHost {
         // state they commit (the MLS gateway consumes KeyPackages), so every
         // other plugin's refusal must come first. Order among the rest is
         // the configured order; only which refusal wins depends on it.
-        let (serving, policies): (Vec<_>, Vec<_>) =
-            self.slots.iter().enumerate().partition(|(_, s)| !s.current().info.managed_kinds.is_empty());
-        for (index, slot) in policies.into_iter().chain(serving) {
+        let manages = |slot: &Arc<PluginSlot>| !slot.current().info.managed_kinds.is_empty();
+        let policies = self.slots.iter().enumerate().filter(|(_, s)| !manages(s));
+        let serving = self.slots.iter().enumerate().filter(|(_, s)| manages(s));
+        for (index, slot) in policies.chain(serving) {
             let loaded = slot.current();
             // A plugin whose kinds are released has nothing to serve: the
             // store serves them like any other kind.

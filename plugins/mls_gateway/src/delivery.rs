@@ -8,9 +8,6 @@ use wasm_relay_plugin_sdk::*;
 use crate::index::{MAX_ATTEMPTS, OwnerState, Record, increment};
 use crate::{KIND_KEY_PACKAGE, KIND_KEY_PACKAGE_ADDRESSABLE, Settings};
 
-/// Owners one request may ask KeyPackages of.
-const MAX_OWNERS_PER_REQUEST: usize = 256;
-
 fn refuse(kind: RefusalKind, message: String) -> ReqResult {
     ReqResult::Reject(Refusal { kind, message })
 }
@@ -39,10 +36,10 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
             by_owner.entry(owner).or_default().push(f);
         }
     }
-    if by_owner.len() > MAX_OWNERS_PER_REQUEST {
+    if by_owner.len() > settings.max_authors_per_request {
         return refuse(
             RefusalKind::Invalid,
-            format!("KeyPackages of at most {MAX_OWNERS_PER_REQUEST} authors can be requested at once"),
+            format!("KeyPackages of at most {} authors can be requested at once", settings.max_authors_per_request),
         );
     }
     // Owners without a live KeyPackage have nothing to hand out: they cost

@@ -68,6 +68,8 @@ const DEFAULT_PER_AUTHOR: usize = 8;
 /// KeyPackages one request gets in total (below the relay's default
 /// `limits.max_limit`, 5,000, so the host never cuts what was consumed).
 const DEFAULT_PER_REQUEST: usize = 256;
+/// Owners one request may ask KeyPackages of (each costs index reads).
+const DEFAULT_AUTHORS_PER_REQUEST: usize = 256;
 /// How long after indexing a KeyPackage whose event is not in the store yet
 /// is assumed to be on its way there (`on-event` runs before the store
 /// commit), rather than removed.
@@ -77,6 +79,7 @@ const DEFAULT_INDEX_GRACE_SECONDS: u64 = 60;
 pub(crate) struct Settings {
     pub per_author: usize,
     pub max_per_request: usize,
+    pub max_authors_per_request: usize,
     pub requests_per_hour: u64,
     pub default_ttl: u64,
     pub read_mls_lifetime: bool,
@@ -98,6 +101,7 @@ impl Settings {
         Self {
             per_author: setting_or("max_keypackages_per_author", DEFAULT_PER_AUTHOR).max(1),
             max_per_request: setting_or("max_keypackages_per_request", DEFAULT_PER_REQUEST).max(1),
+            max_authors_per_request: setting_or("max_authors_per_request", DEFAULT_AUTHORS_PER_REQUEST).max(1),
             requests_per_hour: setting_or("requests_per_hour", 10u64),
             default_ttl: setting_or("default_ttl_seconds", DEFAULT_TTL_SECONDS),
             read_mls_lifetime: setting_or("read_mls_lifetime", true),
@@ -140,6 +144,11 @@ impl Plugin for MlsGateway {
                     "max_keypackages_per_request",
                     &DEFAULT_PER_REQUEST.to_string(),
                     "KeyPackages one request gets in total; keep it at or below the relay's limits.max_limit",
+                ),
+                spec(
+                    "max_authors_per_request",
+                    &DEFAULT_AUTHORS_PER_REQUEST.to_string(),
+                    "Authors one request may ask KeyPackages of; more is refused with invalid:",
                 ),
                 spec("requests_per_hour", "10", "KeyPackage requests per (requester, author) per hour; 0: unlimited"),
                 spec(

@@ -116,6 +116,16 @@ impl Peer {
         (kp30443, kp443)
     }
 
+    /// Publishes a KeyPackage as a legacy kind 443 alone (no slot): the
+    /// owner's legacy pool, which inviters consume one at a time.
+    async fn publish_legacy_key_package(&self, url: &str) -> Event {
+        let data = self.mdk.create_key_package_for_event(&self.pk(), [RelayUrl::parse(url).unwrap()]).unwrap();
+        let kp443 =
+            EventBuilder::new(Kind::Custom(443), data.content).tags(data.tags_443).sign_with_keys(&self.keys).unwrap();
+        self.publish(&kp443, "KeyPackage 443").await;
+        kp443
+    }
+
     async fn fetch_key_package(&self, owner: PublicKey) -> Event {
         let filter = Filter::new().kinds([Kind::Custom(30443), Kind::Custom(443)]).author(owner);
         let events = self.client.fetch_events(filter, WAIT).await.expect("fetch KeyPackage");
@@ -328,12 +338,12 @@ async fn the_group_keeps_working_across_a_gateway_hot_swap() {
 }
 
 #[tokio::test]
-async fn concurrent_inviters_get_different_key_packages_then_the_last_resort() {
+async fn concurrent_inviters_get_different_legacy_key_packages_then_the_last_resort() {
     let relay = support::gateway_relay(&[("requests_per_hour", "0")]).await;
     let url = relay.url.clone();
     let carol = Peer::connect("carol", &url).await;
-    let (a, _) = carol.publish_key_package(&url).await;
-    let (b, _) = carol.publish_key_package(&url).await;
+    let a = carol.publish_legacy_key_package(&url).await;
+    let b = carol.publish_legacy_key_package(&url).await;
     let alice = Peer::connect("alice", &url).await;
     let dave = Peer::connect("dave", &url).await;
     let (x, y) = tokio::join!(alice.fetch_key_package(carol.pk()), dave.fetch_key_package(carol.pk()));
