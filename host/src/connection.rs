@@ -28,6 +28,7 @@ use crate::ingest::WriteResult;
 use crate::message::{self, ClientMessage, Parsed};
 use crate::metrics::Verb;
 use crate::plugin::{Caller, ReadPurpose};
+use crate::refusal::Refusal;
 use crate::relay::Relay;
 use crate::store::{GIFT_WRAP, GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
 
@@ -136,7 +137,7 @@ where
                     }
                     _ = overflowed.notified() => {
                         self.relay.metrics.slow_disconnects.inc();
-                        self.feed(message::notice("error: this connection reads too slowly; closing it (reconnect and read faster)")).await?;
+                        self.feed(message::notice_refused(&Refusal::error("this connection reads too slowly; closing it (reconnect and read faster)"))).await?;
                         Step::Close
                     }
                     Some((id, result)) = pending.next(), if !pending.is_empty() => {
@@ -201,8 +202,8 @@ where
         self.relay.metrics.events.with_label_values(&[outcome]).inc();
     }
 
-    fn count_refused_event(&self, reply: &str) {
-        self.relay.metrics.events.with_label_values(&[crate::metrics::Metrics::outcome_label(reply)]).inc();
+    fn count_refused_event(&self, refusal: &Refusal) {
+        self.relay.metrics.events.with_label_values(&[refusal.kind.prefix()]).inc();
     }
 
     async fn feed(&mut self, text: String) -> Result<(), WsError> {
@@ -242,10 +243,10 @@ where
     async fn say_goodbye(&mut self) -> Result<(), WsError> {
         let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
         for sub in subs {
-            self.feed(message::closed(&sub, "error: the relay is shutting down; reconnect and subscribe again"))
-                .await?;
+            let refusal = Refusal::error("the relay is shutting down; reconnect and subscribe again");
+            self.feed(message::closed_refused(&sub, &refusal)).await?;
         }
-        self.feed(message::notice("error: the relay is shutting down; reconnect in a moment")).await
+        self.feed(message::notice_refused(&Refusal::error("the relay is shutting down; reconnect in a moment"))).await
     }
 
     /// Drops the `sent` sets no longer needed: once every write sequenced up
@@ -287,8 +288,8 @@ where
         let text = match frame {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                self.feed(message::notice("invalid: binary frames are not part of NIP-01; send JSON text frames"))
-                    .await?;
+                let refusal = Refusal::invalid("binary frames are not part of NIP-01; send JSON text frames");
+                self.feed(message::notice_refused(&refusal)).await?;
                 return Ok(Step::Continue);
             }
             Message::Close(_) => return Ok(Step::Close),
@@ -296,10 +297,10 @@ where
         };
         let max = self.relay.config.limits.max_message_length;
         if text.len() > max {
-            let reply = format!("invalid: message is {} bytes; at most {max} are accepted", text.len());
+            let reply = Refusal::invalid(format!("message is {} bytes; at most {max} are accepted", text.len()));
             match parse_event_id(&text) {
-                Some(id) => self.feed(message::ok(&id, false, &reply)).await?,
-                None => self.feed(message::notice(&reply)).await?,
+                Some(id) => self.feed(message::ok_refused(&id, &reply)).await?,
+                None => self.feed(message::notice_refused(&reply)).await?,
             }
             return Ok(Step::Continue);
         }
@@ -314,9 +315,9 @@ where
         };
         self.relay.metrics.messages_by_verb[verb as usize].inc();
         match parsed {
-            Err(e) => self.feed(message::notice(&format!("invalid: {e}"))).await?,
+            Err(e) => self.feed(message::notice_refused(&Refusal::invalid(e.to_string()))).await?,
             Ok(Parsed::BadFilters { sub_id, reason }) => {
-                self.feed(message::closed(&sub_id, &format!("invalid: {reason}"))).await?
+                self.feed(message::closed_refused(&sub_id, &Refusal::invalid(reason))).await?
             }
             Ok(Parsed::Message(ClientMessage::Event(raw))) => self.on_event(raw, pending).await?,
             Ok(Parsed::Message(ClientMessage::Auth(raw))) => self.on_auth(raw).await?,
@@ -334,12 +335,12 @@ where
         let now = unix_now();
         let event = match read_event(raw, &self.relay.config.limits, now) {
             Ok(event) => event,
-            Err(refusal) => {
-                self.count_refused_event(&refusal.message);
-                tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, reason = %refusal.message, "event refused");
-                let reply = match refusal.event_id {
-                    Some(id) => message::ok(&id, false, &refusal.message),
-                    None => message::notice(&refusal.message),
+            Err(rejected) => {
+                self.count_refused_event(&rejected.refusal);
+                tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, reason = ?rejected.refusal, "event refused");
+                let reply = match rejected.event_id {
+                    Some(id) => message::ok_refused(&id, &rejected.refusal),
+                    None => message::notice_refused(&rejected.refusal),
                 };
                 return self.feed(reply).await;
             }
@@ -347,8 +348,8 @@ where
         let id = event.id.to_hex();
         if let Err(refusal) = self.admit(&event).await {
             self.count_refused_event(&refusal);
-            tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, event = %id, reason = %refusal, "event refused");
-            return self.feed(message::ok(&id, false, &refusal)).await;
+            tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, event = %id, reason = ?refusal, "event refused");
+            return self.feed(message::ok_refused(&id, &refusal)).await;
         }
         let mut accepted = AcceptedEvent::new(event);
         accepted.vanish_request = is_vanish_request_for(&accepted.event, &self.relay.config.server.public_url);
@@ -371,20 +372,22 @@ where
 
     /// The relay's rules for a verified event, then the plugins'. `Err` is
     /// the `OK false` message.
-    async fn admit(&mut self, event: &Event) -> Result<(), String> {
+    async fn admit(&mut self, event: &Event) -> Result<(), Refusal> {
         if event.kind.as_u16() == AUTH_KIND {
-            return Err("invalid: kind 22242 authenticates a connection; send it in an AUTH message, not EVENT".into());
+            return Err(Refusal::invalid(
+                "kind 22242 authenticates a connection; send it in an AUTH message, not EVENT",
+            ));
         }
         self.relay.policy.check_write(self.remote.ip(), event)?;
         if event.is_protected() {
             let author = event.pubkey.to_bytes();
             if self.authed.is_empty() {
-                return Err(
-                    "auth-required: this event is protected (NIP-70); authenticate as its author to publish it".into(),
-                );
+                return Err(Refusal::auth_required(
+                    "this event is protected (NIP-70); authenticate as its author to publish it",
+                ));
             }
             if !self.authed.contains(&author) {
-                return Err("restricted: this event is protected (NIP-70) and only its author may publish it".into());
+                return Err(Refusal::restricted("this event is protected (NIP-70) and only its author may publish it"));
             }
         }
         if !self.relay.plugins.is_empty() {
@@ -398,10 +401,10 @@ where
         let now = unix_now();
         let event = match read_event(raw, &self.relay.config.limits, now) {
             Ok(e) => e,
-            Err(refusal) => {
-                let reply = match refusal.event_id {
-                    Some(id) => message::ok(&id, false, &refusal.message),
-                    None => message::notice(&refusal.message),
+            Err(rejected) => {
+                let reply = match rejected.event_id {
+                    Some(id) => message::ok_refused(&id, &rejected.refusal),
+                    None => message::notice_refused(&rejected.refusal),
                 };
                 return self.feed(reply).await;
             }
@@ -412,27 +415,30 @@ where
         };
         let created_at = event.created_at.as_secs();
         let refusal = if event.kind.as_u16() != AUTH_KIND {
-            Some(format!("invalid: AUTH takes a kind {AUTH_KIND} event"))
+            Some(Refusal::invalid(format!("AUTH takes a kind {AUTH_KIND} event")))
         } else if tag("challenge").as_deref() != Some(self.challenge.as_str()) {
-            Some("invalid: the challenge does not match the one this connection was given".into())
+            Some(Refusal::invalid("the challenge does not match the one this connection was given"))
         } else if tag("relay").map(|r| normalize_url(&r)) != Some(normalize_url(&self.relay.config.server.public_url)) {
-            Some(format!("invalid: the relay tag must be this relay's URL, {}", self.relay.config.server.public_url))
+            Some(Refusal::invalid(format!(
+                "the relay tag must be this relay's URL, {}",
+                self.relay.config.server.public_url
+            )))
         } else if created_at.abs_diff(now) > AUTH_WINDOW_SECONDS {
-            Some("invalid: the AUTH event's created_at must be within 10 minutes of now".into())
+            Some(Refusal::invalid("the AUTH event's created_at must be within 10 minutes of now"))
         } else {
             None
         };
         if let Some(refusal) = refusal {
-            return self.feed(message::ok(&id, false, &refusal)).await;
+            return self.feed(message::ok_refused(&id, &refusal)).await;
         }
         let pubkey = event.pubkey.to_bytes();
         let max_identities = self.relay.config.limits.max_auth_identities;
         if !self.authed.contains(&pubkey) && self.authed.len() >= max_identities {
-            let reply = format!(
-                "restricted: this connection is already authenticated as {max_identities} keys, the most allowed; \
+            let reply = Refusal::restricted(format!(
+                "this connection is already authenticated as {max_identities} keys, the most allowed; \
                  open another connection"
-            );
-            return self.feed(message::ok(&id, false, &reply)).await;
+            ));
+            return self.feed(message::ok_refused(&id, &reply)).await;
         }
         if !self.authed.contains(&pubkey) {
             self.authed.push(pubkey);
@@ -454,42 +460,44 @@ where
 
     /// Relay-level checks of a REQ/COUNT: rate limits, and gift wraps asked
     /// for explicitly by an unauthenticated connection. `Err` is the CLOSED text.
-    fn admit_read(&self, filters: &[Filter]) -> Result<(), String> {
+    fn admit_read(&self, filters: &[Filter]) -> Result<(), Refusal> {
         self.relay.policy.check_read(self.remote.ip(), &self.authed)?;
         let asks_gift_wraps = filters.iter().any(|f| f.kinds.as_ref().is_some_and(|k| k.contains(&GIFT_WRAP)));
         if asks_gift_wraps
             && self.authed.is_empty()
             && self.relay.config.nips.gift_wrap_policy == GiftWrapPolicy::RecipientOnly
         {
-            return Err(
-                "auth-required: gift wraps (kind 1059) are served only to their recipient; authenticate with NIP-42"
-                    .into(),
-            );
+            return Err(Refusal::auth_required(
+                "gift wraps (kind 1059) are served only to their recipient; authenticate with NIP-42",
+            ));
         }
         Ok(())
     }
 
     /// Checks a REQ/COUNT's subscription id and filters; `Err` is the CLOSED text.
-    fn read_filters(&self, sub_id: &str, raw: &[serde_json::Value]) -> Result<Vec<Filter>, String> {
+    fn read_filters(&self, sub_id: &str, raw: &[serde_json::Value]) -> Result<Vec<Filter>, Refusal> {
         let limits = &self.relay.config.limits;
         if sub_id.is_empty() {
-            return Err("invalid: subscription id must not be empty".into());
+            return Err(Refusal::invalid("subscription id must not be empty"));
         }
         if sub_id.chars().count() > limits.max_subid_length {
-            return Err(format!("invalid: subscription id is longer than {} characters", limits.max_subid_length));
+            return Err(Refusal::invalid(format!(
+                "subscription id is longer than {} characters",
+                limits.max_subid_length
+            )));
         }
         if raw.is_empty() {
-            return Err("invalid: at least one filter is required".into());
+            return Err(Refusal::invalid("at least one filter is required"));
         }
         if raw.len() > limits.max_filters {
-            return Err(format!(
-                "invalid: {} filters in one request; at most {} are allowed",
+            return Err(Refusal::invalid(format!(
+                "{} filters in one request; at most {} are allowed",
                 raw.len(),
                 limits.max_filters
-            ));
+            )));
         }
         let filter_limits = FilterLimits { max_values: limits.max_filter_values };
-        raw.iter().map(|v| Filter::parse(v, filter_limits).map_err(|e| format!("invalid: {e}"))).collect()
+        raw.iter().map(|v| Filter::parse(v, filter_limits).map_err(|e| Refusal::invalid(e.to_string()))).collect()
     }
 
     async fn on_req(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {
@@ -500,8 +508,10 @@ where
         };
         let limits = self.relay.config.limits.clone();
         if !self.subs.contains_key(sub_id.as_str()) && self.subs.len() >= limits.max_subscriptions {
-            let reason =
-                format!("blocked: {} subscriptions are open, the most allowed; CLOSE one first", self.subs.len());
+            let reason = Refusal::blocked(format!(
+                "{} subscriptions are open, the most allowed; CLOSE one first",
+                self.subs.len()
+            ));
             return self.refuse_sub(ReadPurpose::Req, &sub_id, &reason).await;
         }
         let sub: Arc<str> = sub_id.into();
@@ -530,7 +540,11 @@ where
                     self.relay.fanout.unsubscribe(self.id, &sub);
                     self.forget_sub(&sub);
                     return self
-                        .refuse_sub(ReadPurpose::Req, &sub, "error: the query failed on the relay; try again later")
+                        .refuse_sub(
+                            ReadPurpose::Req,
+                            &sub,
+                            &Refusal::error("the query failed on the relay; try again later"),
+                        )
                         .await;
                 }
             };
@@ -658,8 +672,12 @@ where
             }
             Err(e) => {
                 tracing::error!(conn = self.id, error = %e, "count failed");
-                self.refuse_sub(ReadPurpose::Count, &sub_id, "error: the count failed on the relay; try again later")
-                    .await
+                self.refuse_sub(
+                    ReadPurpose::Count,
+                    &sub_id,
+                    &Refusal::error("the count failed on the relay; try again later"),
+                )
+                .await
             }
         }
     }
@@ -676,7 +694,7 @@ where
         sub_id: &str,
         purpose: ReadPurpose,
         filters: &[Filter],
-    ) -> Result<Vec<StoredEvent>, String> {
+    ) -> Result<Vec<StoredEvent>, Refusal> {
         if self.relay.plugins.is_empty() {
             return Ok(Vec::new());
         }
@@ -694,11 +712,11 @@ where
         filters.iter().map(|f| f.without_kinds(&managed)).collect()
     }
 
-    async fn refuse_sub(&mut self, purpose: ReadPurpose, sub_id: &str, reason: &str) -> Result<(), WsError> {
-        let label = crate::metrics::Metrics::outcome_label(reason);
+    async fn refuse_sub(&mut self, purpose: ReadPurpose, sub_id: &str, refusal: &Refusal) -> Result<(), WsError> {
+        let label = refusal.kind.prefix();
         self.relay.metrics.reads.with_label_values(&[purpose_label(purpose), label]).inc();
-        tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, sub = sub_id, reason, "request refused");
-        self.feed(message::closed(sub_id, reason)).await
+        tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, sub = sub_id, reason = ?refusal, "request refused");
+        self.feed(message::closed_refused(sub_id, refusal)).await
     }
 }
 
@@ -754,7 +772,7 @@ fn ok_reply(id: &str, result: WriteResult) -> String {
         Ok(WriteOutcome::Vanished) => {
             message::ok(id, false, "blocked: its author (or recipient) asked this relay to erase it (NIP-62)")
         }
-        Err(e) => message::ok(id, false, &format!("error: {e}")),
+        Err(e) => message::ok_refused(id, &Refusal::error(e)),
     }
 }
 

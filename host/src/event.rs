@@ -6,6 +6,7 @@ use nostr::event::Event;
 use serde_json::value::RawValue;
 
 use crate::config::Limits;
+use crate::refusal::Refusal;
 
 /// An event that passed every check, with its canonical JSON serialized once
 /// (stored as is and sent as is to every subscriber).
@@ -62,35 +63,38 @@ pub fn kind_class(kind: u16) -> KindClass {
     }
 }
 
-/// A refused event: the id to answer (if one could be read) and the `OK` text.
+/// A refused event: the id to answer (if one could be read) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub struct RejectedEvent {
     pub event_id: Option<String>,
-    pub message: String,
+    pub refusal: Refusal,
 }
 
 /// Reads and checks an event from an EVENT message. On success the event's id
 /// and signature are verified and it is within `limits` at time `now`.
-pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Refusal> {
-    let event: Event = serde_json::from_str(raw.get())
-        .map_err(|e| Refusal { event_id: id_of_unreadable(raw), message: format!("invalid: malformed event: {e}") })?;
-    let refuse = |message: String| Refusal { event_id: Some(event.id.to_hex()), message };
+pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, RejectedEvent> {
+    let event: Event = serde_json::from_str(raw.get()).map_err(|e| RejectedEvent {
+        event_id: id_of_unreadable(raw),
+        refusal: Refusal::invalid(format!("malformed event: {e}")),
+    })?;
+    let refuse =
+        |message: String| RejectedEvent { event_id: Some(event.id.to_hex()), refusal: Refusal::invalid(message) };
     if !event.verify_id() {
-        return Err(refuse("invalid: event id does not match the sha256 of its canonical serialization".into()));
+        return Err(refuse("event id does not match the sha256 of its canonical serialization".into()));
     }
     if !event.verify_signature() {
-        return Err(refuse("invalid: signature verification failed".into()));
+        return Err(refuse("signature verification failed".into()));
     }
     if event.tags.len() > limits.max_event_tags {
         return Err(refuse(format!(
-            "invalid: event has {} tags; at most {} are allowed",
+            "event has {} tags; at most {} are allowed",
             event.tags.len(),
             limits.max_event_tags
         )));
     }
     if event.content.len() > limits.max_content_length {
         return Err(refuse(format!(
-            "invalid: content is {} bytes; at most {} are allowed",
+            "content is {} bytes; at most {} are allowed",
             event.content.len(),
             limits.max_content_length
         )));
@@ -98,7 +102,7 @@ pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Re
     let created_at = event.created_at.as_secs();
     if created_at > now.saturating_add(limits.created_at_upper_limit) {
         return Err(refuse(format!(
-            "invalid: created_at is {} s in the future; at most {} s ahead is accepted (check the clock)",
+            "created_at is {} s in the future; at most {} s ahead is accepted (check the clock)",
             created_at - now,
             limits.created_at_upper_limit
         )));
@@ -110,14 +114,14 @@ pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Re
     };
     if limits.created_at_lower_limit > 0 && created_at < now.saturating_sub(lower) {
         return Err(refuse(format!(
-            "invalid: created_at is older than {} s, the oldest this relay accepts",
+            "created_at is older than {} s, the oldest this relay accepts",
             limits.created_at_lower_limit
         )));
     }
     if let Some(exp) = crate::store::keys::expiration(&event)
         && exp <= now
     {
-        return Err(refuse(format!("invalid: this event expired at {exp} (NIP-40)")));
+        return Err(refuse(format!("this event expired at {exp} (NIP-40)")));
     }
     Ok(event)
 }
@@ -217,7 +221,11 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&e.as_json()).unwrap();
         v["content"] = "changed".into();
         let r = read_event(&raw(&v.to_string()), &Limits::default(), now).unwrap_err();
-        assert!(r.message.starts_with("invalid: event id"), "{}", r.message);
+        assert!(
+            r.refusal.kind == crate::refusal::RefusalKind::Invalid && r.refusal.message.starts_with("event id"),
+            "{:?}",
+            r.refusal
+        );
         assert_eq!(r.event_id.as_deref(), Some(e.id.to_hex().as_str()));
 
         let mut v: serde_json::Value = serde_json::from_str(&e.as_json()).unwrap();
@@ -225,10 +233,10 @@ mod tests {
         sig.replace_range(0..2, if &sig[0..2] == "00" { "11" } else { "00" });
         v["sig"] = sig.into();
         let r = read_event(&raw(&v.to_string()), &Limits::default(), now).unwrap_err();
-        assert!(r.message.starts_with("invalid: signature"), "{}", r.message);
+        assert!(r.refusal.message.starts_with("signature"), "{:?}", r.refusal);
 
         let r = read_event(&raw(r#"{"id":"abc","kind":1}"#), &Limits::default(), now).unwrap_err();
-        assert!(r.message.starts_with("invalid: malformed event"), "{}", r.message);
+        assert!(r.refusal.message.starts_with("malformed event"), "{:?}", r.refusal);
         assert_eq!(r.event_id.as_deref(), Some("abc"));
         let r = read_event(&raw("[1,2]"), &Limits::default(), now).unwrap_err();
         assert_eq!(r.event_id, None);
@@ -239,12 +247,18 @@ mod tests {
         let e = signed("hi", vec![vec!["t", "a"], vec!["t", "b"]]);
         let json = e.as_json();
         let limits = Limits { created_at_upper_limit: 60, created_at_lower_limit: 3600, ..Limits::default() };
-        assert!(read_event(&raw(&json), &limits, 1_700_000_000 - 61).unwrap_err().message.contains("in the future"));
+        assert!(
+            read_event(&raw(&json), &limits, 1_700_000_000 - 61).unwrap_err().refusal.message.contains("in the future")
+        );
         assert!(read_event(&raw(&json), &limits, 1_700_000_000 - 60).is_ok());
-        assert!(read_event(&raw(&json), &limits, 1_700_000_000 + 3601).unwrap_err().message.contains("older than"));
+        assert!(
+            read_event(&raw(&json), &limits, 1_700_000_000 + 3601).unwrap_err().refusal.message.contains("older than")
+        );
         let limits = Limits { max_event_tags: 1, ..Limits::default() };
-        assert!(read_event(&raw(&json), &limits, 1_700_000_000).unwrap_err().message.contains("2 tags"));
+        assert!(read_event(&raw(&json), &limits, 1_700_000_000).unwrap_err().refusal.message.contains("2 tags"));
         let limits = Limits { max_content_length: 1, ..Limits::default() };
-        assert!(read_event(&raw(&json), &limits, 1_700_000_000).unwrap_err().message.contains("content is 2 bytes"));
+        assert!(
+            read_event(&raw(&json), &limits, 1_700_000_000).unwrap_err().refusal.message.contains("content is 2 bytes")
+        );
     }
 }

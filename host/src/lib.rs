@@ -3,7 +3,8 @@
 //!
 //! Where things live:
 //! - [`config`]: configuration (defaults, TOML file, environment).
-//! - [`message`]: the NIP-01 wire format.
+//! - [`message`]: the NIP-01 wire format; the only place a [`refusal`]
+//!   becomes text.
 //! - [`event`]: checking incoming events; kind classes.
 //! - [`filter`]: NIP-01 filters and `filter_matches`.
 //! - [`store`]: the event store trait, the sled engine and the query engine.
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod nip11;
 pub mod plugin;
 pub mod policy;
+pub mod refusal;
 pub mod relay;
 pub mod replication;
 pub mod server;

@@ -5,6 +5,8 @@
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::refusal::Refusal;
+
 /// A parsed client message. Event and filter payloads stay raw here; the
 /// connection validates them so every refusal can carry the right reply.
 #[derive(Debug)]
@@ -99,6 +101,27 @@ fn sub_id(parts: &[&RawValue], verb: &str) -> Result<String, MessageError> {
 /// A JSON string literal for `s`.
 pub fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("strings always serialize")
+}
+
+/// A refusal as NIP-01 text: `prefix: message`. The one place refusals
+/// become text.
+pub fn refusal_text(r: &Refusal) -> String {
+    format!("{}: {}", r.kind.prefix(), r.message)
+}
+
+/// `["OK", id, false, "prefix: message"]`.
+pub fn ok_refused(event_id: &str, r: &Refusal) -> String {
+    ok(event_id, false, &refusal_text(r))
+}
+
+/// `["CLOSED", sub_id, "prefix: message"]`.
+pub fn closed_refused(sub_id: &str, r: &Refusal) -> String {
+    closed(sub_id, &refusal_text(r))
+}
+
+/// `["NOTICE", "prefix: message"]`, for a refusal with nothing to answer to.
+pub fn notice_refused(r: &Refusal) -> String {
+    notice(&refusal_text(r))
 }
 
 pub fn ok(event_id: &str, accepted: bool, message: &str) -> String {

@@ -189,14 +189,6 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
-
-    /// The prefix of a relay reply (`blocked`, `invalid`, ...), as a label.
-    pub fn outcome_label(reply: &str) -> &'static str {
-        const PREFIXES: &[&str] =
-            &["invalid", "blocked", "rate-limited", "auth-required", "restricted", "duplicate", "pow", "error"];
-        let prefix = reply.split(':').next().unwrap_or_default();
-        PREFIXES.iter().find(|p| **p == prefix).copied().unwrap_or("other")
-    }
 }
 
 impl Default for Metrics {
@@ -217,13 +209,6 @@ mod tests {
         let text = m.render();
         assert!(text.contains("wasm_relay_events_total{outcome=\"stored\"} 3"), "{text}");
         assert!(text.contains("wasm_relay_plugin_counter_total{name=\"keypackages_served\",plugin=\"mls-gateway\"} 1"));
-    }
-
-    #[test]
-    fn reply_prefixes_become_labels() {
-        assert_eq!(Metrics::outcome_label("blocked: no"), "blocked");
-        assert_eq!(Metrics::outcome_label("rate-limited: slow down"), "rate-limited");
-        assert_eq!(Metrics::outcome_label("something else"), "other");
     }
 }
 

@@ -10,6 +10,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use nostr::event::Event;
 
 use crate::config::{AccessLists, RateLimits};
+use crate::refusal::Refusal;
 
 type Keyed<K> = Option<DefaultKeyedRateLimiter<K>>;
 
@@ -126,30 +127,30 @@ impl Policy {
     /// key, banned events, kinds. Also what an event another replica stored
     /// must pass (it has no client address, and rate limits were the origin
     /// replica's to apply).
-    pub fn check_content(&self, event: &Event) -> Result<(), String> {
+    pub fn check_content(&self, event: &Event) -> Result<(), Refusal> {
         let author = event.pubkey.to_hex();
         let a = &self.access;
         let operator = self.operator();
         if a.write_deny_pubkeys.contains(&author) || operator.banned_pubkeys.contains_key(&author) {
-            return Err("blocked: this relay does not accept events from this public key".into());
+            return Err(Refusal::blocked("this relay does not accept events from this public key"));
         }
         let allow_listed = !a.write_allow_pubkeys.is_empty() || !operator.allowed_pubkeys.is_empty();
         if allow_listed && !a.write_allow_pubkeys.contains(&author) && !operator.allowed_pubkeys.contains_key(&author) {
-            return Err("restricted: this relay accepts events only from its members' public keys".into());
+            return Err(Refusal::restricted("this relay accepts events only from its members' public keys"));
         }
         if operator.banned_events.contains_key(&event.id.to_hex()) {
-            return Err("blocked: the relay operator banned this event".into());
+            return Err(Refusal::blocked("the relay operator banned this event"));
         }
         let kind = event.kind.as_u16();
         if operator.disallowed_kinds.contains(&kind)
             || (!operator.allowed_kinds.is_empty() && !operator.allowed_kinds.contains(&kind))
         {
-            return Err(format!("blocked: this relay does not accept kind {kind} events"));
+            return Err(Refusal::blocked(format!("this relay does not accept kind {kind} events")));
         }
         Ok(())
     }
 
-    pub fn check_write(&self, ip: IpAddr, event: &Event) -> Result<(), String> {
+    pub fn check_write(&self, ip: IpAddr, event: &Event) -> Result<(), Refusal> {
         let a = &self.access;
         {
             let operator = self.operator();
@@ -157,7 +158,7 @@ impl Policy {
                 || (!a.write_allow_ips.is_empty() && !a.write_allow_ips.iter().any(|n| n.contains(&ip)))
                 || operator.blocked_ips.contains_key(&ip)
             {
-                return Err("blocked: this relay does not accept events from your network".into());
+                return Err(Refusal::blocked("this relay does not accept events from your network"));
             }
         }
         self.check_content(event)?;
@@ -165,18 +166,18 @@ impl Policy {
         if let Some(l) = &self.events_per_ip
             && l.check_key(&ip).is_err()
         {
-            return Err(format!(
-                "rate-limited: more than {} events per minute from your address; slow down",
+            return Err(Refusal::rate_limited(format!(
+                "more than {} events per minute from your address; slow down",
                 self.limits.events_per_minute_per_ip
-            ));
+            )));
         }
         if let Some(l) = &self.events_per_pubkey
             && l.check_key(&event.pubkey.to_bytes()).is_err()
         {
-            return Err(format!(
-                "rate-limited: more than {} events per minute from this public key; slow down",
+            return Err(Refusal::rate_limited(format!(
+                "more than {} events per minute from this public key; slow down",
                 self.limits.events_per_minute_per_pubkey
-            ));
+            )));
         }
         for rule in self.kinds.iter().filter(|r| r.kind == kind) {
             let key = match &rule.per {
@@ -196,35 +197,35 @@ impl Policy {
                     Per::Pubkey => "from this public key".to_string(),
                     Per::Tag(l) => format!("for this {l} tag value"),
                 };
-                return Err(format!(
-                    "rate-limited: more than {} kind {kind} events per minute {scope}; slow down",
+                return Err(Refusal::rate_limited(format!(
+                    "more than {} kind {kind} events per minute {scope}; slow down",
                     rule.per_minute
-                ));
+                )));
             }
         }
         Ok(())
     }
 
     /// `Err` is the `CLOSED` message.
-    pub fn check_read(&self, ip: IpAddr, authed: &[[u8; 32]]) -> Result<(), String> {
+    pub fn check_read(&self, ip: IpAddr, authed: &[[u8; 32]]) -> Result<(), Refusal> {
         if self.ip_blocked(ip) {
-            return Err("blocked: this relay does not serve your network".into());
+            return Err(Refusal::blocked("this relay does not serve your network"));
         }
         if let Some(l) = &self.reqs_per_ip
             && l.check_key(&ip).is_err()
         {
-            return Err(format!(
-                "rate-limited: more than {} requests per minute from your address; slow down",
+            return Err(Refusal::rate_limited(format!(
+                "more than {} requests per minute from your address; slow down",
                 self.limits.reqs_per_minute_per_ip
-            ));
+            )));
         }
         if let (Some(l), Some(pk)) = (&self.reqs_per_pubkey, authed.first())
             && l.check_key(pk).is_err()
         {
-            return Err(format!(
-                "rate-limited: more than {} requests per minute from this public key; slow down",
+            return Err(Refusal::rate_limited(format!(
+                "more than {} requests per minute from this public key; slow down",
                 self.limits.reqs_per_minute_per_pubkey
-            ));
+            )));
         }
         Ok(())
     }

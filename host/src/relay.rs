@@ -18,6 +18,7 @@ use crate::metadata::{FirestoreMetadataStore, MetadataStore, SledMetadataStore};
 use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
 use crate::policy::Policy;
+use crate::refusal::Refusal;
 use crate::replication::Replicator;
 use crate::store::{EventStore, SledEventStore};
 
@@ -242,12 +243,12 @@ struct ReplicaChecks {
 
 #[async_trait::async_trait]
 impl crate::replication::ReplicaAdmission for ReplicaChecks {
-    async fn admit(&self, json: &str) -> Result<nostr::event::Event, String> {
-        let relay = self.relay.upgrade().ok_or("error: the relay is stopping")?;
+    async fn admit(&self, json: &str) -> Result<nostr::event::Event, Refusal> {
+        let relay = self.relay.upgrade().ok_or_else(|| Refusal::error("the relay is stopping"))?;
         let raw = serde_json::value::RawValue::from_string(json.to_owned())
-            .map_err(|e| format!("invalid: malformed event: {e}"))?;
+            .map_err(|e| Refusal::invalid(format!("malformed event: {e}")))?;
         let event = crate::event::read_event(&raw, &relay.config.limits, crate::event::unix_now())
-            .map_err(|refusal| refusal.message)?;
+            .map_err(|rejected| rejected.refusal)?;
         relay.policy.check_content(&event)?;
         if !relay.plugins.is_empty() {
             relay.plugins.on_event(&crate::plugin::Caller::replica(), &event).await?;

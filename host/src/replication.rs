@@ -37,6 +37,7 @@ use crate::firestore::{
     Firestore, FirestoreError, ascending, call, field_filter, field_string, field_timestamp, run_query, string_value,
 };
 use crate::ingest::Ingest;
+use crate::refusal::Refusal;
 
 const COLLECTION: &str = "events";
 /// Firestore's limit of writes per commit.
@@ -61,16 +62,11 @@ const BACKGROUND_QUEUE: usize = 4096;
 #[async_trait]
 pub trait ReplicaAdmission: Send + Sync {
     /// The event, checked, or the refusal. A refusal that may pass later
-    /// (`error:`, or a plugin busy) stops the page, to be applied again; any
-    /// other refusal skips the event on this replica.
-    async fn admit(&self, json: &str) -> Result<Event, String>;
-}
-
-/// Whether a refusal may pass if tried again later: a failure, or a plugin
-/// with no free instance. Other `rate-limited:` refusals are the origin
-/// replica's to give, and skip the event.
-fn is_transient(refusal: &str) -> bool {
-    refusal.starts_with("error:") || (refusal.starts_with("rate-limited:") && refusal.contains("is busy"))
+    /// ([`Refusal::retry_later`]: a failure, or a plugin with no free
+    /// instance) stops the page, to be applied again; any other refusal
+    /// (other rate limits were the origin replica's to give) skips the event
+    /// on this replica.
+    async fn admit(&self, json: &str) -> Result<Event, Refusal>;
 }
 
 /// Work published off the writer's path, by one background task.
@@ -427,15 +423,15 @@ impl Replicator {
             let Some(json) = field_string(doc, "json") else { continue };
             let event = match checks.admit(json).await {
                 Ok(event) => event,
-                Err(refusal) if is_transient(&refusal) => {
+                Err(refusal) if refusal.retry_later => {
                     // Nothing after this document is applied yet; the page is read again.
                     for rx in pending {
                         let _ = rx.await;
                     }
-                    return Err(format!("a replicated event cannot be applied yet: {refusal}"));
+                    return Err(format!("a replicated event cannot be applied yet: {}", refusal.message));
                 }
                 Err(refusal) => {
-                    tracing::info!(doc = %doc.name, refusal = %refusal, "a replicated event is refused on this replica");
+                    tracing::info!(doc = %doc.name, refusal = ?refusal, "a replicated event is refused on this replica");
                     continue;
                 }
             };

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use super::bindings::types as wit;
 use crate::filter::{Filter, FilterLimits};
+use crate::refusal::{Refusal, RefusalKind};
 
 pub fn event_to_wit(e: &Event) -> wit::Event {
     wit::Event {
@@ -73,14 +74,16 @@ pub fn filter_from_wit(f: &wit::Filter) -> Result<Filter, String> {
     Filter::parse(&Value::Object(map), FilterLimits { max_values: usize::MAX }).map_err(|e| e.0)
 }
 
-pub fn refusal_text(r: &wit::Refusal) -> String {
-    let prefix = match r.kind {
-        wit::RefusalKind::Invalid => "invalid",
-        wit::RefusalKind::Blocked => "blocked",
-        wit::RefusalKind::RateLimited => "rate-limited",
-        wit::RefusalKind::AuthRequired => "auth-required",
-        wit::RefusalKind::Restricted => "restricted",
-        wit::RefusalKind::Error => "error",
-    };
-    format!("{prefix}: {}", r.message)
+impl From<wit::Refusal> for Refusal {
+    fn from(r: wit::Refusal) -> Self {
+        let kind = match r.kind {
+            wit::RefusalKind::Invalid => RefusalKind::Invalid,
+            wit::RefusalKind::Blocked => RefusalKind::Blocked,
+            wit::RefusalKind::RateLimited => RefusalKind::RateLimited,
+            wit::RefusalKind::AuthRequired => RefusalKind::AuthRequired,
+            wit::RefusalKind::Restricted => RefusalKind::Restricted,
+            wit::RefusalKind::Error => RefusalKind::Error,
+        };
+        Refusal::new(kind, r.message)
+    }
 }

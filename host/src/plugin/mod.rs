@@ -29,7 +29,7 @@ use nostr::event::Event;
 
 use self::bindings::types as wit;
 use self::breaker::{Admission, Breaker, ClientFailures};
-use self::convert::{event_from_wit, event_to_wit, filter_from_wit, filter_to_wit, refusal_text};
+use self::convert::{event_from_wit, event_to_wit, filter_from_wit, filter_to_wit};
 pub use self::imports::PluginCounters;
 pub use self::runtime::{CallFailure, LoadError, LoadedPlugin, PluginRuntime};
 use crate::config::{FailurePolicy, PluginConfig};
@@ -38,6 +38,7 @@ use crate::fanout::Fanout;
 use crate::filter::{Filter, any_filter_matches};
 use crate::metadata::{KvQuota, MetadataStore, QuotaStore};
 use crate::metrics::Metrics;
+use crate::refusal::Refusal;
 use crate::store::{EventStore, ReadAccess, StoredEvent};
 
 /// Who is calling, as plugins see it.
@@ -307,18 +308,18 @@ enum Unavailable {
 }
 
 impl Unavailable {
-    fn message(self, plugin: &str) -> String {
+    fn refusal(self, plugin: &str) -> Refusal {
         match self {
-            Unavailable::Disabled => format!("error: plugin '{plugin}' is disabled by the relay operator"),
-            Unavailable::CircuitOpen(wait) => format!(
-                "error: plugin '{plugin}' is unavailable after repeated failures; retry in {} s",
+            Unavailable::Disabled => Refusal::error(format!("plugin '{plugin}' is disabled by the relay operator")),
+            Unavailable::CircuitOpen(wait) => Refusal::error(format!(
+                "plugin '{plugin}' is unavailable after repeated failures; retry in {} s",
                 wait.as_secs().max(1)
-            ),
-            Unavailable::ClientFailures(wait) => format!(
-                "rate-limited: your recent requests made plugin '{plugin}' fail; retry in {} s",
+            )),
+            Unavailable::ClientFailures(wait) => Refusal::rate_limited(format!(
+                "your recent requests made plugin '{plugin}' fail; retry in {} s",
                 wait.as_secs().max(1)
-            ),
-            Unavailable::Busy => format!("rate-limited: plugin '{plugin}' is busy; retry in a moment"),
+            )),
+            Unavailable::Busy => Refusal::busy(format!("plugin '{plugin}' is busy; retry in a moment")),
         }
     }
 }
@@ -514,7 +515,7 @@ impl PluginHost {
 
     /// Runs `on-event` of every plugin interested in the event's kind. `Err`
     /// is the `OK false` message.
-    pub async fn on_event(&self, caller: &Caller, event: &Event) -> Result<(), String> {
+    pub async fn on_event(&self, caller: &Caller, event: &Event) -> Result<(), Refusal> {
         let kind = event.kind.as_u16();
         let mut wit_event: Option<wit::Event> = None;
         for slot in &self.slots {
@@ -531,7 +532,7 @@ impl PluginHost {
                 {
                     continue;
                 }
-                Err(why) => return Err(why.message(&slot.config.name)),
+                Err(why) => return Err(why.refusal(&slot.config.name)),
             };
             let ctx = caller.context(None, wit::RequestPurpose::Event);
             let ev = wit_event.get_or_insert_with(|| event_to_wit(event)).clone();
@@ -540,14 +541,14 @@ impl PluginHost {
             slot.record(Hook::OnEvent, started, admission, Some(caller), result.as_ref().map(|_| ()));
             match result {
                 Ok(wit::Decision::Accept) => {}
-                Ok(wit::Decision::Reject(r)) => return Err(refusal_text(&r)),
-                Err(CallFailure::Busy(_)) => return Err(Unavailable::Busy.message(&slot.config.name)),
+                Ok(wit::Decision::Reject(r)) => return Err(Refusal::from(r)),
+                Err(CallFailure::Busy(_)) => return Err(Unavailable::Busy.refusal(&slot.config.name)),
                 Err(failure) => {
-                    return Err(format!(
-                        "error: plugin '{}' failed ({}); the event was not stored",
+                    return Err(Refusal::error(format!(
+                        "plugin '{}' failed ({}); the event was not stored",
                         slot.config.name,
                         failure.summary()
-                    ));
+                    )));
                 }
             }
         }
@@ -606,7 +607,7 @@ impl PluginHost {
         purpose: ReadPurpose,
         filters: &[Filter],
         access: &ReadAccess,
-    ) -> Result<Vec<StoredEvent>, String> {
+    ) -> Result<Vec<StoredEvent>, Refusal> {
         let mut contributed: Vec<StoredEvent> = Vec::new();
         let mut wit_filters: Option<Vec<wit::Filter>> = None;
         // Plugins that manage kinds answer last: what they hand out can be
@@ -626,17 +627,17 @@ impl PluginHost {
             let managed = &loaded.info.managed_kinds;
             let names_managed = managed.is_empty()
                 || filters.iter().any(|f| f.kinds.as_ref().is_some_and(|k| k.iter().any(|k| managed.contains(k))));
-            let degrade = |message: String| match slot.config.on_req_failure {
-                FailurePolicy::Closed if names_managed => Err(message),
+            let degrade = |refusal: Refusal| match slot.config.on_req_failure {
+                FailurePolicy::Closed if names_managed => Err(refusal),
                 _ => Ok(()),
             };
             let admission = match slot.admit(Some(caller)) {
                 Ok(admission) => admission,
                 Err(why @ Unavailable::ClientFailures(_)) if names_managed => {
-                    return Err(why.message(&slot.config.name));
+                    return Err(why.refusal(&slot.config.name));
                 }
                 Err(why) => {
-                    degrade(why.message(&slot.config.name))?;
+                    degrade(why.refusal(&slot.config.name))?;
                     continue;
                 }
             };
@@ -651,7 +652,7 @@ impl PluginHost {
             slot.record(Hook::ProcessReq, started, admission, Some(caller), result.as_ref().map(|_| ()));
             match result {
                 Ok(wit::ReqResult::Continue) => {}
-                Ok(wit::ReqResult::Reject(r)) => return Err(refusal_text(&r)),
+                Ok(wit::ReqResult::Reject(r)) => return Err(Refusal::from(r)),
                 Ok(wit::ReqResult::AddEvents(events)) => {
                     contributed.extend(self.check_added_events(index, slot, events, filters, access));
                 }
@@ -659,13 +660,13 @@ impl PluginHost {
                     contributed.extend(self.check_filter_query(index, slot, fq, filters, access).await);
                 }
                 Err(CallFailure::Busy(_)) if names_managed => {
-                    return Err(Unavailable::Busy.message(&slot.config.name));
+                    return Err(Unavailable::Busy.refusal(&slot.config.name));
                 }
-                Err(failure) => degrade(format!(
-                    "error: plugin '{}' failed on this request ({}); try again later",
+                Err(failure) => degrade(Refusal::error(format!(
+                    "plugin '{}' failed on this request ({}); try again later",
                     slot.config.name,
                     failure.summary()
-                ))?,
+                )))?,
             }
         }
         contributed.sort_by_key(StoredEvent::order_key);
