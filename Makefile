@@ -2,7 +2,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
 
-.PHONY: all run build plugins wasm-target test lint fmt clean bench profile fuzz
+.PHONY: all run build plugins test-plugins wasm-target test lint fmt clean bench profile fuzz
 
 all: build
 
@@ -13,15 +13,22 @@ wasm-target:
 PLUGIN_BUILD := target/$(WASM_TARGET)/plugin
 PLUGIN_OUT := target/plugins
 # Plugin components and where they end up: target/plugins/<name>.wasm.
-PLUGIN_CRATES := mls-gateway kind-allowlist pinned-events probe future-wit
+# Shipped plugins (what `make run` and the bench load), then the test-only ones.
+SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events
+TEST_PLUGINS := probe future-wit
+PLUGIN_CRATES := $(SHIPPED_PLUGINS) $(TEST_PLUGINS)
 
-# Plugins are WebAssembly components built for wasm32-wasip2. The probe test
-# plugin is built twice (v1, v2) for the hot-swap tests; future-wit targets a
-# contract version the relay refuses.
+# Plugins are WebAssembly components built for wasm32-wasip2.
 plugins: wasm-target
-	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(PLUGIN_CRATES))
+	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(SHIPPED_PLUGINS))
 	mkdir -p $(PLUGIN_OUT)
-	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_OUT)/
+	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_OUT)/
+
+# Test instruments, for `make test` only: the probe plugin twice (v1, v2) for
+# the hot-swap tests; future-wit targets a contract version the relay refuses.
+test-plugins: plugins
+	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(TEST_PLUGINS))
+	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_OUT)/
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 
@@ -35,7 +42,7 @@ run: build
 
 # Unit tests, integration tests that drive the real binary over WebSockets,
 # and the MLS client tests (mdk-core) against the relay with the gateway.
-test: plugins
+test: test-plugins
 	$(CARGO) test -p wasm-relay -p mls-e2e -p mls-gateway --no-fail-fast
 
 # Load and micro benchmarks against release builds on loopback ports; prints a

@@ -12,6 +12,8 @@ pub const SUPPORTED_NIPS: &[u32] = &[1, 9, 11, 40, 42, 45, 59, 62, 70];
 /// relay already has (`supported_nips`) gains the plugin's entries; any
 /// other field the relay sets itself stays the relay's.
 pub fn document(config: &Config, restricted_writes: bool, plugin_fields: &[(String, Value)]) -> Value {
+    // No `software` field: NIP-11 wants the project's URL, and this project
+    // has no public home yet; an invented one would send people nowhere.
     let l = &config.limits;
     let mut nips = SUPPORTED_NIPS.to_vec();
     if !config.admin.pubkeys.is_empty() {
@@ -21,7 +23,6 @@ pub fn document(config: &Config, restricted_writes: bool, plugin_fields: &[(Stri
     let mut doc = json!({
         "name": config.info.name,
         "description": config.info.description,
-        "software": "https://github.com/wasm-relay/wasm-relay",
         "version": env!("CARGO_PKG_VERSION"),
         "supported_nips": nips,
         "limitation": {
