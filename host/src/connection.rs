@@ -30,7 +30,8 @@ use crate::metrics::Verb;
 use crate::plugin::{Caller, ReadPurpose};
 use crate::refusal::Refusal;
 use crate::relay::Relay;
-use crate::store::{GIFT_WRAP, GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
+use crate::event::GIFT_WRAP;
+use crate::store::{GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
 
 /// What this connection remembers of one of its subscriptions.
 struct LocalSub {

@@ -109,7 +109,7 @@ pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Re
     }
     // NIP-59 gift wraps carry a created_at up to two days in the past on purpose.
     let lower = match event.kind.as_u16() {
-        crate::store::GIFT_WRAP => limits.created_at_lower_limit.saturating_add(2 * 24 * 3600),
+        GIFT_WRAP => limits.created_at_lower_limit.saturating_add(2 * 24 * 3600),
         _ => limits.created_at_lower_limit,
     };
     if limits.created_at_lower_limit > 0 && created_at < now.saturating_sub(lower) {
@@ -118,7 +118,7 @@ pub fn read_event(raw: &RawValue, limits: &Limits, now: u64) -> Result<Event, Re
             limits.created_at_lower_limit
         )));
     }
-    if let Some(exp) = crate::store::keys::expiration(&event)
+    if let Some(exp) = expiration(&event)
         && exp <= now
     {
         return Err(refuse(format!("this event expired at {exp} (NIP-40)")));
@@ -137,6 +137,28 @@ fn id_of_unreadable(raw: &RawValue) -> Option<String> {
         serde_json::Value::String(s) if s.len() <= 128 => Some(s),
         _ => None,
     }
+}
+
+/// Kind of NIP-59 gift wraps, served only to their recipients by default.
+pub const GIFT_WRAP: u16 = 1059;
+/// Ephemeral gift wraps.
+pub const EPHEMERAL_GIFT_WRAP: u16 = 21059;
+
+/// The 32-byte keys an event p-tags.
+pub fn p_tags(event: &Event) -> impl Iterator<Item = [u8; 32]> + '_ {
+    event.tags.iter().filter_map(|t| {
+        let t = t.as_slice();
+        if t.len() < 2 || t[0] != "p" {
+            return None;
+        }
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(&t[1], &mut b).ok().map(|_| b)
+    })
+}
+
+/// The NIP-40 `expiration` tag's time, if the event has a readable one.
+pub fn expiration(event: &Event) -> Option<u64> {
+    first_tag_value(event, "expiration").and_then(|v| v.parse().ok())
 }
 
 /// The first value of the first tag named `name`.

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, any_filter_matches};
-use crate::store::{EPHEMERAL_GIFT_WRAP, GIFT_WRAP, p_tags};
+use crate::event::{EPHEMERAL_GIFT_WRAP, GIFT_WRAP, p_tags};
 
 pub type ConnId = u64;
 

@@ -10,8 +10,20 @@ use tokio::sync::{mpsc, oneshot};
 use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
-use crate::replication::{Replicator, Retraction};
 use crate::store::{EventStore, WriteOutcome};
+
+/// The log replicas share, as the writer sees it (implemented by
+/// `replication::Replicator`): client events go there before they are
+/// stored here, and stored deletions clear what they delete from it.
+#[async_trait::async_trait]
+pub trait SharedLog: Send + Sync {
+    /// Publishes client events; one outcome per event, in order. An `Err`
+    /// refuses its event, which is then not stored here either.
+    async fn publish(&self, events: &[Arc<AcceptedEvent>]) -> Vec<Result<(), String>>;
+    /// A client event of this replica was stored: a deletion or a request
+    /// to vanish also clears the shared log (once, by this replica).
+    fn stored(&self, event: &AcceptedEvent);
+}
 
 /// Queue depth in front of the writer; senders wait when it is full.
 const QUEUE_DEPTH: usize = 16 * 1024;
@@ -32,18 +44,17 @@ pub struct Ingest {
 
 impl Ingest {
     /// Starts the writer thread. It ends when every [`Ingest`] handle is dropped.
-    /// With `replicator`, client events are written to Firestore before the
-    /// local store (see [`crate::replication`]); must be called inside a
-    /// Tokio runtime, which those writes use.
+    /// With `shared_log`, client events are written to it before the local
+    /// store; must be called inside a Tokio runtime, which those writes use.
     pub fn start(
         store: Arc<dyn EventStore>,
         fanout: Arc<Fanout>,
         max_batch: usize,
         metrics: Arc<Metrics>,
-        replicator: Option<Arc<Replicator>>,
+        shared_log: Option<Arc<dyn SharedLog>>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let replication = replicator.map(|r| (r, tokio::runtime::Handle::current()));
+        let replication = shared_log.map(|r| (r, tokio::runtime::Handle::current()));
         std::thread::Builder::new()
             .name("event-writer".into())
             .spawn(move || writer_loop(rx, store.as_ref(), &fanout, max_batch, &metrics, replication.as_ref()))?;
@@ -69,7 +80,7 @@ fn writer_loop(
     fanout: &Fanout,
     max_batch: usize,
     metrics: &Metrics,
-    replication: Option<&(Arc<Replicator>, tokio::runtime::Handle)>,
+    replication: Option<&(Arc<dyn SharedLog>, tokio::runtime::Handle)>,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -108,13 +119,10 @@ fn writer_loop(
                     metrics.write_seconds.observe(job.submitted.elapsed().as_secs_f64());
                     if outcome == WriteOutcome::Stored {
                         fanout.broadcast(first_seq + i as u64, &job.event);
-                        // A deletion or request to vanish a client made here
-                        // also clears the shared log (once, by this replica).
-                        if let Some((replicator, _)) = replication
+                        if let Some((shared_log, _)) = replication
                             && !job.event.replicated
-                            && let Some(retraction) = Retraction::of(&job.event)
                         {
-                            replicator.retract(retraction);
+                            shared_log.stored(&job.event);
                         }
                     }
                     let _ = job.reply.send(Ok(outcome));

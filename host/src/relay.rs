@@ -102,7 +102,7 @@ impl Relay {
             fanout.clone(),
             config.storage.max_batch_events,
             metrics.clone(),
-            replicator.clone(),
+            replicator.clone().map(|r| r as Arc<dyn crate::ingest::SharedLog>),
         )?;
         let policy = Policy::new(&config.rate_limits, &config.access);
         let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;

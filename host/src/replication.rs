@@ -36,7 +36,7 @@ use crate::fanout::Fanout;
 use crate::firestore::{
     Firestore, FirestoreError, ascending, call, field_filter, field_string, field_timestamp, run_query, string_value,
 };
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, SharedLog};
 use crate::refusal::Refusal;
 
 const COLLECTION: &str = "events";
@@ -191,7 +191,7 @@ impl Replicator {
                 }
             }
             if !ephemeral.is_empty()
-                && let Some(Err(e)) = this.publish(&ephemeral).await.into_iter().find(Result::is_err)
+                && let Some(Err(e)) = this.publish_events(&ephemeral).await.into_iter().find(Result::is_err)
             {
                 tracing::warn!(error = %e, events = ephemeral.len(), "ephemeral events were not replicated");
             }
@@ -210,8 +210,8 @@ impl Replicator {
                         Some(author) => self.fetch(id).await.is_some_and(|json| {
                             serde_json::from_str::<Event>(&json).is_ok_and(|e| {
                                 e.pubkey.to_bytes() == *author
-                                    || (e.kind.as_u16() == crate::store::GIFT_WRAP
-                                        && crate::store::p_tags(&e).any(|p| p == *author))
+                                    || (e.kind.as_u16() == crate::event::GIFT_WRAP
+                                        && crate::event::p_tags(&e).any(|p| p == *author))
                             })
                         }),
                     };
@@ -281,7 +281,7 @@ impl Replicator {
 
     /// Writes client events to Firestore; returns, per event, `Ok` or why it
     /// could not be replicated. Called from the writer thread.
-    pub async fn publish(&self, events: &[Arc<AcceptedEvent>]) -> Vec<Result<(), String>> {
+    pub async fn publish_events(&self, events: &[Arc<AcceptedEvent>]) -> Vec<Result<(), String>> {
         let mut results = Vec::with_capacity(events.len());
         for chunk in events.chunks(MAX_WRITES_PER_COMMIT) {
             let writes: Vec<fs::Write> = chunk.iter().map(|e| self.write(e)).collect();
@@ -477,3 +477,18 @@ impl Replicator {
         field_string(&doc, "json").map(str::to_owned)
     }
 }
+
+/// The writer's view of replication (see [`SharedLog`]).
+#[async_trait]
+impl SharedLog for Replicator {
+    async fn publish(&self, events: &[Arc<AcceptedEvent>]) -> Vec<Result<(), String>> {
+        self.publish_events(events).await
+    }
+
+    fn stored(&self, event: &AcceptedEvent) {
+        if let Some(retraction) = Retraction::of(event) {
+            self.retract(retraction);
+        }
+    }
+}
+

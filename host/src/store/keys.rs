@@ -7,7 +7,7 @@
 
 use nostr::event::Event;
 
-use crate::event::{KindClass, d_tag, kind_class};
+use crate::event::{KindClass, d_tag, expiration, kind_class};
 
 pub const EVENT: u8 = b'E'; // id -> canonical JSON
 pub const CREATED: u8 = b'C'; // time order over everything
@@ -151,11 +151,6 @@ pub fn parse_index_value(v: &[u8]) -> (u16, Option<u64>) {
     // Zero means none: an event expiring at time 0 is refused on arrival.
     let exp = v.get(2..10).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).filter(|e| *e != 0);
     (kind, exp)
-}
-
-/// The NIP-40 `expiration` tag's time, if the event has a readable one.
-pub fn expiration(event: &Event) -> Option<u64> {
-    crate::event::first_tag_value(event, "expiration").and_then(|v| v.parse().ok())
 }
 
 /// Every index key of `event` (not the event record or its address slot).

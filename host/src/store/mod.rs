@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nostr::event::Event;
 
-use crate::event::AcceptedEvent;
+use crate::event::{AcceptedEvent, EPHEMERAL_GIFT_WRAP, GIFT_WRAP, expiration, p_tags};
 use crate::filter::Filter;
 
 pub use sled_store::SledEventStore;
@@ -23,10 +23,6 @@ pub enum StoreError {
     Corrupt { id: String, reason: String },
 }
 
-/// Kind of NIP-59 gift wraps, served only to their recipients by default.
-pub const GIFT_WRAP: u16 = 1059;
-/// Ephemeral gift wraps.
-pub const EPHEMERAL_GIFT_WRAP: u16 = 21059;
 
 /// Who is reading, for the rules that hide stored events from some readers.
 #[derive(Debug, Clone)]
@@ -67,7 +63,7 @@ impl ReadAccess {
     /// Whether this reader may see `event`.
     pub fn can_see(&self, event: &Event) -> bool {
         let kind = event.kind.as_u16();
-        match self.may_see(kind, keys::expiration(event)) {
+        match self.may_see(kind, expiration(event)) {
             Some(decided) => decided,
             None => {
                 let GiftWrapAccess::Recipients(readers) = &self.gift_wraps else { return true };
@@ -75,18 +71,6 @@ impl ReadAccess {
             }
         }
     }
-}
-
-/// The 32-byte keys an event p-tags.
-pub fn p_tags(event: &Event) -> impl Iterator<Item = [u8; 32]> + '_ {
-    event.tags.iter().filter_map(|t| {
-        let t = t.as_slice();
-        if t.len() < 2 || t[0] != "p" {
-            return None;
-        }
-        let mut b = [0u8; 32];
-        hex::decode_to_slice(&t[1], &mut b).ok().map(|_| b)
-    })
 }
 
 /// What happened to one event of a written batch.

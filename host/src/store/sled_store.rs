@@ -10,7 +10,8 @@ use nostr::event::Event;
 
 use super::keys;
 use super::query::{EntryStream, MergedScan, Ordered, Plan, UnionMerge, bounds, plan};
-use super::{EventStore, GIFT_WRAP, ReadAccess, StoreError, StoredEvent, Tombstone, WriteOutcome, p_tags};
+use super::{EventStore, ReadAccess, StoreError, StoredEvent, Tombstone, WriteOutcome};
+use crate::event::{GIFT_WRAP, expiration, p_tags};
 use crate::event::AcceptedEvent;
 use crate::filter::{Filter, filter_matches};
 
@@ -74,7 +75,7 @@ impl<'a> PendingBatch<'a> {
         for k in keys::index_keys(event) {
             self.put(k, value.clone());
         }
-        if let Some(exp) = keys::expiration(event) {
+        if let Some(exp) = expiration(event) {
             self.put(keys::expiration_key(exp, &id), vec![]);
         }
         if let Some(slot) = keys::address_of(event) {
@@ -93,7 +94,7 @@ impl<'a> PendingBatch<'a> {
         for k in keys::index_keys(event) {
             self.remove(k);
         }
-        if let Some(exp) = keys::expiration(event) {
+        if let Some(exp) = expiration(event) {
             self.remove(keys::expiration_key(exp, &id));
         }
         if let Some(slot) = keys::address_of(event)
