@@ -646,8 +646,7 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for p in &self.plugins {
-            crate::metadata::validate_namespace(&p.name)
-                .map_err(|e| ConfigError::OutOfRange(format!("plugins.name: {e}")))?;
+            validate_plugin_name(&p.name).map_err(|e| ConfigError::OutOfRange(format!("plugins.name: {e}")))?;
             if !names.insert(p.name.as_str()) {
                 return Err(ConfigError::OutOfRange(format!("plugins: the name '{}' is used twice", p.name)));
             }
@@ -667,6 +666,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// What plugin names may be: each names the plugin's key-value namespace
+/// (sled tree, Firestore document prefix) as well.
+fn validate_plugin_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok { Ok(()) } else { Err(format!("'{name}' is not a valid name (1-64 characters of a-z, 0-9, '-', '_')")) }
 }
 
 #[cfg(test)]

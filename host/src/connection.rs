@@ -21,7 +21,8 @@ use nostr::event::Event;
 use serde_json::value::RawValue;
 
 use crate::config::GiftWrapPolicy;
-use crate::event::{AcceptedEvent, KindClass, is_vanish_request_for, kind_class, normalize_url, read_event, unix_now};
+use crate::event::GIFT_WRAP;
+use crate::event::{AcceptedEvent, KindClass, is_vanish_request_for, kind_class, read_event, unix_now};
 use crate::fanout::{ConnId, Delivery};
 use crate::filter::{Filter, FilterLimits, any_filter_matches};
 use crate::ingest::WriteResult;
@@ -30,7 +31,6 @@ use crate::metrics::Verb;
 use crate::plugin::{Caller, ReadPurpose};
 use crate::refusal::Refusal;
 use crate::relay::Relay;
-use crate::event::GIFT_WRAP;
 use crate::store::{GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
 
 /// What this connection remembers of one of its subscriptions.
@@ -45,11 +45,6 @@ struct LocalSub {
 }
 
 type PendingOk = std::pin::Pin<Box<dyn std::future::Future<Output = (String, WriteResult)> + Send>>;
-
-/// Kind of NIP-42 authentication events.
-const AUTH_KIND: u16 = 22242;
-/// How far an AUTH event's `created_at` may be from now.
-const AUTH_WINDOW_SECONDS: u64 = 600;
 
 pub struct Connection<S> {
     id: ConnId,
@@ -374,7 +369,7 @@ where
     /// The relay's rules for a verified event, then the plugins'. `Err` is
     /// the `OK false` message.
     async fn admit(&mut self, event: &Event) -> Result<(), Refusal> {
-        if event.kind.as_u16() == AUTH_KIND {
+        if event.kind.as_u16() == crate::auth::CLIENT_AUTH_KIND {
             return Err(Refusal::invalid(
                 "kind 22242 authenticates a connection; send it in an AUTH message, not EVENT",
             ));
@@ -411,25 +406,8 @@ where
             }
         };
         let id = event.id.to_hex();
-        let tag = |name: &str| {
-            event.tags.iter().map(|t| t.as_slice()).find(|t| t.len() >= 2 && t[0] == name).map(|t| t[1].clone())
-        };
-        let created_at = event.created_at.as_secs();
-        let refusal = if event.kind.as_u16() != AUTH_KIND {
-            Some(Refusal::invalid(format!("AUTH takes a kind {AUTH_KIND} event")))
-        } else if tag("challenge").as_deref() != Some(self.challenge.as_str()) {
-            Some(Refusal::invalid("the challenge does not match the one this connection was given"))
-        } else if tag("relay").map(|r| normalize_url(&r)) != Some(normalize_url(&self.relay.config.server.public_url)) {
-            Some(Refusal::invalid(format!(
-                "the relay tag must be this relay's URL, {}",
-                self.relay.config.server.public_url
-            )))
-        } else if created_at.abs_diff(now) > AUTH_WINDOW_SECONDS {
-            Some(Refusal::invalid("the AUTH event's created_at must be within 10 minutes of now"))
-        } else {
-            None
-        };
-        if let Some(refusal) = refusal {
+        let public_url = &self.relay.config.server.public_url;
+        if let Err(refusal) = crate::auth::check_client_auth(&event, &self.challenge, public_url, now) {
             return self.feed(message::ok_refused(&id, &refusal)).await;
         }
         let pubkey = event.pubkey.to_bytes();

@@ -27,18 +27,31 @@ impl AcceptedEvent {
     }
 }
 
-/// A relay URL compared loosely: scheme and host case, trailing slash.
-pub fn normalize_url(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_ascii_lowercase()
+/// Whether two relay URLs name the same relay: `ws`/`http` and
+/// `wss`/`https` alike, case and a trailing slash ignored.
+pub fn same_relay_url(a: &str, b: &str) -> bool {
+    canonical_url(a) == canonical_url(b)
+}
+
+fn canonical_url(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/').to_ascii_lowercase();
+    if let Some(rest) = url.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = url.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else {
+        url
+    }
 }
 
 /// Whether `event` is a NIP-62 request to vanish that names the relay at
 /// `public_url` (or all relays) in a `relay` or `r` tag.
 pub fn is_vanish_request_for(event: &Event, public_url: &str) -> bool {
-    let ours = normalize_url(public_url);
     event.kind.as_u16() == 62
         && event.tags.iter().map(|t| t.as_slice()).any(|t| {
-            t.len() >= 2 && (t[0] == "relay" || t[0] == "r") && (t[1] == "ALL_RELAYS" || normalize_url(&t[1]) == ours)
+            t.len() >= 2
+                && (t[0] == "relay" || t[0] == "r")
+                && (t[1] == "ALL_RELAYS" || same_relay_url(&t[1], public_url))
         })
 }
 

@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{Notify, mpsc};
 
 use crate::event::AcceptedEvent;
-use crate::filter::{Filter, any_filter_matches};
 use crate::event::{EPHEMERAL_GIFT_WRAP, GIFT_WRAP, p_tags};
+use crate::filter::{Filter, any_filter_matches};
 
 pub type ConnId = u64;
 

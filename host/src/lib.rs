@@ -23,6 +23,7 @@
 //! - [`tools`]: offline operator tools (plugin check, export, import).
 
 pub mod admin;
+pub mod auth;
 pub mod capacity;
 pub mod client_address;
 pub mod config;
@@ -36,6 +37,7 @@ pub mod message;
 pub mod metadata;
 pub mod metrics;
 pub mod nip11;
+pub mod operator_lists;
 pub mod plugin;
 pub mod policy;
 pub mod refusal;
@@ -46,4 +48,5 @@ pub mod store;
 pub mod tools;
 
 pub use config::Config;
-pub use relay::{BoundRelay, Relay};
+pub use relay::Relay;
+pub use server::BoundRelay;

@@ -1,11 +1,9 @@
 //! The running relay's shared state and its start-up: opens the store, starts
 //! the writer, binds the listener and serves until shut down.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use anyhow::Context;
@@ -45,7 +43,7 @@ pub struct Relay {
     /// Open connections, per client and in total.
     pub connections: crate::capacity::ConnectionCounter,
     /// NIP-98 events already used on the management API.
-    pub admin_replays: crate::admin::SpentAuthEvents,
+    pub admin_replays: crate::auth::SpentAuthEvents,
     next_connection: AtomicU64,
 }
 
@@ -105,7 +103,7 @@ impl Relay {
             replicator.clone().map(|r| r as Arc<dyn crate::ingest::SharedLog>),
         )?;
         let policy = Policy::new(&config.rate_limits, &config.access);
-        let lists = crate::admin::load_lists(metadata.as_ref()).await.context("loading the operator's lists")?;
+        let lists = crate::operator_lists::load(metadata.as_ref()).await.context("loading the operator's lists")?;
         policy.update_operator_lists(|l| *l = lists);
         let connections = crate::capacity::ConnectionCounter::new(
             config.limits.max_connections,
@@ -178,7 +176,7 @@ impl Relay {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 let Some(relay) = weak.upgrade() else { return };
-                match crate::admin::load_lists(relay.metadata.as_ref()).await {
+                match crate::operator_lists::load(relay.metadata.as_ref()).await {
                     Ok(lists) => {
                         let known = relay.policy.operator_lists().banned_events;
                         let newly_banned: Vec<String> =
@@ -200,38 +198,6 @@ impl Relay {
 
     pub fn next_connection_id(&self) -> ConnId {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// A bound relay, ready to serve.
-pub struct BoundRelay {
-    relay: Arc<Relay>,
-    listener: TcpListener,
-}
-
-impl BoundRelay {
-    pub async fn bind(mut config: Config) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(config.server.bind)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.bind))?;
-        if config.server.public_url.is_empty() {
-            config.server.public_url = format!("ws://{}", listener.local_addr()?);
-        }
-        let relay = Relay::open(config).await?;
-        Ok(Self { relay, listener })
-    }
-
-    pub fn relay(&self) -> &Arc<Relay> {
-        &self.relay
-    }
-
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Serves until `shutdown` turns true.
-    pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        crate::server::serve(self.listener, self.relay, shutdown).await
     }
 }
 

@@ -491,4 +491,3 @@ impl SharedLog for Replicator {
         }
     }
 }
-

@@ -20,6 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::config::Config;
 use crate::connection::Connection;
 use crate::relay::Relay;
 
@@ -157,7 +158,7 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
     };
     let metadata_ok = match tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        relay.metadata.get(crate::admin::NAMESPACE, "ready-probe"),
+        relay.metadata.get(crate::operator_lists::NAMESPACE, "ready-probe"),
     )
     .await
     {
@@ -218,7 +219,12 @@ async fn management(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAdd
         json_response(status, crate::admin::CONTENT_TYPE, serde_json::json!({ "error": message }))
     };
     let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let admin = match crate::admin::authorize_header(&relay, auth, crate::event::unix_now()) {
+    let identity = crate::auth::RelayIdentity {
+        admins: &relay.config.admin.pubkeys,
+        public_url: &relay.config.server.public_url,
+        spent: &relay.admin_replays,
+    };
+    let admin = match crate::auth::authorize_header(&identity, auth, crate::event::unix_now()) {
         Ok(admin) => admin,
         Err(e) => {
             tracing::info!(%remote, error = %e, "management API call refused");
@@ -244,7 +250,7 @@ async fn management(req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAdd
             );
         }
     };
-    if let Err(e) = crate::admin::authorize_body(&relay, &admin, &body) {
+    if let Err(e) = crate::auth::authorize_body(&relay.admin_replays, &admin, &body) {
         tracing::info!(%remote, error = %e, "management API call refused");
         return refuse(StatusCode::UNAUTHORIZED, e.to_string());
     }
@@ -321,4 +327,35 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::default())
         .expect("static response parts")
+}
+/// A bound relay, ready to serve.
+pub struct BoundRelay {
+    relay: Arc<Relay>,
+    listener: TcpListener,
+}
+
+impl BoundRelay {
+    pub async fn bind(mut config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.server.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.bind))?;
+        if config.server.public_url.is_empty() {
+            config.server.public_url = format!("ws://{}", listener.local_addr()?);
+        }
+        let relay = Relay::open(config).await?;
+        Ok(Self { relay, listener })
+    }
+
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` turns true.
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        serve(self.listener, self.relay, shutdown).await
+    }
 }

@@ -89,14 +89,6 @@ pub fn validate_value(value: &[u8]) -> Result<(), KvError> {
     Ok(())
 }
 
-/// Namespace names: what plugin names may be.
-pub fn validate_namespace(ns: &str) -> Result<(), String> {
-    let ok = !ns.is_empty()
-        && ns.len() <= 64
-        && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok { Ok(()) } else { Err(format!("'{ns}' is not a valid name (1-64 characters of a-z, 0-9, '-', '_')")) }
-}
-
 fn validate_transaction(conditions: &[Condition], writes: &[Write]) -> Result<(), KvError> {
     for c in conditions {
         validate_key(&c.key)?;

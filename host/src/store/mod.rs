@@ -23,7 +23,6 @@ pub enum StoreError {
     Corrupt { id: String, reason: String },
 }
 
-
 /// Who is reading, for the rules that hide stored events from some readers.
 #[derive(Debug, Clone)]
 pub struct ReadAccess {

@@ -11,8 +11,8 @@ use nostr::event::Event;
 use super::keys;
 use super::query::{EntryStream, MergedScan, Ordered, Plan, UnionMerge, bounds, plan};
 use super::{EventStore, ReadAccess, StoreError, StoredEvent, Tombstone, WriteOutcome};
-use crate::event::{GIFT_WRAP, expiration, p_tags};
 use crate::event::AcceptedEvent;
+use crate::event::{GIFT_WRAP, expiration, p_tags};
 use crate::filter::{Filter, filter_matches};
 
 pub struct SledEventStore {
