@@ -1,11 +1,14 @@
 //! wasm-relay: a Nostr relay whose behaviour is extended by WebAssembly
 //! components.
 //!
-//! Where things live:
+//! Where things live (ARCHITECTURE.md at the repository root has the
+//! layers and the path of an EVENT and a REQ):
 //! - [`config`]: configuration (defaults, TOML file, environment).
 //! - [`message`]: the NIP-01 wire format; the only place a [`refusal`]
 //!   becomes text.
-//! - [`event`]: checking incoming events; kind classes.
+//! - [`refusal`]: why the relay says no, as a typed value.
+//! - [`event`]: checking incoming events; kind classes and NIP facts (gift
+//!   wraps, expiration, relay URLs).
 //! - [`filter`]: NIP-01 filters and `filter_matches`.
 //! - [`store`]: the event store trait, the sled engine and the query engine.
 //! - [`ingest`]: the group-commit write path.
@@ -19,7 +22,9 @@
 //!   client (and the relay) may hold; [`client_address`]: which address a
 //!   client is known by (behind a proxy, the one its header names).
 //! - [`relay`]: shared state and start-up.
-//! - [`metrics`]: Prometheus metrics; [`admin`]: the NIP-86 management API.
+//! - [`auth`]: NIP-42 and NIP-98 checks; [`admin`]: the NIP-86 management
+//!   API; [`operator_lists`]: the operator's lists as stored.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`tools`]: offline operator tools (plugin check, export, import).
 
 pub mod admin;
