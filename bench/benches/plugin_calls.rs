@@ -37,15 +37,15 @@ fn host(rt: &tokio::runtime::Runtime, dir: &std::path::Path, name: &str, file: &
             config.settings.insert("requests_per_hour".into(), wasm_relay::config::SettingValue::Integer(0));
         }
         let configs = [config];
-        PluginHost::start(
-            &configs,
-            dir.join("cache"),
+        PluginHost::start(wasm_relay::plugin::PluginHostSetup {
+            configs: &configs,
+            cache_dir: dir.join("cache"),
             metadata,
             events,
-            Arc::new(Fanout::new(true)),
-            5000,
-            Arc::new(Metrics::new()),
-        )
+            fanout: Arc::new(Fanout::new(true)),
+            max_results: 5000,
+            metrics: Arc::new(Metrics::new()),
+        })
         .await
         .unwrap()
     })

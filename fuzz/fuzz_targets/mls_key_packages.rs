@@ -40,15 +40,15 @@ fn gateway() -> &'static Gateway {
             let mut config = PluginConfig::new("mls-gateway", wasm);
             config.call_timeout_ms = 1000;
             let configs = [config];
-            PluginHost::start(
-                &configs,
-                dir.join("cache"),
+            PluginHost::start(wasm_relay::plugin::PluginHostSetup {
+                configs: &configs,
+                cache_dir: dir.join("cache"),
                 metadata,
                 events,
-                Arc::new(Fanout::new(true)),
-                5000,
-                Arc::new(Metrics::new()),
-            )
+                fanout: Arc::new(Fanout::new(true)),
+                max_results: 5000,
+                metrics: Arc::new(Metrics::new()),
+            })
             .await
             .unwrap()
         });

@@ -81,15 +81,15 @@ impl Relay {
         } else {
             config.plugin_runtime.cache_dir.clone()
         };
-        let plugins = PluginHost::start(
-            &config.plugins,
+        let plugins = PluginHost::start(crate::plugin::PluginHostSetup {
+            configs: &config.plugins,
             cache_dir,
-            metadata.clone(),
-            store.clone(),
-            fanout.clone(),
-            config.limits.max_limit,
-            metrics.clone(),
-        )
+            metadata: metadata.clone(),
+            events: store.clone(),
+            fanout: fanout.clone(),
+            max_results: config.limits.max_limit,
+            metrics: metrics.clone(),
+        })
         .await?;
         if config.plugin_runtime.watch && !plugins.is_empty() {
             plugins.watch_files().context("watching plugin files")?;

@@ -291,7 +291,7 @@ pub struct LoadedPlugin {
     max_instances: usize,
 }
 
-type CallFuture<'a, R> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>>;
+pub type CallFuture<'a, R> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<R>> + Send + 'a>>;
 
 impl CallLimits {
     fn budget(&self) -> Duration {
