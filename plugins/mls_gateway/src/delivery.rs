@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use wasm_relay_plugin_sdk::*;
 
-use crate::index::{MAX_ATTEMPTS, OwnerState, Record, increment};
+use crate::counters::increment;
+use crate::index::{MAX_ATTEMPTS, OwnerState, Record};
 use crate::{KIND_KEY_PACKAGE, KIND_KEY_PACKAGE_ADDRESSABLE, Settings};
 
 fn refuse(kind: RefusalKind, message: String) -> ReqResult {

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use wasm_relay_plugin_sdk::*;
 
+use crate::counters;
 use crate::rules::KeyPackageFacts;
 use crate::{KIND_KEY_PACKAGE_ADDRESSABLE, Refused, Settings};
 
@@ -198,17 +199,6 @@ pub fn apply_deletion(event: &Event) -> Result<(), Refused> {
     Err(Refused { kind: RefusalKind::Error, message: "the KeyPackage index is busy; retry".into(), counter: "busy" })
 }
 
-/// Adds one to a counter key; returns the new value.
-pub fn increment(key: &str) -> Result<u64, KvError> {
-    loop {
-        let current = kv::get(key)?;
-        let n: u64 = current.as_deref().and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()).unwrap_or(0) + 1;
-        if store::compare_and_swap(key, current.as_deref(), Some(n.to_string().as_bytes()))? {
-            return Ok(n);
-        }
-    }
-}
-
 /// Entries housekeeping reads per prefix per tick: however large the index
 /// grows, one tick stays well inside the plugin's CPU budget, and the next
 /// tick continues where this one stopped.
@@ -219,8 +209,8 @@ const SWEEP_CURSOR_KEY: &str = "hk/kp-cursor";
 /// Expires KeyPackages and drops counters of past windows, a page at a time.
 pub fn housekeeping(now: u64) {
     expire_page(now);
-    prune_windows("rl/", now / 3600);
-    prune_windows("rate445/", now / 60);
+    counters::prune_windows("rl/", now / 3600, HOUSEKEEPING_ENTRIES_PER_TICK);
+    counters::prune_windows("rate445/", now / 60, HOUSEKEEPING_ENTRIES_PER_TICK);
 }
 
 /// Expires the KeyPackages in the next page of the index.
@@ -260,20 +250,4 @@ fn expire_page(now: u64) {
         // The end of the index: the next sweep starts over.
         _ => kv::delete(SWEEP_CURSOR_KEY),
     };
-}
-
-/// Deletes `<prefix><window>/...` keys of windows before `current`, at most
-/// a page per tick. Keys sort by window, so the old ones come first and the
-/// scan stops at the first current one.
-fn prune_windows(prefix: &str, current: u64) {
-    let Ok(page) = kv::scan_prefix(prefix, None, HOUSEKEEPING_ENTRIES_PER_TICK) else { return };
-    for (key, _) in page {
-        let window = key[prefix.len()..].split('/').next().and_then(|w| w.parse::<u64>().ok());
-        match window {
-            Some(w) if w >= current => break,
-            _ => {
-                let _ = kv::delete(&key);
-            }
-        }
-    }
 }

@@ -48,6 +48,7 @@
 // hooks (the component export is wasm-only).
 #![cfg_attr(not(target_family = "wasm"), allow(dead_code))]
 
+mod counters;
 mod delivery;
 mod index;
 mod key_package;

@@ -131,7 +131,7 @@ pub fn check_group_message(
     }
     if settings.group_messages_per_minute > 0 && !counted_elsewhere {
         let key = format!("rate445/{}/{}", now / 60, group.to_ascii_lowercase());
-        let n = crate::index::increment(&key).map_err(|e| Refused {
+        let n = crate::counters::increment(&key).map_err(|e| Refused {
             kind: RefusalKind::Error,
             message: format!("the relay could not check the group's rate: {e}"),
             counter: "store_error",
