@@ -29,7 +29,7 @@ use crate::ingest::WriteResult;
 use crate::message::{self, ClientMessage, Parsed};
 use crate::metrics::Verb;
 use crate::plugin::{Caller, ReadPurpose};
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, RefusalKind};
 use crate::relay::Relay;
 use crate::store::{GiftWrapAccess, ReadAccess, StoredEvent, WriteOutcome};
 
@@ -741,18 +741,22 @@ struct InitialSend {
 }
 
 fn ok_reply(id: &str, result: WriteResult) -> String {
-    match result {
-        Ok(WriteOutcome::Stored) => message::ok(id, true, ""),
-        Ok(WriteOutcome::Duplicate) => message::ok(id, true, "duplicate: this event is already stored"),
+    let refusal = match result {
+        Ok(WriteOutcome::Stored) => return message::ok(id, true, ""),
+        // Accepted: NIP-01 lets `OK true` carry the `duplicate:` note.
+        Ok(WriteOutcome::Duplicate) => {
+            return message::ok_noted(id, &Refusal::new(RefusalKind::Duplicate, "this event is already stored"));
+        }
         Ok(WriteOutcome::Superseded) => {
-            message::ok(id, false, "duplicate: a newer version of this replaceable event is already stored")
+            Refusal::new(RefusalKind::Duplicate, "a newer version of this replaceable event is already stored")
         }
-        Ok(WriteOutcome::Deleted) => message::ok(id, false, "blocked: its author deleted this event (NIP-09)"),
+        Ok(WriteOutcome::Deleted) => Refusal::blocked("its author deleted this event (NIP-09)"),
         Ok(WriteOutcome::Vanished) => {
-            message::ok(id, false, "blocked: its author (or recipient) asked this relay to erase it (NIP-62)")
+            Refusal::blocked("its author (or recipient) asked this relay to erase it (NIP-62)")
         }
-        Err(e) => message::ok_refused(id, &Refusal::error(e)),
-    }
+        Err(e) => Refusal::error(e),
+    };
+    message::ok_refused(id, &refusal)
 }
 
 /// The id of an EVENT message too large to process, if it can be read.

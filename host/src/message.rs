@@ -114,6 +114,12 @@ pub fn ok_refused(event_id: &str, r: &Refusal) -> String {
     ok(event_id, false, &refusal_text(r))
 }
 
+/// `["OK", id, true, "prefix: message"]`: accepted, with a note (NIP-01's
+/// `duplicate:` for an event already stored).
+pub fn ok_noted(event_id: &str, note: &Refusal) -> String {
+    ok(event_id, true, &refusal_text(note))
+}
+
 /// `["CLOSED", sub_id, "prefix: message"]`.
 pub fn closed_refused(sub_id: &str, r: &Refusal) -> String {
     closed(sub_id, &refusal_text(r))
