@@ -4,13 +4,14 @@
 Each top-level module of host/src (a file or a folder) depends on every
 module it names as `crate::<module>` outside comments and tests. Prints each
 circle (a strongly connected group of two or more modules) and exits 1 if
-there is any; `-v` also prints every module's dependencies.
+there is any; `-v` also prints every module's dependencies. HOST_SRC points
+it at another checkout's host/src.
 """
 import os
 import re
 import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "host", "src")
+ROOT = os.environ.get("HOST_SRC") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "host", "src")
 
 
 def dependencies():
