@@ -267,6 +267,23 @@ impl Client {
         c
     }
 
+    /// Connects with extra handshake headers (e.g. the `X-Forwarded-For` a
+    /// proxy in front of the relay would add).
+    pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("request");
+        for (name, value) in headers {
+            let name =
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            request.headers_mut().insert(name, value.parse().expect("header value"));
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("websocket connect");
+        let mut c = Self { ws, buffered: VecDeque::new(), challenge: String::new() };
+        let auth = c.recv().await;
+        c.challenge = auth[1].as_str().expect("challenge string").to_string();
+        c
+    }
+
     /// Connects from another loopback address (e.g. `127.0.0.2`), which the
     /// relay treats as another client IP.
     pub async fn connect_from(url: &str, local_ip: &str) -> Self {

@@ -142,11 +142,29 @@ fn names_owners(f: &Filter) -> bool {
     f.authors.is_some() || f.ids.is_some() || f.tags.iter().any(|t| t.name == "i")
 }
 
-/// Who a KeyPackage request is counted against: the connection's address,
-/// and the first NIP-42 key it proved, if any.
+/// Who a KeyPackage request is counted against: the connection's network
+/// ([`client_network`]), and the first NIP-42 key it proved, if any.
 fn requesters(ctx: &RequestContext) -> Vec<String> {
-    let ip = ctx.remote_addr.rsplit_once(':').map_or(ctx.remote_addr.as_str(), |(ip, _)| ip).to_owned();
-    std::iter::once(ip).chain(ctx.authed_pubkeys.first().cloned()).collect()
+    std::iter::once(client_network(&ctx.remote_addr)).chain(ctx.authed_pubkeys.first().cloned()).collect()
+}
+
+/// The client an address belongs to, as the relay counts clients: an IPv4
+/// address, or an IPv6 /64 (one subscriber's network; its 2^64 addresses
+/// must not be 2^64 requesters). Anything else (`replica`) as it is.
+fn client_network(remote_addr: &str) -> String {
+    use std::net::{IpAddr, SocketAddr};
+    let ip = remote_addr.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| remote_addr.parse::<IpAddr>());
+    match ip {
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        Ok(ip) => ip.to_string(),
+        Err(_) => remote_addr.to_owned(),
+    }
 }
 
 fn short(pk: &str) -> &str {
@@ -336,4 +354,18 @@ fn select(
         }
     }
     Err("the KeyPackage index is busy; retry".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_network;
+
+    #[test]
+    fn an_ipv6_network_is_one_client_and_ipv4_addresses_are_their_own() {
+        assert_eq!(client_network("[2001:db8:1:2::1]:443"), client_network("[2001:db8:1:2:ffff::9]:1"));
+        assert_ne!(client_network("[2001:db8:1:2::1]:443"), client_network("[2001:db8:1:3::1]:443"));
+        assert_eq!(client_network("203.0.113.7:5000"), "203.0.113.7");
+        assert_eq!(client_network("[::ffff:203.0.113.7]:5000"), "203.0.113.7");
+        assert_eq!(client_network("replica"), "replica");
+    }
 }

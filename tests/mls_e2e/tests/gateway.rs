@@ -898,3 +898,26 @@ async fn nip11_advertises_marmot_support_only_while_the_gateway_serves() {
     let quiet = gateway_relay(&[("nip11.supported_mips", "")]).await;
     assert!(nip11(&quiet).await.get("supported_mips").is_none());
 }
+
+#[tokio::test]
+async fn one_ipv6_network_is_one_requester_for_the_rate_limit() {
+    // Behind a proxy that names clients, as on Cloud Run; each address of a
+    // /64 is the same client, as the relay's own per-address limits count it.
+    let config = gateway_config(&plugin_path("mls_gateway.wasm"), &[("requests_per_hour", "2")]);
+    let env = [("WASM_RELAY_CLIENT_ADDRESS_HEADER", "x-forwarded-for")];
+    let relay = TestRelay::start_with(Some(&config), &env).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    for _ in 0..2 {
+        publish_ok(&mut c, &bob.key_package_shaped(&relay.url, 443, false, None, |t| t)).await;
+    }
+    for addr in ["2001:db8:1:2::1", "2001:db8:1:2::2"] {
+        let mut inviter = Client::connect_with_headers(&relay.url, &[("x-forwarded-for", addr)]).await;
+        assert!(!fetch_key_packages(&mut inviter, "kp", &[&bob.pubkey()]).await.is_empty(), "{addr}");
+    }
+    let mut same_network = Client::connect_with_headers(&relay.url, &[("x-forwarded-for", "2001:db8:1:2::3")]).await;
+    let msg = same_network.req_refused("kp", vec![json!({"kinds": [30443, 443], "authors": [bob.pubkey()]})]).await;
+    assert!(msg.starts_with("rate-limited:"), "a fresh address of the same /64 escaped the limit: {msg}");
+    let mut elsewhere = Client::connect_with_headers(&relay.url, &[("x-forwarded-for", "2001:db8:1:3::1")]).await;
+    assert!(!fetch_key_packages(&mut elsewhere, "kp", &[&bob.pubkey()]).await.is_empty());
+}
