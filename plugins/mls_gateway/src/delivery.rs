@@ -49,7 +49,9 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
     for (owner, owner_filters) in by_owner {
         match OwnerState::load(&owner) {
             Ok(state) if state.records.iter().any(|r| !r.consumed && r.expires_at > now) => {
-                by_owner_with_kps.insert(owner, owner_filters);
+                // Kept for the selection, which reads it only once more if
+                // its first commit meets a concurrent change.
+                by_owner_with_kps.insert(owner, (owner_filters, state));
             }
             Ok(_) => {}
             Err(e) => {
@@ -105,11 +107,12 @@ pub fn answer(ctx: &RequestContext, filters: &[Filter], settings: &Settings, now
     // anything is consumed.
     let mut room = request_room(filters.iter().filter(|f| reaches_kps(f)), settings);
     let mut ids = Vec::new();
-    for (owner, owner_filters) in &by_owner {
+    for (owner, (owner_filters, state)) in by_owner {
         if room == 0 {
             break; // the owners left over consume nothing
         }
-        match select(owner, owner_filters, settings, now, consuming && !is_owner(owner), room) {
+        let consuming = consuming && !is_owner(&owner);
+        match select(state, &owner_filters, settings, now, consuming, room) {
             Ok(selected) => {
                 room -= selected.len();
                 ids.extend(selected);
@@ -237,12 +240,12 @@ enum Device {
     LegacyPool,
 }
 
-/// Chooses and (for an inviter's REQ) consumes `owner`'s KeyPackages for
-/// `filters` by the per-device rule in the crate docs, at most `room` of
-/// them. Without `consuming` (a COUNT, or the owner itself) every matching
+/// Chooses and (for an inviter's REQ) consumes the KeyPackages of `state`'s
+/// owner (as the caller read it) for `filters` by the per-device rule in the
+/// crate docs, at most `room` of them. Without `consuming` (a COUNT, or the owner itself) every matching
 /// live KeyPackage is listed and none is consumed.
 fn select(
-    owner: &str,
+    state: OwnerState,
     filters: &[&Filter],
     settings: &Settings,
     now: u64,
@@ -251,9 +254,16 @@ fn select(
 ) -> Result<Vec<String>, String> {
     // Stored events, looked up once per request, not again on every retry.
     let mut held_events: BTreeMap<String, Option<Event>> = BTreeMap::new();
+    let owner = state.owner.clone();
+    let owner = owner.as_str();
+    let mut already_read = Some(state);
     for _ in 0..MAX_ATTEMPTS {
-        let state =
-            OwnerState::load(owner).map_err(|e| format!("KeyPackage index unavailable ({e:?}); retry later"))?;
+        let state = match already_read.take() {
+            Some(state) => state,
+            None => {
+                OwnerState::load(owner).map_err(|e| format!("KeyPackage index unavailable ({e:?}); retry later"))?
+            }
+        };
         let live: Vec<&Record> = state.records.iter().filter(|r| !r.consumed && r.expires_at > now).collect();
         if !consuming {
             let mut ids: Vec<String> = live
