@@ -2,7 +2,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
 
-.PHONY: all run build plugins test-plugins wasm-target test lint fmt clean bench profile fuzz
+.PHONY: all run build plugins test-plugins wasm-target test lint fmt clean bench peers profile fuzz
 
 all: build
 
@@ -51,6 +51,7 @@ test: test-plugins
 # One cargo build makes the relay, the load generator and the criterion
 # executable, which then runs directly (`cargo bench` would build it again).
 bench: plugins
+	@if [ -z "$(ONLY)" ] || [ "$(ONLY)" = peer ]; then $(MAKE) --no-print-directory peers; fi
 	$(CARGO) build --release -p wasm-relay -p relay-bench --bins --benches
 	@if [ "$(ONLY)" != "calls" ]; then ./target/release/relay-bench $(ONLY); fi
 	@if [ -z "$(ONLY)" ] || [ "$(ONLY)" = "calls" ]; then \
@@ -58,6 +59,22 @@ bench: plugins
 			| grep -o '"executable":"[^"]*plugin_calls[^"]*"' | cut -d'"' -f4); \
 		[ -x "$$exe" ] || { echo "error: the plugin_calls benchmark was not built"; exit 1; }; \
 		"$$exe" --bench --warm-up-time 1 --measurement-time 3; fi
+
+# The peer side of `make bench ONLY=peer`: rnostr (a relay) and nostr-bench
+# (the public load client), pinned, from crates.io into target/peers, built
+# only when missing. Versions here and in bench/src/peer.rs agree.
+PEERS := target/peers/bin
+RNOSTR_VERSION := 0.4.8
+NOSTR_BENCH_VERSION := 0.4.0
+peers: $(PEERS)/rnostr $(PEERS)/nostr-bench
+# rnostr always compiles its search extension, whose CJK dictionaries
+# (lindera) download from outside crates.io at build time; DOCS_RS makes
+# lindera build stub dictionaries instead. Search is off in the bench's
+# rnostr config, so the relay measured is unchanged.
+$(PEERS)/rnostr:
+	DOCS_RS=1 $(CARGO) install --locked --root target/peers --version $(RNOSTR_VERSION) rnostr
+$(PEERS)/nostr-bench:
+	$(CARGO) install --locked --root target/peers --version $(NOSTR_BENCH_VERSION) nostr-bench
 
 # Where the relay's CPU goes under one bench scenario (perf; a flamegraph too
 # when inferno is installed): `make profile ONLY=ingest`, ONLY=query with

@@ -17,7 +17,9 @@ use crate::workspace_root;
 pub struct RelayProcess {
     child: Child,
     pub url: String,
+    /// The config file, and the data directory unless the caller owns it.
     _dir: tempfile::TempDir,
+    data_dir: std::path::PathBuf,
 }
 
 /// Configuration for a benchmarked relay: limits off, optional plugins.
@@ -42,6 +44,16 @@ impl RelayProcess {
         let data_dir = dir.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
         prepare(&data_dir);
+        Self::start_on(config, dir, data_dir).await
+    }
+
+    /// Starts the release binary on `data_dir`, which outlives it (a
+    /// restart, or a store grown between runs).
+    pub async fn start_in(config: &str, data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_on(config, tempfile::tempdir()?, data_dir.to_path_buf()).await
+    }
+
+    async fn start_on(config: &str, dir: tempfile::TempDir, data_dir: std::path::PathBuf) -> anyhow::Result<Self> {
         let cfg = dir.path().join("relay.toml");
         std::fs::write(&cfg, config)?;
         let bin = workspace_root().join("target/release/wasm-relay");
@@ -64,7 +76,18 @@ impl RelayProcess {
         let url = line.strip_prefix("wasm-relay listening on ").unwrap_or_default().to_string();
         anyhow::ensure!(!url.is_empty(), "relay did not start");
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { child, url, _dir: dir })
+        Ok(Self { child, url, _dir: dir, data_dir })
+    }
+
+    /// The relay's `--data-dir`.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.data_dir.clone()
+    }
+
+    /// SIGKILL, as a crash would end it; returns once it is gone.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
@@ -85,6 +108,35 @@ pub fn rss_of(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident memory of `pid` since it started, in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes allocated on disk under `dir` (what `du` reports).
+pub fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
 }
 
 pub struct Conn {

@@ -4,6 +4,9 @@
 //! Benchmarks are not tests: nothing here asserts a timing.
 
 mod client;
+mod peer;
+mod scale;
+mod sled_floor;
 mod scenarios;
 
 use std::path::PathBuf;

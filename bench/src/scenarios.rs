@@ -17,30 +17,45 @@ use wasm_relay::store::{EventStore, SledEventStore};
 use crate::client::{Conn, RelayProcess, bench_config, rss_of};
 use crate::{RUN_TIME, RUNS, Row, median, percentile_ms, workspace_root};
 
-const INGEST_POOL_PER_RUN: usize = 40_000;
+pub(crate) const INGEST_POOL_PER_RUN: usize = 40_000;
 const QUERY_STORE_EVENTS: usize = 100_000;
 const TAGS: usize = 1000;
 const AUTHORS: usize = 1000;
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     Timestamp::now().as_secs()
 }
 
-/// Signs `n` events on all cores; `make(i, keys)` builds event `i`.
-fn sign_many(n: usize, keys: &[Keys], make: impl Fn(usize) -> (u16, String, Vec<Vec<String>>) + Sync) -> Vec<Event> {
+/// Signs `n` events on all cores; `make(i)` builds event `i`, signed by
+/// `keys[i % keys.len()]`, created `i % 10,000` seconds ago.
+pub(crate) fn sign_many(
+    n: usize,
+    keys: &[Keys],
+    make: impl Fn(usize) -> (u16, String, Vec<Vec<String>>) + Sync,
+) -> Vec<Event> {
+    sign_many_at(n, keys, make, |i| now() - (i % 10_000) as u64)
+}
+
+/// [`sign_many`] with `created_at(i)` as event `i`'s time.
+pub(crate) fn sign_many_at(
+    n: usize,
+    keys: &[Keys],
+    make: impl Fn(usize) -> (u16, String, Vec<Vec<String>>) + Sync,
+    created_at: impl Fn(usize) -> u64 + Sync,
+) -> Vec<Event> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunk = n.div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let make = &make;
+                let (make, created_at) = (&make, &created_at);
                 s.spawn(move || {
                     (t * chunk..((t + 1) * chunk).min(n))
                         .map(|i| {
                             let (kind, content, tags) = make(i);
                             EventBuilder::new(Kind::from(kind), content)
                                 .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))
-                                .custom_created_at(Timestamp::from(now() - (i % 10_000) as u64))
+                                .custom_created_at(Timestamp::from(created_at(i)))
                                 .finalize(&keys[i % keys.len()])
                                 .unwrap()
                         })
@@ -52,7 +67,7 @@ fn sign_many(n: usize, keys: &[Keys], make: impl Fn(usize) -> (u16, String, Vec<
     })
 }
 
-fn keys(n: usize) -> Vec<Keys> {
+pub(crate) fn keys(n: usize) -> Vec<Keys> {
     (0..n).map(|_| Keys::generate()).collect()
 }
 
@@ -110,6 +125,15 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
         rows.push(ingest_row(300, " (MLS gateway loaded)", ">= 10000/s, p99 < 50 ms", gw));
         let ratio = gw.0 / none.0.max(1.0);
         rows.push(row("plugin overhead, ingest (gateway / none)", format!("{ratio:.2}"), ">= 0.90", json!(ratio)));
+    }
+    if want("disk") {
+        rows.extend(crate::sled_floor::disk_floor()?);
+    }
+    if want("scale") {
+        rows.extend(crate::scale::growth().await?);
+    }
+    if want("peer") {
+        rows.extend(crate::peer::compare().await?);
     }
     if want("query") {
         eprintln!("preparing a store of {QUERY_STORE_EVENTS} events...");
@@ -345,7 +369,7 @@ fn schnorr_verify_rate() -> f64 {
 
 /// One request of a closed-loop client (the next is sent when this one is
 /// answered): `Some(ok)`, or `None` to end the run early.
-trait Request: Send + Sync + 'static {
+pub(crate) trait Request: Send + Sync + 'static {
     fn send(&self, c: &mut Conn, run: usize, client: usize, i: usize) -> impl Future<Output = Option<bool>> + Send;
 }
 
@@ -358,7 +382,7 @@ struct ClosedLoop<R> {
 }
 
 /// One run's rate of answered requests and latency p50/p99 (ms).
-type RunFigures = (f64, f64, f64);
+pub(crate) type RunFigures = (f64, f64, f64);
 
 impl<R: Request> ClosedLoop<R> {
     async fn connect(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<Self> {
@@ -413,7 +437,7 @@ fn medians(runs: Vec<RunFigures>) -> RunFigures {
 }
 
 /// `RUNS` timed runs of `request` on `conns` connections: the medians.
-async fn closed_loop<R: Request>(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<RunFigures> {
+pub(crate) async fn closed_loop<R: Request>(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<RunFigures> {
     let mut load = ClosedLoop::connect(relay, conns, request).await?;
     let mut runs = Vec::new();
     for _ in 0..RUNS {
@@ -439,9 +463,9 @@ async fn interleaved<R: Request>(pair: [(&RelayProcess, Arc<R>); 2], conns: usiz
 }
 
 /// Publishing pre-signed events: run `r` uses its own slice of the pool.
-struct Publish {
-    pool: Arc<Vec<String>>,
-    next: Vec<AtomicU64>,
+pub(crate) struct Publish {
+    pub(crate) pool: Arc<Vec<String>>,
+    pub(crate) next: Vec<AtomicU64>,
 }
 
 impl Request for Publish {
@@ -453,11 +477,11 @@ impl Request for Publish {
 }
 
 /// Builds the filter JSON of request `i`.
-type FilterGen = Box<dyn Fn(usize) -> String + Send + Sync>;
-type FilterFn = Arc<FilterGen>;
+pub(crate) type FilterGen = Box<dyn Fn(usize) -> String + Send + Sync>;
+pub(crate) type FilterFn = Arc<FilterGen>;
 
 /// REQ to EOSE with the filter of request `i`.
-struct Query(FilterFn);
+pub(crate) struct Query(pub(crate) FilterFn);
 
 impl Request for Query {
     async fn send(&self, c: &mut Conn, _: usize, client: usize, i: usize) -> Option<bool> {

@@ -408,7 +408,10 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     /// Directory of the embedded event store.
     pub data_dir: PathBuf,
-    /// sled page cache in bytes.
+    /// sled page cache in bytes. sled counts it loosely: the process holds
+    /// about twice this for the cache. The default keeps a relay on a
+    /// small instance near 300 MB under ingest load; reads of a large
+    /// store gain from more (`make bench ONLY=scale`, README).
     pub cache_capacity_bytes: u64,
     /// Most events written (and flushed) together in one group commit.
     pub max_batch_events: usize,
@@ -504,7 +507,7 @@ impl Default for ServerConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./data"), cache_capacity_bytes: 256 * 1024 * 1024, max_batch_events: 1024 }
+        Self { data_dir: PathBuf::from("./data"), cache_capacity_bytes: 64 * 1024 * 1024, max_batch_events: 1024 }
     }
 }
 

@@ -72,6 +72,14 @@ enum PluginCommand {
     List,
 }
 
+/// Every connection, event and query allocates many short-lived buffers
+/// (frames, parsed events, index keys, sled node copies), from many threads.
+/// mimalloc serves them from per-thread free lists; glibc's malloc spent a
+/// fifth of the relay's CPU on them under ingest (`make bench ONLY=peer`
+/// figures in the README).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
