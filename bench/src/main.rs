@@ -6,8 +6,8 @@
 mod client;
 mod peer;
 mod scale;
-mod sled_floor;
 mod scenarios;
+mod sled_floor;
 
 use std::path::PathBuf;
 use std::time::Duration;

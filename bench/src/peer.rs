@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::client::{RelayProcess, bench_config, disk_bytes, peak_rss};
+use crate::client::{RelayProcess, bench_config, cpu_micros, disk_bytes, peak_rss};
 use crate::{Row, median, workspace_root};
 
 /// Versions `make peers` installs; printed with the table.
@@ -107,16 +107,6 @@ impl Side {
     }
 }
 
-/// User plus system CPU time of process `pid`, in microseconds.
-fn cpu_micros(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at `)`.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
-    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
-    ticks * 10_000
-}
-
 /// The JSON size of one event of the shape nostr-bench publishes: a fresh
 /// key, its fixed content, a `p` tag to itself, one `e` tag and one `t` tag.
 fn bench_event_json_bytes() -> usize {
@@ -153,9 +143,15 @@ async fn nostr_bench(side: &Side, mode: &str, conns: usize) -> anyhow::Result<Ru
     let bin = peer_bin("nostr-bench");
     anyhow::ensure!(bin.exists(), "{} is missing: run `make peers`", bin.display());
     let mut cmd = Command::new(bin);
-    cmd.arg(mode)
-        .arg(side.url())
-        .args(["-c", &conns.to_string(), "-r", &conns.to_string(), "-k", &RUN_SECONDS.to_string(), "--json"]);
+    cmd.arg(mode).arg(side.url()).args([
+        "-c",
+        &conns.to_string(),
+        "-r",
+        &conns.to_string(),
+        "-k",
+        &RUN_SECONDS.to_string(),
+        "--json",
+    ]);
     if mode == "req" {
         cmd.args(["--limit", "10"]);
     }
@@ -167,7 +163,7 @@ async fn nostr_bench(side: &Side, mode: &str, conns: usize) -> anyhow::Result<Ru
     let mut last = Value::Null;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(RUN_SECONDS + 90);
     while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
-        let cpu = cpu_micros(pid);
+        let cpu = cpu_micros(&pid.to_string());
         let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
         let m = &v["message_stats"];
         let good = m["complete"].as_u64().unwrap_or(0).saturating_sub(m["error"].as_u64().unwrap_or(0));
@@ -253,11 +249,46 @@ pub async fn compare() -> anyhow::Result<Vec<Row>> {
             }
         };
         let ingest_target = if conns == 1000 { ">= 1.5x" } else { "" };
-        rows.push(line("ingest (ours / rnostr)", m(&ours.ingest, |r| r.rate), m(&peer.ingest, |r| r.rate), "ev/s", ingest_target, "events_per_s"));
-        rows.push(line("avg OK latency", m(&ours.ingest, |r| r.avg_ms), m(&peer.ingest, |r| r.avg_ms), "ms", "", "avg_ok_ms"));
-        rows.push(line("relay CPU per event", m(&ours.ingest, |r| r.cpu_us), m(&peer.ingest, |r| r.cpu_us), "µs", "<= 1.0x", "cpu_us_per_event"));
-        rows.push(line("REQ limit 10", m(&ours.req, |r| r.rate), m(&peer.req, |r| r.rate), "req/s", ">= 1.5x", "reqs_per_s"));
-        rows.push(line("relay CPU per REQ", m(&ours.req, |r| r.cpu_us), m(&peer.req, |r| r.cpu_us), "µs", "", "cpu_us_per_req"));
+        rows.push(line(
+            "ingest (ours / rnostr)",
+            m(&ours.ingest, |r| r.rate),
+            m(&peer.ingest, |r| r.rate),
+            "ev/s",
+            ingest_target,
+            "events_per_s",
+        ));
+        rows.push(line(
+            "avg OK latency",
+            m(&ours.ingest, |r| r.avg_ms),
+            m(&peer.ingest, |r| r.avg_ms),
+            "ms",
+            "",
+            "avg_ok_ms",
+        ));
+        rows.push(line(
+            "relay CPU per event",
+            m(&ours.ingest, |r| r.cpu_us),
+            m(&peer.ingest, |r| r.cpu_us),
+            "µs",
+            "<= 1.0x",
+            "cpu_us_per_event",
+        ));
+        rows.push(line(
+            "REQ limit 10",
+            m(&ours.req, |r| r.rate),
+            m(&peer.req, |r| r.rate),
+            "req/s",
+            ">= 1.5x",
+            "reqs_per_s",
+        ));
+        rows.push(line(
+            "relay CPU per REQ",
+            m(&ours.req, |r| r.cpu_us),
+            m(&peer.req, |r| r.cpu_us),
+            "µs",
+            "",
+            "cpu_us_per_req",
+        ));
         let mb = |b: u64| b as f64 / 1e6;
         rows.push(line("peak RSS during ingest", mb(ours.peak_rss), mb(peer.peak_rss), "MB", "<= 1.0x", "peak_rss_mb"));
         let per_event = |f: &SideFigures| f.disk as f64 / f.stored.max(1) as f64 / event_bytes;

@@ -43,7 +43,10 @@ fn public_mix(i: usize) -> (u16, String, Vec<Vec<String>>) {
     match i % 20 {
         0..=9 => (
             1,
-            format!("{i}: {}", "Relays carry signed notes between people who choose whom to follow. ".repeat(1 + i % 4)),
+            format!(
+                "{i}: {}",
+                "Relays carry signed notes between people who choose whom to follow. ".repeat(1 + i % 4)
+            ),
             vec![vec!["t".into(), format!("topic{tag}")]],
         ),
         10..=11 => (
@@ -55,7 +58,9 @@ fn public_mix(i: usize) -> (u16, String, Vec<Vec<String>>) {
                 vec!["t".into(), format!("topic{tag}")],
             ],
         ),
-        12..=17 => (7, "+".into(), vec![vec!["e".into(), target], vec!["p".into(), person], vec!["k".into(), "1".into()]]),
+        12..=17 => {
+            (7, "+".into(), vec![vec!["e".into(), target], vec!["p".into(), person], vec!["k".into(), "1".into()]])
+        }
         18 => (6, String::new(), vec![vec!["e".into(), target], vec!["p".into(), person]]),
         _ => (
             30023,
@@ -75,7 +80,13 @@ fn created_at(base: u64) -> impl Fn(usize) -> u64 + Sync {
 
 /// Adds events `from..to` of the mix to the store in `dir` (the relay must
 /// not be running on it); returns their ids, a sample for `ids` queries.
-fn grow_store(dir: &Path, authors: &[nostr::key::Keys], from: usize, to: usize, base: u64) -> anyhow::Result<Vec<String>> {
+fn grow_store(
+    dir: &Path,
+    authors: &[nostr::key::Keys],
+    from: usize,
+    to: usize,
+    base: u64,
+) -> anyhow::Result<Vec<String>> {
     let store = SledEventStore::open(dir, 256 << 20)?;
     let mut sample = Vec::new();
     let mut at = from;
@@ -150,7 +161,12 @@ pub async fn growth() -> anyhow::Result<Vec<Row>> {
                     format!("{{\"ids\":[{}]}}", list.join(","))
                 }))
             }),
-            ("kinds+since", Arc::new(Box::new(move |i| format!("{{\"kinds\":[{}],\"since\":{since},\"limit\":50}}", [1, 7][i % 2])))),
+            (
+                "kinds+since",
+                Arc::new(Box::new(move |i| {
+                    format!("{{\"kinds\":[{}],\"since\":{since},\"limit\":50}}", [1, 7][i % 2])
+                })),
+            ),
         ];
         let mut latencies = serde_json::Map::new();
         for (shape, filter) in shapes {
@@ -180,15 +196,11 @@ pub async fn growth() -> anyhow::Result<Vec<Row>> {
         // Ingest into the store of this size: 300 writers, fresh events.
         let signers = keys(64);
         let offset = ingest_pool_offset;
-        let pool: Vec<String> = sign_many_at(
-            INGEST_POOL_PER_RUN * RUNS,
-            &signers,
-            |i| public_mix(10_000_000 + offset + i),
-            |_| now(),
-        )
-        .iter()
-        .map(|e| e.as_json())
-        .collect();
+        let pool: Vec<String> =
+            sign_many_at(INGEST_POOL_PER_RUN * RUNS, &signers, |i| public_mix(10_000_000 + offset + i), |_| now())
+                .iter()
+                .map(|e| e.as_json())
+                .collect();
         ingest_pool_offset += pool.len();
         let publish = Arc::new(Publish { pool: Arc::new(pool), next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() });
         let (ingest, _, ingest_p99) = closed_loop(&relay, 300, publish).await?;

@@ -437,7 +437,11 @@ fn medians(runs: Vec<RunFigures>) -> RunFigures {
 }
 
 /// `RUNS` timed runs of `request` on `conns` connections: the medians.
-pub(crate) async fn closed_loop<R: Request>(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<RunFigures> {
+pub(crate) async fn closed_loop<R: Request>(
+    relay: &RelayProcess,
+    conns: usize,
+    request: Arc<R>,
+) -> anyhow::Result<RunFigures> {
     let mut load = ClosedLoop::connect(relay, conns, request).await?;
     let mut runs = Vec::new();
     for _ in 0..RUNS {

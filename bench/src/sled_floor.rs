@@ -17,7 +17,7 @@ use wasm_relay::event::AcceptedEvent;
 use wasm_relay::store::{EventStore, SledEventStore};
 
 use crate::Row;
-use crate::client::disk_bytes;
+use crate::client::{cpu_micros, disk_bytes};
 
 const EVENTS: usize = 100_000;
 const BATCH: usize = 300;
@@ -36,7 +36,10 @@ fn bench_shaped(n: usize) -> Vec<Arc<AcceptedEvent>> {
                             let keys = Keys::generate();
                             let tags = [
                                 vec!["p".to_string(), keys.public_key().to_hex()],
-                                vec!["e".into(), "378f145897eea948952674269945e88612420db35791784abf0616b4fed56ef7".into()],
+                                vec![
+                                    "e".into(),
+                                    "378f145897eea948952674269945e88612420db35791784abf0616b4fed56ef7".into(),
+                                ],
                                 vec!["t".into(), "nostr-bench-".into()],
                             ];
                             let event = EventBuilder::new(Kind::TextNote, "This is a message from nostr-bench client")
@@ -53,19 +56,12 @@ fn bench_shaped(n: usize) -> Vec<Arc<AcceptedEvent>> {
     })
 }
 
-/// CPU time of this process so far (user + system), in seconds.
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum::<f64>() / 100.0
-}
-
 /// Runs `write`, returning (disk bytes of `dir` afterwards, CPU µs per event).
 fn measure(dir: &std::path::Path, write: impl FnOnce()) -> (u64, f64) {
-    let cpu = own_cpu_seconds();
+    let cpu = cpu_micros("self");
     write();
-    let used = own_cpu_seconds() - cpu;
-    (disk_bytes(dir), used * 1e6 / EVENTS as f64)
+    let used = cpu_micros("self") - cpu;
+    (disk_bytes(dir), used as f64 / EVENTS as f64)
 }
 
 pub fn disk_floor() -> anyhow::Result<Vec<Row>> {
