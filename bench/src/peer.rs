@@ -202,10 +202,9 @@ struct SideFigures {
     stored: u64,
 }
 
-impl SideFigures {
-    fn median_of(runs: &[RunFigures], f: impl Fn(&RunFigures) -> f64) -> f64 {
-        median(runs.iter().map(f).collect())
-    }
+/// The median over rounds of one figure.
+fn median_round(runs: &[RunFigures], f: fn(&RunFigures) -> f64) -> f64 {
+    median(runs.iter().map(f).collect())
 }
 
 pub async fn compare() -> anyhow::Result<Vec<Row>> {
@@ -238,7 +237,6 @@ pub async fn compare() -> anyhow::Result<Vec<Row>> {
         }
         drop(sides);
         let [ours, peer] = &figures;
-        let m = |runs: &[RunFigures], f: fn(&RunFigures) -> f64| SideFigures::median_of(runs, f);
         let line = |name: &str, a: f64, b: f64, unit: &str, target: &str, key: &str| {
             let ratio = a / b.max(f64::MIN_POSITIVE);
             Row {
@@ -249,46 +247,17 @@ pub async fn compare() -> anyhow::Result<Vec<Row>> {
             }
         };
         let ingest_target = if conns == 1000 { ">= 1.5x" } else { "" };
-        rows.push(line(
-            "ingest (ours / rnostr)",
-            m(&ours.ingest, |r| r.rate),
-            m(&peer.ingest, |r| r.rate),
-            "ev/s",
-            ingest_target,
-            "events_per_s",
-        ));
-        rows.push(line(
-            "avg OK latency",
-            m(&ours.ingest, |r| r.avg_ms),
-            m(&peer.ingest, |r| r.avg_ms),
-            "ms",
-            "",
-            "avg_ok_ms",
-        ));
-        rows.push(line(
-            "relay CPU per event",
-            m(&ours.ingest, |r| r.cpu_us),
-            m(&peer.ingest, |r| r.cpu_us),
-            "µs",
-            "<= 1.0x",
-            "cpu_us_per_event",
-        ));
-        rows.push(line(
-            "REQ limit 10",
-            m(&ours.req, |r| r.rate),
-            m(&peer.req, |r| r.rate),
-            "req/s",
-            ">= 1.5x",
-            "reqs_per_s",
-        ));
-        rows.push(line(
-            "relay CPU per REQ",
-            m(&ours.req, |r| r.cpu_us),
-            m(&peer.req, |r| r.cpu_us),
-            "µs",
-            "",
-            "cpu_us_per_req",
-        ));
+        type Pick = fn(&SideFigures) -> f64;
+        let measures: [(&str, Pick, &str, &str, &str); 5] = [
+            ("ingest (ours / rnostr)", |f| median_round(&f.ingest, |r| r.rate), "ev/s", ingest_target, "events_per_s"),
+            ("avg OK latency", |f| median_round(&f.ingest, |r| r.avg_ms), "ms", "", "avg_ok_ms"),
+            ("relay CPU per event", |f| median_round(&f.ingest, |r| r.cpu_us), "µs", "<= 1.0x", "cpu_us_per_event"),
+            ("REQ limit 10", |f| median_round(&f.req, |r| r.rate), "req/s", ">= 1.5x", "reqs_per_s"),
+            ("relay CPU per REQ", |f| median_round(&f.req, |r| r.cpu_us), "µs", "", "cpu_us_per_req"),
+        ];
+        for (name, pick, unit, target, key) in measures {
+            rows.push(line(name, pick(ours), pick(peer), unit, target, key));
+        }
         let mb = |b: u64| b as f64 / 1e6;
         rows.push(line("peak RSS during ingest", mb(ours.peak_rss), mb(peer.peak_rss), "MB", "<= 1.0x", "peak_rss_mb"));
         let per_event = |f: &SideFigures| f.disk as f64 / f.stored.max(1) as f64 / event_bytes;
