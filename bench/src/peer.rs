@@ -108,13 +108,15 @@ impl Side {
 }
 
 /// The JSON size of one event of the shape nostr-bench publishes: a fresh
-/// key, its fixed content, a `p` tag to itself, one `e` tag and one `t` tag.
+/// key, its fixed content, a `p` tag to itself, one `e` tag, the `t` tag
+/// `nostr-bench-` and a `t` tag `nostr-bench-<0..999>`.
 fn bench_event_json_bytes() -> usize {
     let keys = Keys::generate();
     let tags = [
         vec!["p".to_string(), keys.public_key().to_hex()],
         vec!["e".into(), "378f145897eea948952674269945e88612420db35791784abf0616b4fed56ef7".into()],
         vec!["t".into(), "nostr-bench-".into()],
+        vec!["t".into(), "nostr-bench-500".into()],
     ];
     EventBuilder::new(Kind::TextNote, "This is a message from nostr-bench client")
         .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))

@@ -23,7 +23,7 @@ const EVENTS: usize = 100_000;
 const BATCH: usize = 300;
 
 /// Events like nostr-bench's: a fresh key each, a `p` tag to itself, one
-/// fixed `e` tag, one `t` tag.
+/// fixed `e` tag, the `t` tag `nostr-bench-` and one of 1000 others.
 fn bench_shaped(n: usize) -> Vec<Arc<AcceptedEvent>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|s| {
@@ -41,6 +41,7 @@ fn bench_shaped(n: usize) -> Vec<Arc<AcceptedEvent>> {
                                     "378f145897eea948952674269945e88612420db35791784abf0616b4fed56ef7".into(),
                                 ],
                                 vec!["t".into(), "nostr-bench-".into()],
+                                vec!["t".into(), format!("nostr-bench-{}", rand::random_range(0..1000))],
                             ];
                             let event = EventBuilder::new(Kind::TextNote, "This is a message from nostr-bench client")
                                 .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))
