@@ -21,7 +21,13 @@ command -v perf >/dev/null || { echo "error: perf is not installed (linux-tools 
 
 "$root/target/release/relay-bench" "$scenario" >"$out.bench.log" 2>&1 &
 bench=$!
-trap 'kill $bench 2>/dev/null || true' EXIT
+# The scenario's relays and clients are its children; a killed relay-bench
+# cannot drop them, so they are ended first.
+stop_bench() {
+    pkill -P "$bench" 2>/dev/null || true
+    kill "$bench" 2>/dev/null || true
+}
+trap stop_bench EXIT
 
 # The scenario's relays are children of relay-bench; wait for the N-th.
 seen=()
@@ -42,6 +48,8 @@ sleep 2
 # minutes on a release binary with debug info.
 report=--no-inline
 perf record -q -F 499 --call-graph dwarf,16384 -o "$out.perf.data" -p "$pid" -- sleep "$seconds" 2>/dev/null
+# `head` closes the reports' pipes early; that is not a failure.
+set +o pipefail
 {
     echo "# relay $nth of 'relay-bench $scenario', ${seconds}s, pid $pid"
     echo "## CPU by thread"
@@ -57,7 +65,9 @@ if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph 
     perf script -i "$out.perf.data" $report 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$out.svg"
     echo "flamegraph: $out.svg"
 fi
-wait "$bench" || true
+# The recording is all this needs; the scenario's own figures are not.
+stop_bench
+wait "$bench" 2>/dev/null || true
 trap - EXIT
 sed -n '1,30p' "$out.txt"
 echo "profile: $out.txt (perf data: $out.perf.data)"
