@@ -408,10 +408,10 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     /// Directory of the embedded event store.
     pub data_dir: PathBuf,
-    /// sled page cache in bytes. sled counts it loosely: the process holds
-    /// about twice this for the cache. The default keeps a relay on a
-    /// small instance near 300 MB under ingest load; reads of a large
-    /// store gain from more (`make bench ONLY=scale`, README).
+    /// sled page cache in bytes. sled counts it loosely: each byte here
+    /// costs the process about 1.5 bytes. The default keeps the relay under
+    /// 450 MB during ingest at 1000 connections; CPU per event and reads of
+    /// a large store gain from more (`make bench ONLY=peer`/`scale`, README).
     pub cache_capacity_bytes: u64,
     /// Most events written (and flushed) together in one group commit.
     pub max_batch_events: usize,
