@@ -13,13 +13,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
-use nostr::key::Keys;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::client::{RelayProcess, bench_config, cpu_micros, disk_bytes, peak_rss};
+use crate::scenarios::{keys, sign_many};
 use crate::{Row, median, workspace_root};
 
 /// Versions `make peers` installs; printed with the table.
@@ -107,22 +106,27 @@ impl Side {
     }
 }
 
-/// The JSON size of one event of the shape nostr-bench publishes: a fresh
-/// key, its fixed content, a `p` tag to itself, one `e` tag, the `t` tag
-/// `nostr-bench-` and a `t` tag `nostr-bench-<0..999>`.
-fn bench_event_json_bytes() -> usize {
-    let keys = Keys::generate();
-    let tags = [
-        vec!["p".to_string(), keys.public_key().to_hex()],
+/// Event `i` as nostr-bench 0.4.0 publishes it (`gen_note_event`), by the
+/// author `author` (hex; nostr-bench signs each with a fresh key): kind 1,
+/// its fixed content, a `p` tag to the author, one fixed `e` tag, the `t`
+/// tag `nostr-bench-` and one of 1000 others. `(kind, content, tags)`, for
+/// `scenarios::sign_many`.
+pub(crate) fn nostr_bench_note(i: usize, author: String) -> (u16, String, Vec<Vec<String>>) {
+    let tags = vec![
+        vec!["p".to_string(), author],
         vec!["e".into(), "378f145897eea948952674269945e88612420db35791784abf0616b4fed56ef7".into()],
         vec!["t".into(), "nostr-bench-".into()],
-        vec!["t".into(), "nostr-bench-500".into()],
+        vec!["t".into(), format!("nostr-bench-{}", i % 1000)],
     ];
-    EventBuilder::new(Kind::TextNote, "This is a message from nostr-bench client")
-        .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))
-        .finalize(&keys)
-        .map(|e| e.as_json().len())
-        .unwrap_or(0)
+    (1, "This is a message from nostr-bench client".into(), tags)
+}
+
+/// The JSON size of one such event.
+fn bench_event_json_bytes() -> usize {
+    let author = keys(1);
+    sign_many(1, &author, |i| nostr_bench_note(500 + i, author[0].public_key().to_hex()))
+        .first()
+        .map_or(0, |e| e.as_json().len())
 }
 
 /// One nostr-bench run's figures, over its steady window: the stretch in
@@ -167,13 +171,10 @@ async fn nostr_bench(side: &Side, mode: &str, conns: usize) -> anyhow::Result<Ru
     while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
         let cpu = cpu_micros(&pid.to_string());
         let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
-        let m = &v["message_stats"];
-        let good = m["complete"].as_u64().unwrap_or(0).saturating_sub(m["error"].as_u64().unwrap_or(0));
-        let good = if mode == "req" { m["complete"].as_u64().unwrap_or(0) } else { good };
         reports.push((
             v["elapsed"].as_f64().unwrap_or(0.0),
             v["connect_stats"]["alive"].as_u64().unwrap_or(0),
-            good,
+            successes(&v, mode),
             cpu,
         ));
         last = v;
@@ -188,9 +189,17 @@ async fn nostr_bench(side: &Side, mode: &str, conns: usize) -> anyhow::Result<Ru
         rate: answered as f64 / seconds.max(0.001),
         avg_ms: last["message_stats"]["success_time"]["avg"].as_f64().unwrap_or(0.0),
         cpu_us: end.3.saturating_sub(first.3) as f64 / (answered.max(1)) as f64,
-        successes: last["message_stats"]["complete"].as_u64().unwrap_or(0)
-            - if mode == "req" { 0 } else { last["message_stats"]["error"].as_u64().unwrap_or(0) },
+        successes: successes(&last, mode),
     })
+}
+
+/// Successes so far in one nostr-bench report: answered REQs, or events
+/// acknowledged with `OK true` (nostr-bench counts any other reply, such as
+/// an `AUTH` challenge, as an error).
+fn successes(report: &Value, mode: &str) -> u64 {
+    let m = &report["message_stats"];
+    let complete = m["complete"].as_u64().unwrap_or(0);
+    if mode == "req" { complete } else { complete.saturating_sub(m["error"].as_u64().unwrap_or(0)) }
 }
 
 /// Per side at one connection count: medians of the rounds, and the

@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -202,7 +201,7 @@ pub async fn growth() -> anyhow::Result<Vec<Row>> {
                 .map(|e| e.as_json())
                 .collect();
         ingest_pool_offset += pool.len();
-        let publish = Arc::new(Publish { pool: Arc::new(pool), next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() });
+        let publish = Arc::new(Publish::new(Arc::new(pool)));
         let (ingest, _, ingest_p99) = closed_loop(&relay, 300, publish).await?;
         let rss = relay.rss_bytes();
         let hwm = peak_rss(relay.pid());

@@ -98,9 +98,7 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
         let signers = keys(64);
         let pool: Arc<Vec<String>> =
             Arc::new(sign_many(INGEST_POOL_PER_RUN * RUNS, &signers, note).iter().map(|e| e.as_json()).collect());
-        let publish = |pool: &Arc<Vec<String>>| {
-            Arc::new(Publish { pool: pool.clone(), next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() })
-        };
+        let publish = |pool: &Arc<Vec<String>>| Arc::new(Publish::new(pool.clone()));
         let ingest_row = |conns: usize, label: &str, target: &str, (rate, p50, p99): RunFigures| {
             row(
                 format!("ingest, {conns} connections{label}"),
@@ -468,8 +466,15 @@ async fn interleaved<R: Request>(pair: [(&RelayProcess, Arc<R>); 2], conns: usiz
 
 /// Publishing pre-signed events: run `r` uses its own slice of the pool.
 pub(crate) struct Publish {
-    pub(crate) pool: Arc<Vec<String>>,
-    pub(crate) next: Vec<AtomicU64>,
+    pool: Arc<Vec<String>>,
+    next: Vec<AtomicU64>,
+}
+
+impl Publish {
+    /// `pool` holds `RUNS` slices of `INGEST_POOL_PER_RUN` signed events.
+    pub(crate) fn new(pool: Arc<Vec<String>>) -> Self {
+        Self { pool, next: (0..RUNS).map(|_| AtomicU64::new(0)).collect() }
+    }
 }
 
 impl Request for Publish {

@@ -10,51 +10,26 @@
 
 use std::sync::Arc;
 
-use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
-use nostr::key::Keys;
 use serde_json::json;
 use wasm_relay::event::AcceptedEvent;
 use wasm_relay::store::{EventStore, SledEventStore};
 
 use crate::Row;
 use crate::client::{cpu_micros, disk_bytes};
+use crate::peer::nostr_bench_note;
+use crate::scenarios::{keys, now, sign_many_at};
 
 const EVENTS: usize = 100_000;
 const BATCH: usize = 300;
 
-/// Events like nostr-bench's: a fresh key each, a `p` tag to itself, one
-/// fixed `e` tag, the `t` tag `nostr-bench-` and one of 1000 others.
+/// `n` events as nostr-bench publishes them: each by its own key, all
+/// created now.
 fn bench_shaped(n: usize) -> Vec<Arc<AcceptedEvent>> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (t..n)
-                        .step_by(threads)
-                        .map(|_| {
-                            let keys = Keys::generate();
-                            let tags = [
-                                vec!["p".to_string(), keys.public_key().to_hex()],
-                                vec![
-                                    "e".into(),
-                                    "378f145897eea948952674269945e88612420db35791784abf0616b4fed56ef7".into(),
-                                ],
-                                vec!["t".into(), "nostr-bench-".into()],
-                                vec!["t".into(), format!("nostr-bench-{}", rand::random_range(0..1000))],
-                            ];
-                            let event = EventBuilder::new(Kind::TextNote, "This is a message from nostr-bench client")
-                                .tags(tags.into_iter().map(|t| Tag::parse(t).unwrap()))
-                                .finalize(&keys)
-                                .unwrap();
-                            Arc::new(AcceptedEvent::new(event))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    })
+    let authors = keys(n);
+    sign_many_at(n, &authors, |i| nostr_bench_note(i, authors[i].public_key().to_hex()), |_| now())
+        .into_iter()
+        .map(|e| Arc::new(AcceptedEvent::new(e)))
+        .collect()
 }
 
 /// Runs `write`, returning (disk bytes of `dir` afterwards, CPU µs per event).
