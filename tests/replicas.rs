@@ -328,3 +328,58 @@ async fn a_replicated_event_passes_the_receiving_replicas_checks() {
     eventually_ids(&mut on_b, json!({"authors": [k.public_key().to_hex()]}), &[marker.id.to_hex()]).await;
     b.wait_for_log("a replicated event is refused on this replica").await;
 }
+
+/// Commits `event` to the shared log of `project` the way a replica does,
+/// except that its `written_at` is `written_at` rather than the server's
+/// request time: how the test stages two commits in the same millisecond.
+async fn commit_to_shared_log(project: &str, event: &nostr::event::Event, written_at: (i64, i32)) {
+    use firestore::gcloud_sdk::google::firestore::v1 as fs;
+    use firestore::gcloud_sdk::prost_types::Timestamp;
+    let config = FirestoreConfig { project_id: project.to_owned(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
+    let string = |s: String| fs::Value { value_type: Some(fs::value::ValueType::StringValue(s)) };
+    let at = Timestamp { seconds: written_at.0, nanos: written_at.1 };
+    let document = fs::Document {
+        name: firestore.document("events", &event.id.to_hex()),
+        fields: [
+            ("json".to_string(), string(event.as_json())),
+            ("origin".to_string(), string("another-replica".into())),
+            ("pubkey".to_string(), string(event.pubkey.to_hex())),
+            ("written_at".to_string(), fs::Value { value_type: Some(fs::value::ValueType::TimestampValue(at)) }),
+        ]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let write = fs::Write { operation: Some(fs::write::Operation::Update(document)), ..Default::default() };
+    firestore.commit_idempotent("test commit", vec![write]).await.expect("commit to the emulator");
+}
+
+/// Firestore makes a commit visible by its commit time, not by a field it
+/// holds: two commits in one millisecond can become visible in either order.
+/// A replica that has applied the one with the higher document id must still
+/// apply the other when it shows up.
+#[tokio::test]
+async fn commits_in_one_millisecond_that_become_visible_out_of_order_both_reach_every_replica() {
+    let project = fresh_project();
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let follower = TestRelay::start_with(Some(&replica_config(&project)), &env).await;
+    let k = Keys::generate();
+    // Two events whose ids order the other way round from their visibility.
+    let (mut late, mut early) = (note(&k, "a", 1), note(&k, "b", 2));
+    while late.id.to_hex() >= early.id.to_hex() {
+        (late, early) = (note(&k, &format!("a{}", rand_suffix()), 1), early);
+    }
+    let millisecond = (now() as i64, 123_000_000);
+    commit_to_shared_log(&project, &early, millisecond).await;
+    let mut c = follower.client().await;
+    let author = json!({"authors": [k.public_key().to_hex()]});
+    eventually_ids(&mut c, author.clone(), &[early.id.to_hex()]).await;
+
+    commit_to_shared_log(&project, &late, millisecond).await;
+    eventually_ids(&mut c, author, &[early.id.to_hex(), late.id.to_hex()]).await;
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}

@@ -196,7 +196,8 @@ impl Default for FirestoreConfig {
 pub struct ReplicationConfig {
     /// Needs `metadata.backend = "firestore"`.
     pub enabled: bool,
-    /// How often a replica asks Firestore for events from the others.
+    /// First delay before a replica reconnects its Firestore listener after
+    /// an error (it doubles up to 10 s). The name is from when replicas polled.
     pub poll_interval_ms: u64,
 }
 

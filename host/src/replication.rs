@@ -7,13 +7,17 @@
 //!   locally and answering `OK`. An event whose Firestore write fails is not
 //!   stored and gets `OK false "error: ..."`, so nothing acknowledged is
 //!   missing from Firestore.
-//! - **Follow**: each replica reads the collection in `(written_at, id)`
-//!   order from a cursor, every `replication.poll_interval_ms`, verifies each
-//!   event and applies it through its own writer (same NIP-01/09/62 rules,
-//!   live fan-out to its subscribers). Applying is idempotent: its own events
-//!   come back as duplicates. The cursor is saved in the data directory after
-//!   each applied page, so a replica that was down resumes where it stopped
-//!   and loses nothing; re-applied events are duplicates, not copies.
+//! - **Follow**: each replica holds a Firestore Listen stream on the
+//!   collection (no polling: an idle log costs nothing), verifies each event
+//!   that arrives and applies it through its own writer (same NIP-01/09/62
+//!   rules, live fan-out to its subscribers). Applying is idempotent: its own
+//!   events come back as duplicates. The cursor is the `read_time` of the
+//!   last consistent snapshot whose documents are all applied, saved in the
+//!   data directory; Firestore documents that resuming a listen at a
+//!   `read_time` delivers every document changed after it, so a replica that
+//!   was down, or whose stream broke, resumes without a gap. (The earlier
+//!   follower read in `written_at` order, a field commits do not become
+//!   visible in: two commits in one millisecond could leave one behind it.)
 //! - **Fallback**: a plugin's `filter-query` may name an event another
 //!   replica stored that has not arrived here yet; the host fetches it from
 //!   Firestore by id (see [`crate::plugin::EventSource`]).
@@ -42,8 +46,16 @@ use crate::refusal::Refusal;
 const COLLECTION: &str = "events";
 /// Firestore's limit of writes per commit.
 const MAX_WRITES_PER_COMMIT: usize = 500;
-/// Documents fetched per poll.
+/// Documents read per page of a query (an author's documents).
 const PAGE: i32 = 500;
+/// The id of the one target on a Listen stream.
+const LISTEN_TARGET: i32 = 1;
+/// Events handed to the writer before the follower waits for them.
+const MAX_APPLYING: usize = 500;
+/// Longest wait before reconnecting a failing Listen stream.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+/// How far before a polling follower's cursor its replica resumes.
+const LEGACY_CURSOR_MARGIN_SECONDS: i64 = 60;
 /// Ephemeral events from other replicas older than this are not delivered
 /// (a replica catching up does not replay old ephemeral traffic).
 const EPHEMERAL_MAX_AGE_SECONDS: i64 = 30;
@@ -128,13 +140,19 @@ pub struct Replicator {
     poll_interval: Duration,
 }
 
-/// Where a replica is in the shared event log.
+/// Where a replica is in the shared event log: the `read_time` of the last
+/// consistent snapshot of the log whose every document it has applied.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Cursor {
     seconds: i64,
     nanos: i32,
-    /// Full document name of the last applied event.
+    /// Written by the polling follower (before 2026-11-30): the document
+    /// name of the last event applied, with `seconds`/`nanos` its commit time.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     name: String,
+    /// A consistent snapshot's `read_time` (false: a polling cursor).
+    #[serde(default)]
+    consistent: bool,
 }
 
 impl Replicator {
@@ -324,7 +342,15 @@ impl Replicator {
 
     fn load_cursor(&self) -> Option<Cursor> {
         let text = std::fs::read_to_string(&self.cursor_file).ok()?;
-        serde_json::from_str(&text).ok()
+        let saved: Cursor = serde_json::from_str(&text).ok()?;
+        if saved.consistent {
+            return Some(saved);
+        }
+        // A cursor of the polling follower (before 2026-11-30): the commit
+        // time of the last event it applied. Events committed a little
+        // earlier may not have been visible to it then, so resume well
+        // before; what comes again is applied as a duplicate.
+        Some(Cursor { seconds: saved.seconds - LEGACY_CURSOR_MARGIN_SECONDS, nanos: 0, consistent: true, ..saved })
     }
 
     fn save_cursor(&self, cursor: &Cursor) -> std::io::Result<()> {
@@ -334,32 +360,26 @@ impl Replicator {
         std::fs::rename(&tmp, &self.cursor_file)
     }
 
-    /// The next page of the shared log after `cursor`.
-    async fn page(&self, cursor: Option<&Cursor>) -> Result<Vec<fs::Document>, FirestoreError> {
-        let start_at = cursor.map(|c| fs::Cursor {
-            values: vec![
-                fs::Value {
-                    value_type: Some(fs::value::ValueType::TimestampValue(Timestamp {
-                        seconds: c.seconds,
-                        nanos: c.nanos,
-                    })),
-                },
-                fs::Value { value_type: Some(fs::value::ValueType::ReferenceValue(c.name.clone())) },
-            ],
-            before: false,
-        });
+    /// The listen target: every document of the shared log, changed after
+    /// `cursor` when given (else all of them, then every later change).
+    fn target(&self, cursor: Option<&Cursor>) -> fs::Target {
+        use fs::target::{QueryTarget, ResumeType, TargetType, query_target};
         let query = fs::StructuredQuery {
             from: vec![fs::structured_query::CollectionSelector {
                 collection_id: self.firestore.collection(COLLECTION),
                 all_descendants: false,
             }],
-            order_by: vec![ascending("written_at"), ascending("__name__")],
-            start_at,
-            limit: Some(PAGE),
             ..Default::default()
         };
-        let parent = self.firestore.documents();
-        self.firestore.retry("follow events", |client| run_query(client, parent.clone(), query.clone(), None)).await
+        fs::Target {
+            target_id: LISTEN_TARGET,
+            target_type: Some(TargetType::Query(QueryTarget {
+                parent: self.firestore.documents(),
+                query_type: Some(query_target::QueryType::StructuredQuery(query)),
+            })),
+            resume_type: cursor.map(|c| ResumeType::ReadTime(Timestamp { seconds: c.seconds, nanos: c.nanos })),
+            ..Default::default()
+        }
     }
 
     /// Writes an ephemeral event to the shared log, so other replicas deliver
@@ -375,89 +395,150 @@ impl Replicator {
             let mut cursor = self.load_cursor();
             let mut backoff = self.poll_interval;
             loop {
-                match self.page(cursor.as_ref()).await {
-                    Ok(docs) if docs.is_empty() => {
-                        backoff = self.poll_interval;
-                        tokio::time::sleep(self.poll_interval).await;
-                    }
-                    Ok(docs) => {
-                        backoff = self.poll_interval;
-                        let full = docs.len() == PAGE as usize;
-                        match self.apply(&ingest, &fanout, checks.as_ref(), &docs).await {
-                            Ok(next) => {
-                                if let Err(e) = self.save_cursor(&next) {
-                                    tracing::error!(error = %e, "saving the replication cursor failed");
-                                }
-                                cursor = Some(next);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "applying replicated events failed; retrying");
-                                tokio::time::sleep(self.poll_interval).await;
-                            }
-                        }
-                        if !full {
-                            tokio::time::sleep(self.poll_interval).await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading replicated events from Firestore failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
+                let before = cursor.clone();
+                let error = self.listen(&mut cursor, &ingest, &fanout, checks.as_ref()).await;
+                tracing::warn!(error = %error, "following the shared event log stopped; reconnecting");
+                // A stream that made progress reconnects at once; one that
+                // keeps failing backs off.
+                backoff = if cursor != before { self.poll_interval } else { (backoff * 2).min(MAX_RECONNECT_DELAY) };
+                tokio::time::sleep(backoff).await;
             }
         });
     }
 
-    /// Applies one page; returns the cursor after it.
-    async fn apply(
+    /// One Listen stream on the shared log, from `cursor`: applies each
+    /// document as it arrives and moves `cursor` (saved to disk) to every
+    /// consistent snapshot once all it holds is applied. Firestore
+    /// guarantees that a snapshot at `read_time` reflects every commit up to
+    /// it, and that resuming at a `read_time` delivers every document
+    /// changed after it, so no commit is ever skipped, whatever order the
+    /// commits became visible in. Returns why the stream ended.
+    async fn listen(
         &self,
+        cursor: &mut Option<Cursor>,
         ingest: &Ingest,
         fanout: &Fanout,
         checks: &dyn ReplicaAdmission,
-        docs: &[fs::Document],
-    ) -> Result<Cursor, String> {
-        let mut pending = Vec::with_capacity(docs.len());
-        let now = crate::event::unix_now() as i64;
-        for doc in docs {
-            let Some(json) = field_string(doc, "json") else { continue };
-            let event = match checks.admit(json).await {
-                Ok(event) => event,
-                Err(refusal) if refusal.retry_later => {
-                    // Nothing after this document is applied yet; the page is read again.
-                    for rx in pending {
-                        let _ = rx.await;
-                    }
-                    return Err(format!("a replicated event cannot be applied yet: {}", refusal.message));
-                }
-                Err(refusal) => {
-                    tracing::info!(doc = %doc.name, refusal = ?refusal, "a replicated event is refused on this replica");
-                    continue;
-                }
+    ) -> String {
+        use fs::listen_response::ResponseType;
+        use fs::target_change::TargetChangeType;
+        use futures_util::StreamExt;
+        let request = fs::ListenRequest {
+            database: self.firestore.database(),
+            target_change: Some(fs::listen_request::TargetChange::AddTarget(self.target(cursor.as_ref()))),
+            ..Default::default()
+        };
+        // The request side stays open: closing it would end the stream.
+        let requests = futures_util::stream::once(async move { request }).chain(futures_util::stream::pending());
+        let mut client = self.firestore.client();
+        let mut responses = match crate::firestore::call(client.listen(requests)).await {
+            Ok(responses) => responses,
+            Err(e) => return e.to_string(),
+        };
+        // Events handed to the writer since the last consistent snapshot.
+        let mut applying = Vec::new();
+        loop {
+            let response = match responses.next().await {
+                Some(Ok(r)) => r,
+                Some(Err(status)) => return format!("{:?}: {}", status.code(), status.message()),
+                None => return "the stream ended".into(),
             };
-            let mut accepted = AcceptedEvent::new(event);
-            accepted.vanish_request = crate::event::is_vanish_request_for(&accepted.event, &self.public_url);
-            accepted.replicated = true;
-            if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
-                let written = field_timestamp(doc, "written_at").map_or(0, |t| t.seconds);
-                let own = field_string(doc, "origin") == Some(self.origin.as_str());
-                if !own && now - written <= EPHEMERAL_MAX_AGE_SECONDS {
-                    fanout.broadcast(0, &Arc::new(accepted));
+            match response.response_type {
+                Some(ResponseType::DocumentChange(change)) => {
+                    let Some(doc) = change.document else { continue };
+                    match self.apply(&doc, ingest, fanout, checks).await {
+                        Ok(Some(written)) => applying.push(written),
+                        Ok(None) => {}
+                        // Not applied yet, and the cursor stays before it:
+                        // the next stream delivers it again.
+                        Err(e) => return e,
+                    }
+                    if applying.len() >= MAX_APPLYING {
+                        if let Err(e) = Self::applied(&mut applying).await {
+                            return e;
+                        }
+                    }
                 }
-                continue;
+                Some(ResponseType::TargetChange(change)) => {
+                    let kind =
+                        TargetChangeType::try_from(change.target_change_type).unwrap_or(TargetChangeType::NoChange);
+                    if kind == TargetChangeType::Remove {
+                        let cause = change.cause.map(|c| c.message).unwrap_or_default();
+                        return format!("Firestore removed the listen target ({cause})");
+                    }
+                    let consistent = kind == TargetChangeType::NoChange && change.target_ids.is_empty();
+                    let Some(read_time) = change.read_time.filter(|_| consistent) else { continue };
+                    if let Err(e) = Self::applied(&mut applying).await {
+                        return e;
+                    }
+                    let next = Cursor {
+                        seconds: read_time.seconds,
+                        nanos: read_time.nanos,
+                        consistent: true,
+                        ..Default::default()
+                    };
+                    if cursor.as_ref() != Some(&next) {
+                        if let Err(e) = self.save_cursor(&next) {
+                            tracing::error!(error = %e, "saving the replication cursor failed");
+                        }
+                        *cursor = Some(next);
+                    }
+                }
+                // Removals from the log need nothing here: every replica
+                // keeps the tombstones of what was deleted.
+                Some(ResponseType::DocumentDelete(_) | ResponseType::DocumentRemove(_) | ResponseType::Filter(_))
+                | None => {}
             }
-            pending.push(ingest.submit(Arc::new(accepted)).await);
         }
-        for rx in pending {
+    }
+
+    /// Waits until every event in `applying` is written (or refused) here.
+    async fn applied(
+        applying: &mut Vec<tokio::sync::oneshot::Receiver<crate::ingest::WriteResult>>,
+    ) -> Result<(), String> {
+        for rx in applying.drain(..) {
             match rx.await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err("the event writer stopped".into()),
             }
         }
-        let last = docs.last().expect("a page is not empty");
-        let at = field_timestamp(last, "written_at").unwrap_or_default();
-        Ok(Cursor { seconds: at.seconds, nanos: at.nanos, name: last.name.clone() })
+        Ok(())
+    }
+
+    /// Applies one document of the shared log: checks its event, delivers
+    /// an ephemeral one live, hands any other to the writer (returning the
+    /// write's receiver). `Err` when it cannot be applied yet.
+    async fn apply(
+        &self,
+        doc: &fs::Document,
+        ingest: &Ingest,
+        fanout: &Fanout,
+        checks: &dyn ReplicaAdmission,
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<crate::ingest::WriteResult>>, String> {
+        let Some(json) = field_string(doc, "json") else { return Ok(None) };
+        let event = match checks.admit(json).await {
+            Ok(event) => event,
+            Err(refusal) if refusal.retry_later => {
+                return Err(format!("a replicated event cannot be applied yet: {}", refusal.message));
+            }
+            Err(refusal) => {
+                tracing::info!(doc = %doc.name, refusal = ?refusal, "a replicated event is refused on this replica");
+                return Ok(None);
+            }
+        };
+        let mut accepted = AcceptedEvent::new(event);
+        accepted.vanish_request = crate::event::is_vanish_request_for(&accepted.event, &self.public_url);
+        accepted.replicated = true;
+        if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
+            let written = field_timestamp(doc, "written_at").map_or(0, |t| t.seconds);
+            let own = field_string(doc, "origin") == Some(self.origin.as_str());
+            if !own && crate::event::unix_now() as i64 - written <= EPHEMERAL_MAX_AGE_SECONDS {
+                fanout.broadcast(0, &Arc::new(accepted));
+            }
+            return Ok(None);
+        }
+        Ok(Some(ingest.submit(Arc::new(accepted)).await))
     }
 }
 
