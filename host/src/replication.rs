@@ -453,10 +453,10 @@ impl Replicator {
                         // the next stream delivers it again.
                         Err(e) => return e,
                     }
-                    if applying.len() >= MAX_APPLYING {
-                        if let Err(e) = Self::applied(&mut applying).await {
-                            return e;
-                        }
+                    if applying.len() >= MAX_APPLYING
+                        && let Err(e) = Self::applied(&mut applying).await
+                    {
+                        return e;
                     }
                 }
                 Some(ResponseType::TargetChange(change)) => {
