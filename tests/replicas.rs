@@ -383,3 +383,34 @@ async fn commits_in_one_millisecond_that_become_visible_out_of_order_both_reach_
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
+
+/// A plugin that looks up an event this replica does not hold asks the shared
+/// log; when Firestore cannot answer, the plugin must not be told "absent"
+/// (the MLS gateway would drop a valid KeyPackage from its index for good).
+/// The request is refused for a retry instead, and the plugin is not blamed.
+#[tokio::test]
+async fn a_failed_read_of_the_shared_log_is_never_an_absence_for_a_plugin() {
+    let proxy = Proxy::start(emulator_host()).await;
+    let probe = harness::plugin_path("probe.wasm");
+    let config = format!(
+        "{}\n[[plugins]]\nname = \"probe\"\npath = {}\nmax_consecutive_failures = 2\n\
+         [plugins.settings]\n\"managed-kinds\" = \"9001\"\nreq = \"get-ids\"\n",
+        replica_config(&fresh_project()),
+        serde_json::to_string(&probe.display().to_string()).unwrap()
+    );
+    let relay = TestRelay::start_with(Some(&config), &[("FIRESTORE_EMULATOR_HOST", &proxy.addr)]).await;
+    let mut c = relay.client().await;
+    let missing = note(&Keys::generate(), "never published", 0).id.to_hex();
+    let asking = || vec![json!({"ids": [missing], "kinds": [9001]})];
+    // Firestore answers: the event is absent, and the plugin is told so.
+    assert_eq!(c.req_refused("present", asking()).await, "error: probe v1 found 1 of 1 absent");
+
+    proxy.cut();
+    for i in 0..3 {
+        let msg = c.req_refused(&format!("cut{i}"), asking()).await;
+        assert!(msg.starts_with("error: plugin 'probe' could not read the relay's events"), "{msg}");
+    }
+    proxy.restore();
+    // Not counted against the plugin: its circuit (2 failures) is still closed.
+    assert_eq!(c.req_refused("back", asking()).await, "error: probe v1 found 1 of 1 absent");
+}

@@ -233,11 +233,12 @@ struct CheckedSource {
 
 #[async_trait::async_trait]
 impl crate::plugin::EventSource for CheckedSource {
-    async fn fetch(&self, id: &[u8; 32]) -> Option<String> {
-        let json = self.replicator.fetch(id).await?;
-        let event: nostr::event::Event = serde_json::from_str(&json).ok()?;
-        let relay = self.relay.upgrade()?;
-        let kept_out = relay.policy.is_banned(&event) || !matches!(relay.store.refusal_of(&event), Ok(None));
-        (!kept_out).then_some(json)
+    async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, String> {
+        let Some(json) = self.replicator.fetch(id).await.map_err(|e| e.to_string())? else { return Ok(None) };
+        let Ok(event) = serde_json::from_str::<nostr::event::Event>(&json) else { return Ok(None) };
+        let relay = self.relay.upgrade().ok_or("the relay is stopping")?;
+        let tombstoned = relay.store.refusal_of(&event).map_err(|e| e.to_string())?.is_some();
+        let kept_out = relay.policy.is_banned(&event) || tombstoned;
+        Ok((!kept_out).then_some(json))
     }
 }

@@ -54,6 +54,8 @@ const LISTEN_TARGET: i32 = 1;
 const MAX_APPLYING: usize = 500;
 /// Longest wait before reconnecting a failing Listen stream.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+/// Longest a plugin's read of another replica's event waits on Firestore.
+const FETCH_DEADLINE: Duration = Duration::from_secs(3);
 /// How far before a polling follower's cursor its replica resumes.
 const LEGACY_CURSOR_MARGIN_SECONDS: i64 = 60;
 /// Ephemeral events from other replicas older than this are not delivered
@@ -225,7 +227,7 @@ impl Replicator {
                     let wanted = match author {
                         None => true,
                         // Its author's, or a gift wrap addressed to it (NIP-59).
-                        Some(author) => self.fetch(id).await.is_some_and(|json| {
+                        Some(author) => self.fetch(id).await?.is_some_and(|json| {
                             serde_json::from_str::<Event>(&json).is_ok_and(|e| {
                                 e.pubkey.to_bytes() == *author
                                     || (e.kind.as_u16() == crate::event::GIFT_WRAP
@@ -544,18 +546,25 @@ impl Replicator {
 
 impl Replicator {
     /// Reads an event other replicas stored, which this one may not have
-    /// applied yet (its JSON, unchecked).
-    pub async fn fetch(&self, id: &[u8; 32]) -> Option<String> {
+    /// applied yet (its JSON, unchecked): `None` when the shared log does not
+    /// hold it, an error when Firestore could not say within
+    /// [`FETCH_DEADLINE`] (a plugin call waits on this).
+    pub async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, FirestoreError> {
         let name = self.firestore.document(COLLECTION, &hex::encode(id));
-        let doc = self
-            .firestore
-            .retry("fetch event", |mut client| {
-                let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
-                async move { call(client.get_document(request)).await }
-            })
+        let read = self.firestore.retry("fetch event", |mut client| {
+            let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
+            async move {
+                match call(client.get_document(request)).await {
+                    Ok(doc) => Ok(Some(doc)),
+                    Err(FirestoreError::Refused(m)) if m == "not found" => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        let doc = tokio::time::timeout(FETCH_DEADLINE, read)
             .await
-            .ok()?;
-        field_string(&doc, "json").map(str::to_owned)
+            .map_err(|_| FirestoreError::Unavailable(format!("no answer within {} s", FETCH_DEADLINE.as_secs())))??;
+        Ok(doc.as_ref().and_then(|d| field_string(d, "json")).map(str::to_owned))
     }
 }
 

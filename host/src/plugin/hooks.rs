@@ -37,6 +37,12 @@ impl PluginHost {
                 Ok(wit::Decision::Accept) => {}
                 Ok(wit::Decision::Reject(r)) => return Err(Refusal::from(r)),
                 Err(CallFailure::Busy(_)) => return Err(Unavailable::Busy.refusal(&slot.config.name)),
+                Err(CallFailure::HostUnavailable(_)) => {
+                    return Err(Refusal::error(format!(
+                        "plugin '{}' could not read the relay's events; the event was not stored, try again",
+                        slot.config.name
+                    )));
+                }
                 Err(failure) => {
                     return Err(Refusal::error(format!(
                         "plugin '{}' failed ({}); the event was not stored",
@@ -158,6 +164,14 @@ impl PluginHost {
                 Err(CallFailure::Busy(_)) if names_managed => {
                     return Err(Unavailable::Busy.refusal(&slot.config.name));
                 }
+                // What the plugin would have served depends on the read
+                // that failed: refuse rather than answer without it.
+                Err(CallFailure::HostUnavailable(_)) if names_managed => {
+                    return Err(Refusal::error(format!(
+                        "plugin '{}' could not read the relay's events; try again in a moment",
+                        slot.config.name
+                    )));
+                }
                 Err(failure) => degrade(Refusal::error(format!(
                     "plugin '{}' failed on this request ({}); try again later",
                     slot.config.name,
@@ -262,9 +276,17 @@ impl PluginHost {
         out
     }
 
-    /// An event another replica stored, verified, if there is a source.
+    /// An event another replica stored, verified, if there is a source. A
+    /// failed read leaves it out of this answer (and is logged); nothing is
+    /// removed because of it.
     async fn fetch_missing(&self, id: &[u8; 32]) -> Option<StoredEvent> {
-        let json = self.missing_events.get()?.fetch(id).await?;
+        let json = match self.missing_events.get()?.fetch(id).await {
+            Ok(found) => found?,
+            Err(e) => {
+                tracing::warn!(id = %hex::encode(id), error = %e, "an event a plugin selected could not be read");
+                return None;
+            }
+        };
         let event: Event = serde_json::from_str(&json).ok()?;
         if event.id.to_bytes() != *id || !event.verify_id() || !event.verify_signature() {
             return None;

@@ -160,6 +160,15 @@ pub struct InstanceLimits {
     memory_total: usize,
 }
 
+/// A read the plugin asked the host for failed (the event store, or the
+/// shared log of other replicas, could not be read). The call is abandoned
+/// with this trap rather than answered "absent": a plugin must never take a
+/// failure for a missing event and act on it (the MLS gateway drops index
+/// entries of KeyPackages whose events are gone).
+#[derive(Debug, thiserror::Error)]
+#[error("the relay could not read its events: {0}")]
+pub struct HostReadFailed(pub String);
+
 /// A memory grow refused because the instance reached its memory cap.
 #[derive(Debug, thiserror::Error)]
 #[error("the plugin instance reached its memory limit of {0} bytes")]
@@ -266,14 +275,16 @@ impl events::Host for PluginState {
             return Ok(None);
         }
         // Events in the local store were verified when they were accepted.
-        if let Some(stored) = self.ctx.events.get(&bytes).ok().flatten() {
+        let stored = self.ctx.events.get(&bytes).map_err(|e| HostReadFailed(e.to_string()))?;
+        if let Some(stored) = stored {
             let event: Option<nostr::event::Event> = serde_json::from_str(&stored.json).ok();
             return Ok(event.map(|e| event_to_wit(&e)));
         }
         // Stored by another replica, not applied here yet: a plugin must not
         // mistake it for a deleted event. It comes from outside: verify it.
         let Some(source) = self.ctx.missing_events.get() else { return Ok(None) };
-        let event: Option<nostr::event::Event> = source.fetch(&bytes).await.and_then(|j| serde_json::from_str(&j).ok());
+        let fetched = source.fetch(&bytes).await.map_err(HostReadFailed)?;
+        let event: Option<nostr::event::Event> = fetched.and_then(|j| serde_json::from_str(&j).ok());
         let event = event.filter(|e| e.id.to_bytes() == bytes && e.verify_id() && e.verify_signature());
         Ok(event.map(|e| event_to_wit(&e)))
     }

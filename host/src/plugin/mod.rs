@@ -94,10 +94,12 @@ pub enum ReadPurpose {
 
 /// Where the host looks for an event a plugin named in `filter-query` that
 /// is not in the local store yet (another replica stored it; replication has
-/// not brought it here). Returns the event's JSON.
+/// not brought it here). Returns the event's JSON, `None` when the source
+/// does not hold it, and `Err` (what failed) when it could not be asked:
+/// never `None` for a failure.
 #[async_trait::async_trait]
 pub trait EventSource: Send + Sync {
-    async fn fetch(&self, id: &[u8; 32]) -> Option<String>;
+    async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, String>;
 }
 
 /// Settings with this prefix are NIP-11 fields the plugin advertises (see

@@ -15,7 +15,9 @@ use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::{RelayPlugin, RelayPluginPre, SUPPORTED_WIT_VERSIONS, WIT_PACKAGE, types as wit};
-use super::imports::{CpuMeter, InstanceLimits, MemoryCapReached, PluginContext, PluginCounters, PluginState};
+use super::imports::{
+    CpuMeter, HostReadFailed, InstanceLimits, MemoryCapReached, PluginContext, PluginCounters, PluginState,
+};
 use crate::config::PluginConfig;
 use crate::metadata::MetadataStore;
 use crate::store::EventStore;
@@ -57,6 +59,11 @@ pub enum CallFailure {
     /// This is load, not a fault of the plugin.
     #[error("is busy: {0} calls are already running")]
     Busy(usize),
+    /// A read the plugin made through the host failed (see
+    /// [`HostReadFailed`]); the call was abandoned. The relay's fault, not
+    /// the plugin's.
+    #[error("was stopped because the relay could not read its events ({0})")]
+    HostUnavailable(String),
 }
 
 impl CallFailure {
@@ -69,13 +76,15 @@ impl CallFailure {
             CallFailure::Trap(_) => "trapped",
             CallFailure::Instantiate(_) => "could not start",
             CallFailure::Busy(_) => "busy",
+            CallFailure::HostUnavailable(_) => "could not read the relay's events",
         }
     }
 
     /// Whether the failure says something about the plugin's health (and so
-    /// counts toward its circuit breaker). Being busy does not.
+    /// counts toward its circuit breaker). Being busy, or the relay
+    /// failing a read, does not.
     pub fn is_fault(&self) -> bool {
-        !matches!(self, CallFailure::Busy(_))
+        !matches!(self, CallFailure::Busy(_) | CallFailure::HostUnavailable(_))
     }
 }
 
@@ -340,6 +349,9 @@ impl LoadedPlugin {
     fn classify(&self, e: wasmtime::Error) -> CallFailure {
         if e.chain().any(|c| c.downcast_ref::<MemoryCapReached>().is_some()) {
             return CallFailure::OutOfMemory(self.limits.memory_bytes);
+        }
+        if let Some(failed) = e.chain().find_map(|c| c.downcast_ref::<HostReadFailed>()) {
+            return CallFailure::HostUnavailable(failed.0.clone());
         }
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => CallFailure::Timeout(self.limits.timeout_ms),

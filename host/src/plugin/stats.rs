@@ -56,6 +56,7 @@ impl PluginStats {
                 CallFailure::Trap(_) => "trap",
                 CallFailure::Instantiate(_) => "instantiate",
                 CallFailure::Busy(_) => "busy",
+                CallFailure::HostUnavailable(_) => "host-unavailable",
             };
             self.metrics.plugin_failures.with_label_values(&[labels[0], labels[1], reason]).inc();
         }

@@ -5,7 +5,7 @@
 //! Settings: `managed-kinds`, `event-kinds` (empty: all), `req-kinds` (empty:
 //! all), `reject-kinds`, `on-event` (accept | trap | loop | oom | escape),
 //! `req` (continue | claim | filter-query-all | bogus-ids | add-forged |
-//! huge | reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
+//! huge | get-ids | reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
 //! mode; empty: all), `tick-seconds`.
 
 use std::hint::black_box;
@@ -184,6 +184,18 @@ impl Plugin for Probe {
                     e.content.push_str(" (forged)");
                 }
                 ReqResult::AddEvents(found)
+            }
+            "get-ids" => {
+                // Looks up each id the request names; reports what it found absent.
+                let named: Vec<String> = filters.iter().flat_map(|f| f.ids.clone().unwrap_or_default()).collect();
+                let absent = named.iter().filter(|id| events::get_event(id).is_none()).count();
+                if absent > 0 {
+                    return ReqResult::Reject(Refusal {
+                        kind: RefusalKind::Error,
+                        message: format!("probe {VERSION} found {absent} of {} absent", named.len()),
+                    });
+                }
+                ReqResult::FilterQuery(FilterQuery { ids: named, filters })
             }
             "reject" => ReqResult::Reject(Refusal {
                 kind: RefusalKind::RateLimited,
