@@ -155,11 +155,13 @@ async fn the_operators_lists_are_shared_by_the_replicas() {
     }
 }
 
-/// A TCP proxy in front of the emulator that the test can cut and restore,
-/// to make Firestore unreachable for a running relay.
+/// A TCP proxy in front of the emulator that the test can cut (connections
+/// refused), stall (connections accepted and never answered: a hung
+/// Firestore) and restore, for a running relay.
 struct Proxy {
     addr: String,
     up: Arc<std::sync::atomic::AtomicBool>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -168,22 +170,37 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (target, flag, conns) = (target.to_owned(), up.clone(), connections.clone());
+        let (target, flag, stall, conns) = (target.to_owned(), up.clone(), stalled.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !flag.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: connection reset
                 }
                 let target = target.clone();
+                let stall = stall.clone();
                 conns.lock().unwrap().push(tokio::spawn(async move {
+                    if stall.load(std::sync::atomic::Ordering::SeqCst) {
+                        // Held open, never read: every call on it hangs.
+                        std::future::pending::<()>().await;
+                    }
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
+                    drop(inbound);
                 }));
             }
         });
-        Self { addr, up, connections }
+        Self { addr, up, stalled, connections }
+    }
+
+    /// Open connections close; new ones are accepted and never answered.
+    fn stall(&self) {
+        self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 
     fn cut(&self) {
@@ -195,6 +212,10 @@ impl Proxy {
 
     fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stalled.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 }
 
@@ -229,8 +250,10 @@ async fn when_firestore_goes_away_events_are_refused_clearly_and_nothing_is_half
     let (ok, msg) = c.publish(&e).await;
     assert!(!ok && msg.starts_with("error:") && msg.contains("Firestore"), "{msg}");
     assert!(c.req_ids("none", vec![json!({"ids": [e.id.to_hex()]})]).await.is_empty(), "nothing half-written");
+    // Still ready for reads, which the replica's own store serves; the body
+    // says what is degraded.
     let (status, _, body) = relay.http_get("/ready", "*/*").await;
-    assert!(status.contains("503") && body.contains("Firestore"), "{status} {body}");
+    assert!(status.contains("200") && body.contains("degraded") && body.contains("Firestore"), "{status} {body}");
 
     proxy.restore();
     c.publish_ok(&e).await;
@@ -413,4 +436,40 @@ async fn a_failed_read_of_the_shared_log_is_never_an_absence_for_a_plugin() {
     proxy.restore();
     // Not counted against the plugin: its circuit (2 failures) is still closed.
     assert_eq!(c.req_refused("back", asking()).await, "error: probe v1 found 1 of 1 absent");
+}
+
+/// A Firestore that hangs (accepts and never answers) holds a client's event
+/// only for `replication.publish_timeout_ms`: it is refused, not stored, and
+/// the replica keeps serving reads and stays ready, saying it is degraded.
+#[tokio::test]
+async fn a_hung_firestore_refuses_writes_within_the_publish_timeout_and_reads_go_on() {
+    let proxy = Proxy::start(emulator_host()).await;
+    let config = format!("{}publish_timeout_ms = 1500\n", replica_config(&fresh_project()));
+    let relay = TestRelay::start_with(Some(&config), &[("FIRESTORE_EMULATOR_HOST", &proxy.addr)]).await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    let before = note(&k, "before the hang", 1);
+    c.publish_ok(&before).await;
+
+    proxy.stall();
+    let during = note(&k, "during the hang", 0);
+    let (ok, msg) = c.publish(&during).await;
+    assert!(!ok && msg.starts_with("error:") && msg.contains("did not answer within 1500 ms"), "{msg}");
+    let author = json!({"authors": [k.public_key().to_hex()]});
+    assert_eq!(c.req_ids("read", vec![author.clone()]).await, vec![before.id.to_hex()]);
+    let (status, _, body) = relay.http_get("/ready", "*/*").await;
+    assert!(status.contains("200") && body.contains("degraded"), "{status} {body}");
+
+    proxy.restore();
+    // Publishing works again once Firestore answers (the client retries).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, msg) = c.publish(&during).await;
+        if ok {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still refused after the restore: {msg}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eventually_ids(&mut c, author, &[before.id.to_hex(), during.id.to_hex()]).await;
 }

@@ -199,11 +199,14 @@ pub struct ReplicationConfig {
     /// First delay before a replica reconnects its Firestore listener after
     /// an error (it doubles up to 10 s). The name is from when replicas polled.
     pub poll_interval_ms: u64,
+    /// Longest a client event waits for its write to the shared log (retries
+    /// included) before it is refused with `OK false "error: ..."`.
+    pub publish_timeout_ms: u64,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        Self { enabled: false, poll_interval_ms: 200 }
+        Self { enabled: false, poll_interval_ms: 200, publish_timeout_ms: 5000 }
     }
 }
 
@@ -618,6 +621,9 @@ impl Config {
         }
         if self.replication.poll_interval_ms == 0 {
             return fail("replication.poll_interval_ms must be positive");
+        }
+        if self.replication.publish_timeout_ms == 0 {
+            return fail("replication.publish_timeout_ms must be positive");
         }
         if !self.metrics.path.starts_with('/') || ["/", "/health", "/ready"].contains(&self.metrics.path.as_str()) {
             return fail("metrics.path must start with / and differ from /, /health and /ready");

@@ -16,14 +16,20 @@ pub struct AcceptedEvent {
     pub json: String,
     /// A NIP-62 request to vanish addressed to this relay (or all relays).
     pub vanish_request: bool,
-    /// Applied from another replica (already in Firestore), not from a client.
+    /// Applied from the shared log (already in Firestore), not from a client.
     pub replicated: bool,
+    /// A client of this replica (this process) gave it. True for a copy from
+    /// the shared log too, when this replica published it: the listener can
+    /// deliver that copy before the client's own reaches the writer, and
+    /// whichever is stored first does what the client's event does
+    /// (clearing the shared log of what a deletion deletes).
+    pub from_this_replica: bool,
 }
 
 impl AcceptedEvent {
     pub fn new(event: Event) -> Self {
         let json = event.as_json();
-        Self { event, json, vanish_request: false, replicated: false }
+        Self { event, json, vanish_request: false, replicated: false, from_this_replica: true }
     }
 }
 

@@ -36,9 +36,13 @@ impl FirestoreError {
         let text = format!("{:?}: {}", s.code(), s.message());
         match s.code() {
             Code::Aborted => FirestoreError::Contention(text),
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Internal | Code::Unknown => {
-                FirestoreError::Unavailable(text)
-            }
+            // Cancelled: the connection under the call went away.
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Internal
+            | Code::Unknown
+            | Code::Cancelled => FirestoreError::Unavailable(text),
             _ => FirestoreError::Refused(text),
         }
     }

@@ -71,6 +71,7 @@ impl Relay {
                 config.server.public_url.clone(),
                 data_dir,
                 std::time::Duration::from_millis(config.replication.poll_interval_ms),
+                std::time::Duration::from_millis(config.replication.publish_timeout_ms),
             )),
             _ => None,
         };

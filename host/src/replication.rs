@@ -46,10 +46,39 @@ use crate::refusal::Refusal;
 const COLLECTION: &str = "events";
 /// Firestore's limit of writes per commit.
 const MAX_WRITES_PER_COMMIT: usize = 500;
+/// Event JSON bytes per commit: Firestore refuses requests over 10 MiB, and
+/// each write also carries its document name and other fields.
+const MAX_JSON_BYTES_PER_COMMIT: usize = 8 * 1024 * 1024;
+/// What one log document adds to its event's JSON in a commit request, at most.
+const WRITE_OVERHEAD_BYTES: usize = 512;
+
+/// Splits events of these JSON sizes, in order, into consecutive ranges that
+/// each fit one commit.
+fn commit_chunks(sizes: impl Iterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes, mut end) = (0, 0, 0);
+    for (i, size) in sizes.enumerate() {
+        let size = size + WRITE_OVERHEAD_BYTES;
+        if i > start && (i - start == MAX_WRITES_PER_COMMIT || bytes + size > MAX_JSON_BYTES_PER_COMMIT) {
+            chunks.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+        end = i + 1;
+    }
+    if end > start {
+        chunks.push(start..end);
+    }
+    chunks
+}
 /// Documents read per page of a query (an author's documents).
 const PAGE: i32 = 500;
 /// The id of the one target on a Listen stream.
 const LISTEN_TARGET: i32 = 1;
+/// Longest wait for Firestore to accept a Listen stream.
+const LISTEN_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A Listen stream silent this long is reopened (from the cursor).
+const LISTEN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Events handed to the writer before the follower waits for them.
 const MAX_APPLYING: usize = 500;
 /// Longest wait before reconnecting a failing Listen stream.
@@ -140,6 +169,8 @@ pub struct Replicator {
     public_url: String,
     cursor_file: PathBuf,
     poll_interval: Duration,
+    /// Longest a client event's publishing may take before it is refused.
+    publish_timeout: Duration,
 }
 
 /// Where a replica is in the shared event log: the `read_time` of the last
@@ -159,7 +190,13 @@ struct Cursor {
 
 impl Replicator {
     /// A replicator; its background publisher runs on the current Tokio runtime.
-    pub fn new(firestore: Firestore, public_url: String, data_dir: &Path, poll_interval: Duration) -> Arc<Self> {
+    pub fn new(
+        firestore: Firestore,
+        public_url: String,
+        data_dir: &Path,
+        poll_interval: Duration,
+        publish_timeout: Duration,
+    ) -> Arc<Self> {
         let origin = hex::encode(rand::random::<[u8; 8]>());
         let (background, jobs) = tokio::sync::mpsc::channel(BACKGROUND_QUEUE);
         let this = Arc::new(Self {
@@ -170,6 +207,7 @@ impl Replicator {
             public_url,
             cursor_file: data_dir.join("replication-cursor.json"),
             poll_interval,
+            publish_timeout,
         });
         tokio::spawn(Self::run_background(Arc::downgrade(&this), jobs));
         this
@@ -300,15 +338,32 @@ impl Replicator {
     }
 
     /// Writes client events to Firestore; returns, per event, `Ok` or why it
-    /// could not be replicated. Called from the writer thread.
+    /// could not be replicated. The events are split into commits that fit
+    /// Firestore's limits (writes and bytes per request), committed side by
+    /// side, and each commit, retries included, gets `publish_timeout` at
+    /// most: past it, its events are refused (a commit that still lands
+    /// later comes back through the listener and is stored then).
     pub async fn publish_events(&self, events: &[Arc<AcceptedEvent>]) -> Vec<Result<(), String>> {
-        let mut results = Vec::with_capacity(events.len());
-        for chunk in events.chunks(MAX_WRITES_PER_COMMIT) {
-            let writes: Vec<fs::Write> = chunk.iter().map(|e| self.write(e)).collect();
+        let commits = commit_chunks(events.iter().map(|e| e.json.len()));
+        let outcomes = futures_util::future::join_all(commits.iter().map(|range| {
+            let writes: Vec<fs::Write> = events[range.clone()].iter().map(|e| self.write(e)).collect();
             // Writing the same document again is harmless, so retrying is safe.
-            let outcome = self.firestore.commit_idempotent("publish events", writes).await;
-            let outcome = outcome.map_err(|e| format!("replicating the event failed ({e})"));
-            results.extend(std::iter::repeat_n(outcome, chunk.len()));
+            let commit = self.firestore.commit_idempotent("publish events", writes);
+            async move {
+                match tokio::time::timeout(self.publish_timeout, commit).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("replicating the event failed ({e})")),
+                    Err(_) => Err(format!(
+                        "replicating the event failed (Firestore did not answer within {} ms)",
+                        self.publish_timeout.as_millis()
+                    )),
+                }
+            }
+        }))
+        .await;
+        let mut results = Vec::with_capacity(events.len());
+        for (range, outcome) in commits.into_iter().zip(outcomes) {
+            results.extend(std::iter::repeat_n(outcome, range.len()));
         }
         results
     }
@@ -433,17 +488,27 @@ impl Replicator {
         // The request side stays open: closing it would end the stream.
         let requests = futures_util::stream::once(async move { request }).chain(futures_util::stream::pending());
         let mut client = self.firestore.client();
-        let mut responses = match crate::firestore::call(client.listen(requests)).await {
-            Ok(responses) => responses,
-            Err(e) => return e.to_string(),
+        let started = std::time::Instant::now();
+        let mut responses = match tokio::time::timeout(LISTEN_OPEN_TIMEOUT, client.listen(requests)).await {
+            Ok(Ok(responses)) => responses.into_inner(),
+            Ok(Err(status)) => return format!("{:?}: {}", status.code(), status.message()),
+            Err(_) => return format!("no answer within {} s", LISTEN_OPEN_TIMEOUT.as_secs()),
         };
+        tracing::info!(
+            resume_at = ?cursor.as_ref().map(|c| (c.seconds, c.nanos)),
+            open_ms = started.elapsed().as_millis() as u64,
+            "following the shared event log"
+        );
         // Events handed to the writer since the last consistent snapshot.
         let mut applying = Vec::new();
+        let mut caught_up = false;
         loop {
-            let response = match responses.next().await {
-                Some(Ok(r)) => r,
-                Some(Err(status)) => return format!("{:?}: {}", status.code(), status.message()),
-                None => return "the stream ended".into(),
+            let response = match tokio::time::timeout(LISTEN_IDLE_TIMEOUT, responses.next()).await {
+                Ok(Some(Ok(r))) => r,
+                Ok(Some(Err(status))) => return format!("{:?}: {}", status.code(), status.message()),
+                Ok(None) => return "the stream ended".into(),
+                // A connection that died without a word: resuming is cheap.
+                Err(_) => return format!("nothing heard for {} s", LISTEN_IDLE_TIMEOUT.as_secs()),
             };
             match response.response_type {
                 Some(ResponseType::DocumentChange(change)) => {
@@ -472,6 +537,13 @@ impl Replicator {
                     let Some(read_time) = change.read_time.filter(|_| consistent) else { continue };
                     if let Err(e) = Self::applied(&mut applying).await {
                         return e;
+                    }
+                    if !caught_up {
+                        caught_up = true;
+                        tracing::info!(
+                            read_time = ?(read_time.seconds, read_time.nanos),
+                            "caught up with the shared event log"
+                        );
                     }
                     let next = Cursor {
                         seconds: read_time.seconds,
@@ -532,10 +604,10 @@ impl Replicator {
         let mut accepted = AcceptedEvent::new(event);
         accepted.vanish_request = crate::event::is_vanish_request_for(&accepted.event, &self.public_url);
         accepted.replicated = true;
+        accepted.from_this_replica = field_string(doc, "origin") == Some(self.origin.as_str());
         if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
             let written = field_timestamp(doc, "written_at").map_or(0, |t| t.seconds);
-            let own = field_string(doc, "origin") == Some(self.origin.as_str());
-            if !own && crate::event::unix_now() as i64 - written <= EPHEMERAL_MAX_AGE_SECONDS {
+            if !accepted.from_this_replica && crate::event::unix_now() as i64 - written <= EPHEMERAL_MAX_AGE_SECONDS {
                 fanout.broadcast(0, &Arc::new(accepted));
             }
             return Ok(None);
@@ -579,5 +651,24 @@ impl SharedLog for Replicator {
         if let Some(retraction) = Retraction::of(event) {
             self.retract(retraction);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_stay_under_firestores_write_and_byte_limits() {
+        assert!(commit_chunks(std::iter::empty()).is_empty());
+        assert_eq!(commit_chunks([100; 3].into_iter()), vec![0..3]);
+        assert_eq!(commit_chunks([100; 1001].into_iter()), vec![0..500, 500..1000, 1000..1001]);
+        // 500 events of 256 KiB would be a 128 MiB request: 31 fit in 8 MiB.
+        let big = commit_chunks([256 * 1024; 500].into_iter());
+        assert!(big.iter().all(|r| r.len() * (256 * 1024 + WRITE_OVERHEAD_BYTES) <= MAX_JSON_BYTES_PER_COMMIT));
+        assert_eq!(big.iter().map(|r| r.len()).sum::<usize>(), 500);
+        assert_eq!(big[0], 0..31);
+        // One event larger than the budget still goes, alone.
+        assert_eq!(commit_chunks([9 << 20, 10].into_iter()), vec![0..1, 1..2]);
     }
 }

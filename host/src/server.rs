@@ -147,8 +147,12 @@ fn json_response(status: StatusCode, content_type: &'static str, body: serde_jso
         .expect("static response parts")
 }
 
-/// `/ready`: 200 when the event store and metadata store answer and no
-/// plugin is disabled; otherwise 503 naming what is wrong.
+/// `/ready`: 200 when this replica can serve reads: the event store answers
+/// and no plugin is disabled; otherwise 503 naming what is wrong. A shared
+/// metadata store (Firestore) that does not answer leaves the relay ready but
+/// `degraded`, named in the body: every replica shares it, and failing them
+/// all at once would stop the reads their own stores still serve. A local
+/// metadata store that does not answer is this replica's fault: 503.
 async fn ready(relay: &Arc<Relay>) -> Response<Body> {
     let store = relay.store.clone();
     let store_ok = match tokio::task::spawn_blocking(move || store.get(&[0; 32])).await {
@@ -171,13 +175,21 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
         Ok(()) => serde_json::json!("ok"),
         Err(e) => serde_json::json!(e),
     };
-    let is_ready = store_ok.is_ok() && metadata_ok.is_ok() && disabled.is_empty();
+    let shared_metadata = relay.config.metadata.backend == crate::config::MetadataBackend::Firestore;
+    let mut degraded = Vec::new();
+    if let (Err(e), true) = (&metadata_ok, shared_metadata) {
+        degraded.push(format!(
+            "metadata store (Firestore): {e}; plugins' state, the operator's lists and replicated writes may fail"
+        ));
+    }
+    let is_ready = store_ok.is_ok() && (metadata_ok.is_ok() || shared_metadata) && disabled.is_empty();
     let body = serde_json::json!({
         "ready": is_ready,
         "event_store": check(&store_ok),
         "metadata_store": check(&metadata_ok),
         "plugins": relay.plugins.slots().len(),
         "disabled_plugins": disabled,
+        "degraded": degraded,
     });
     let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_response(status, "application/json", body)
