@@ -473,3 +473,51 @@ async fn a_hung_firestore_refuses_writes_within_the_publish_timeout_and_reads_go
     }
     eventually_ids(&mut c, author, &[before.id.to_hex(), during.id.to_hex()]).await;
 }
+
+/// Billable Firestore operations of `relay` so far, from its metrics.
+async fn firestore_operations(relay: &TestRelay) -> (f64, f64, f64) {
+    let (_, _, metrics) = relay.http_get("/metrics", "text/plain").await;
+    let op = |name: &str| {
+        let series = format!("wasm_relay_firestore_operations_total{{op=\"{name}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse().ok()).unwrap_or(0.0)
+    };
+    (op("read"), op("write"), op("delete"))
+}
+
+/// At rest, replicas cost nothing: no polling of the log, no re-reading of
+/// the operator's lists (they are re-read only when their version changes),
+/// and `/ready` probes the shared store at most once per interval.
+#[tokio::test]
+async fn idle_replicas_cost_no_firestore_operations() {
+    let project = fresh_project();
+    let admin = Keys::generate();
+    let config = format!("{}[admin]\npubkeys = [\"{}\"]\n", replica_config(&project), admin.public_key().to_hex());
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let a = TestRelay::start_with(Some(&config), &env).await;
+    let b = TestRelay::start_with(Some(&config), &env).await;
+    a.client().await.publish_ok(&note(&Keys::generate(), "some traffic first", 0)).await;
+    b.wait_for_log("caught up with the shared event log").await;
+    let spammer = Keys::generate();
+    let body = json!({"method": "banpubkey", "params": [spammer.public_key().to_hex()]}).to_string();
+    let auth = nostr45::nip98_header(&admin, &a.url.replacen("ws://", "http://", 1), body.as_bytes());
+    let (status, _, reply) = a.http("POST", "/", &[("Authorization", auth.as_str())], body.as_bytes()).await;
+    assert!(status.contains("200") && reply.contains("true"), "{status} {reply}");
+    let mut on_b = b.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while on_b.publish(&note(&spammer, "spam", 0)).await.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the ban made on A never reached B");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let before = (firestore_operations(&a).await, firestore_operations(&b).await);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for _ in 0..3 {
+        let (status, _, _) = b.http_get("/ready", "*/*").await;
+        assert!(status.contains("200"), "{status}");
+    }
+    let after = (firestore_operations(&a).await, firestore_operations(&b).await);
+    assert_eq!(before.0, after.0, "replica A did Firestore operations at rest");
+    let (reads_before, reads_after) = (before.1.0, after.1.0);
+    assert!(reads_after - reads_before <= 1.0, "B read {} documents at rest", reads_after - reads_before);
+    assert_eq!((before.1.1, before.1.2), (after.1.1, after.1.2), "B wrote at rest");
+}

@@ -18,6 +18,10 @@ use crate::config::FirestoreConfig;
 
 /// One call's deadline; a Firestore call that takes longer counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A Listen stream silent this long is reopened: a connection that died
+/// without a word would otherwise hang it forever. Reopening costs a read
+/// per watched document (none for an unchanged log resumed at its cursor).
+pub const LISTEN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Attempts of an idempotent call before its error surfaces.
 const ATTEMPTS: u32 = 5;
 
@@ -59,6 +63,18 @@ impl FirestoreError {
 pub struct Firestore {
     db: FirestoreDb,
     prefix: String,
+    usage: std::sync::Arc<Usage>,
+}
+
+/// Billable Firestore operations this process caused, counted the way
+/// Firestore bills them: a document read (a query returning nothing costs
+/// one; each document a listener delivers is one), a document written, a
+/// document deleted. Exported as metrics; `make bench` reads them.
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub reads: std::sync::atomic::AtomicU64,
+    pub writes: std::sync::atomic::AtomicU64,
+    pub deletes: std::sync::atomic::AtomicU64,
 }
 
 pub type Client = FirestoreClient<firestore::gcloud_sdk::GoogleAuthMiddleware>;
@@ -73,7 +89,30 @@ impl Firestore {
         let db = FirestoreDb::with_options(options)
             .await
             .map_err(|e| FirestoreError::Unavailable(format!("connecting: {e}")))?;
-        Ok(Self { db, prefix: config.collection_prefix.clone() })
+        Ok(Self { db, prefix: config.collection_prefix.clone(), usage: Default::default() })
+    }
+
+    /// What this connection has cost so far.
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
+    /// Counts `documents` document reads (at least one: an empty answer is billed as one).
+    pub fn count_reads(&self, documents: usize) {
+        self.usage.reads.fetch_add(documents.max(1) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a listener's delivered document (one read each).
+    pub fn count_delivered(&self) {
+        self.usage.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts the writes and deletes of a commit about to be sent.
+    pub fn count_commit(&self, writes: &[fs::Write]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let deletes = writes.iter().filter(|w| matches!(w.operation, Some(fs::write::Operation::Delete(_)))).count();
+        self.usage.deletes.fetch_add(deletes as u64, Relaxed);
+        self.usage.writes.fetch_add((writes.len() - deletes) as u64, Relaxed);
     }
 
     pub fn client(&self) -> Client {
@@ -131,11 +170,82 @@ impl Firestore {
     pub async fn commit_idempotent(&self, what: &str, writes: Vec<fs::Write>) -> Result<(), FirestoreError> {
         let database = self.database();
         self.retry(what, |mut client| {
+            self.count_commit(&writes);
             let request =
                 fs::CommitRequest { database: database.clone(), writes: writes.clone(), ..Default::default() };
             async move { call(client.commit(request)).await.map(|_| ()) }
         })
         .await
+    }
+}
+
+impl Firestore {
+    /// The current version of document `name`, kept up to date by a Firestore
+    /// listener (reconnecting after errors) for as long as the receiver
+    /// lives: a change costs one read, an unchanged document nothing. `None`
+    /// until the first answer and while the document does not exist; the
+    /// receiver sees a change only when the document's update time changes.
+    pub fn watch_document(&self, name: String) -> tokio::sync::watch::Receiver<Option<fs::Document>> {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            while !tx.is_closed() {
+                let error = this.listen_document(&name, &tx).await;
+                tracing::warn!(document = %name, error = %error, "watching a Firestore document stopped; reconnecting");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        });
+        rx
+    }
+
+    /// One Listen stream on document `name`, publishing its versions to `tx`;
+    /// returns why it ended.
+    async fn listen_document(&self, name: &str, tx: &tokio::sync::watch::Sender<Option<fs::Document>>) -> String {
+        use fs::listen_response::ResponseType;
+        use futures_util::StreamExt;
+        let target = fs::Target {
+            target_id: 1,
+            target_type: Some(fs::target::TargetType::Documents(fs::target::DocumentsTarget {
+                documents: vec![name.to_owned()],
+            })),
+            ..Default::default()
+        };
+        let request = fs::ListenRequest {
+            database: self.database(),
+            target_change: Some(fs::listen_request::TargetChange::AddTarget(target)),
+            ..Default::default()
+        };
+        let requests = futures_util::stream::once(async move { request }).chain(futures_util::stream::pending());
+        let mut client = self.client();
+        let mut responses = match tokio::time::timeout(CALL_TIMEOUT, client.listen(requests)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return format!("{:?}: {}", status.code(), status.message()),
+            Err(_) => return format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+        };
+        let update_time = |d: &Option<fs::Document>| d.as_ref().and_then(|d| d.update_time);
+        loop {
+            let next = match tokio::time::timeout(LISTEN_IDLE_TIMEOUT, responses.next()).await {
+                Ok(Some(Ok(r))) => r,
+                Ok(Some(Err(status))) => return format!("{:?}: {}", status.code(), status.message()),
+                Ok(None) => return "the stream ended".into(),
+                Err(_) => return format!("nothing heard for {} s", LISTEN_IDLE_TIMEOUT.as_secs()),
+            };
+            let version = match next.response_type {
+                Some(ResponseType::DocumentChange(change)) => {
+                    self.count_delivered();
+                    change.document
+                }
+                Some(ResponseType::DocumentDelete(_) | ResponseType::DocumentRemove(_)) => None,
+                _ => continue,
+            };
+            tx.send_if_modified(|current| {
+                let changed = update_time(current) != update_time(&version);
+                *current = version;
+                changed
+            });
+        }
     }
 }
 

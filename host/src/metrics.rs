@@ -65,6 +65,9 @@ pub struct Metrics {
     pub plugin_dropped_results: IntCounterVec,
     /// A plugin's own counters (`host.count`), by `plugin` and `name`.
     pub plugin_counter: IntCounterVec,
+    /// Billable Firestore operations by `op` (`read`, `write`, `delete`), as
+    /// counted by [`crate::firestore::Usage`] (brought up to date at scrape time).
+    pub firestore_operations: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -177,7 +180,21 @@ impl Metrics {
                 "Counters a plugin keeps with host.count",
                 &["plugin", "name"],
             ),
+            firestore_operations: counter_vec(
+                "firestore_operations_total",
+                "Billable Firestore operations this process caused (document reads, writes, deletes)",
+                &["op"],
+            ),
             registry,
+        }
+    }
+
+    /// Brings `firestore_operations` up to `usage`.
+    pub fn sync_firestore_usage(&self, usage: &crate::firestore::Usage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (op, total) in [("read", &usage.reads), ("write", &usage.writes), ("delete", &usage.deletes)] {
+            let counter = self.firestore_operations.with_label_values(&[op]);
+            counter.inc_by(total.load(Relaxed).saturating_sub(counter.get()));
         }
     }
 

@@ -7,7 +7,9 @@
 //! Keys live in the metadata namespace [`NAMESPACE`] as `<list>/<item>`
 //! (`ban-pubkey/<hex>`, `allow-pubkey/<hex>`, `ban-event/<id>`,
 //! `allow-kind/<n>`, `disallow-kind/<n>`, `block-ip/<addr>`), valued with
-//! the operator's reason.
+//! the operator's reason. Every change also rewrites [`VERSION_KEY`], so a
+//! replica learns of another's change by watching that one key instead of
+//! re-reading the lists.
 
 use crate::metadata::{KvError, MetadataStore, Write};
 use crate::policy::OperatorLists;
@@ -15,11 +17,16 @@ use crate::policy::OperatorLists;
 /// The metadata namespace of the operator's lists.
 pub const NAMESPACE: &str = "relay:admin";
 
-/// Writes list entries (`None` deletes) in one transaction.
+/// The key rewritten (with a random value) by every change to the lists.
+pub const VERSION_KEY: &str = "version";
+
+/// Writes list entries (`None` deletes) and a new version in one transaction.
 pub async fn save(metadata: &dyn MetadataStore, entries: &[(String, Option<String>)]) -> Result<(), KvError> {
+    let version = Write { key: VERSION_KEY.into(), value: Some(hex::encode(rand::random::<[u8; 16]>()).into_bytes()) };
     let writes = entries
         .iter()
         .map(|(key, value)| Write { key: key.clone(), value: value.clone().map(String::into_bytes) })
+        .chain(std::iter::once(version))
         .collect();
     metadata.transact(NAMESPACE, vec![], writes).await.map(|_| ())
 }

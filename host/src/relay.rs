@@ -33,6 +33,8 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     /// Set when replicas share events through Firestore.
     pub replicator: Option<Arc<Replicator>>,
+    /// The Firestore connection, when the metadata store or replication uses it.
+    pub firestore: Option<crate::firestore::Firestore>,
     /// Turns true when the relay starts shutting down; connections say
     /// goodbye and close.
     pub shutdown: watch::Sender<bool>,
@@ -44,6 +46,9 @@ pub struct Relay {
     pub connections: crate::capacity::ConnectionCounter,
     /// NIP-98 events already used on the management API.
     pub admin_replays: crate::auth::SpentAuthEvents,
+    /// The last `/ready` probe of the metadata store and when it ran: a
+    /// probe of a shared (billed) store is reused for a while.
+    pub metadata_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     next_connection: AtomicU64,
 }
 
@@ -120,12 +125,14 @@ impl Relay {
             metadata,
             metrics,
             replicator,
+            firestore: firestore.clone(),
             shutdown: watch::Sender::new(false),
             heavy_reads: Arc::new(tokio::sync::Semaphore::new(
                 2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             )),
             connections,
             admin_replays: Default::default(),
+            metadata_probe: Default::default(),
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();
@@ -135,8 +142,8 @@ impl Relay {
             let checks = Arc::new(ReplicaChecks { relay: Arc::downgrade(&relay) });
             replicator.clone().follow(relay.ingest.clone(), relay.fanout.clone(), checks);
         }
-        if relay.config.metadata.backend == MetadataBackend::Firestore {
-            relay.follow_operator_lists();
+        if let (Some(firestore), MetadataBackend::Firestore) = (&relay.firestore, relay.config.metadata.backend) {
+            relay.follow_operator_lists(firestore);
         }
         Ok(relay)
     }
@@ -171,12 +178,26 @@ impl Relay {
     /// With a shared metadata store, other replicas' management API calls
     /// change the operator's lists: reload them every few seconds, and remove
     /// newly banned events from this replica's store.
-    fn follow_operator_lists(self: &Arc<Self>) {
+    fn follow_operator_lists(self: &Arc<Self>, firestore: &crate::firestore::Firestore) {
         let weak = Arc::downgrade(self);
+        let name = crate::metadata::FirestoreMetadataStore::document_name(
+            firestore,
+            crate::operator_lists::NAMESPACE,
+            crate::operator_lists::VERSION_KEY,
+        );
+        let mut version = firestore.watch_document(name);
         tokio::spawn(async move {
+            // The lists are re-read only when their version document changes
+            // (nothing is read while they do not), and again after a failed read.
+            let mut retry = false;
             loop {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                if retry {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                } else if version.changed().await.is_err() {
+                    return;
+                }
                 let Some(relay) = weak.upgrade() else { return };
+                retry = false;
                 match crate::operator_lists::load(relay.metadata.as_ref()).await {
                     Ok(lists) => {
                         let known = relay.policy.operator_lists().banned_events;
@@ -191,7 +212,10 @@ impl Relay {
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "reloading the operator's lists failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reloading the operator's lists failed");
+                        retry = true;
+                    }
                 }
             }
         });

@@ -38,7 +38,8 @@ use nostr::event::Event;
 use crate::event::{AcceptedEvent, KindClass, kind_class};
 use crate::fanout::Fanout;
 use crate::firestore::{
-    Firestore, FirestoreError, ascending, call, field_filter, field_string, field_timestamp, run_query, string_value,
+    Firestore, FirestoreError, LISTEN_IDLE_TIMEOUT, ascending, call, field_filter, field_string, field_timestamp,
+    run_query, string_value,
 };
 use crate::ingest::{Ingest, SharedLog};
 use crate::refusal::Refusal;
@@ -77,8 +78,6 @@ const PAGE: i32 = 500;
 const LISTEN_TARGET: i32 = 1;
 /// Longest wait for Firestore to accept a Listen stream.
 const LISTEN_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-/// A Listen stream silent this long is reopened (from the cursor).
-const LISTEN_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Events handed to the writer before the follower waits for them.
 const MAX_APPLYING: usize = 500;
 /// Longest wait before reconnecting a failing Listen stream.
@@ -334,7 +333,12 @@ impl Replicator {
             ..Default::default()
         };
         let parent = self.firestore.documents();
-        self.firestore.retry("events by author", |client| run_query(client, parent.clone(), query.clone(), None)).await
+        let docs = self
+            .firestore
+            .retry("events by author", |client| run_query(client, parent.clone(), query.clone(), None))
+            .await?;
+        self.firestore.count_reads(docs.len());
+        Ok(docs)
     }
 
     /// Writes client events to Firestore; returns, per event, `Ok` or why it
@@ -512,6 +516,7 @@ impl Replicator {
             };
             match response.response_type {
                 Some(ResponseType::DocumentChange(change)) => {
+                    self.firestore.count_delivered();
                     let Some(doc) = change.document else { continue };
                     match self.apply(&doc, ingest, fanout, checks).await {
                         Ok(Some(written)) => applying.push(written),
@@ -624,6 +629,7 @@ impl Replicator {
     pub async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, FirestoreError> {
         let name = self.firestore.document(COLLECTION, &hex::encode(id));
         let read = self.firestore.retry("fetch event", |mut client| {
+            self.firestore.count_reads(1);
             let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
             async move {
                 match call(client.get_document(request)).await {

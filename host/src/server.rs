@@ -147,6 +147,9 @@ fn json_response(status: StatusCode, content_type: &'static str, body: serde_jso
         .expect("static response parts")
 }
 
+/// How long a `/ready` probe of a shared metadata store is reused.
+const SHARED_METADATA_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `/ready`: 200 when this replica can serve reads: the event store answers
 /// and no plugin is disabled; otherwise 503 naming what is wrong. A shared
 /// metadata store (Firestore) that does not answer leaves the relay ready but
@@ -160,22 +163,34 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let metadata_ok = match tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        relay.metadata.get(crate::operator_lists::NAMESPACE, "ready-probe"),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 5 s".to_string()),
+    let shared_metadata = relay.config.metadata.backend == crate::config::MetadataBackend::Firestore;
+    let metadata_ok = {
+        // A probe of the shared store is a billed read: one per interval
+        // however often `/ready` is asked.
+        let mut last = relay.metadata_probe.lock().await;
+        match &*last {
+            Some((at, result)) if shared_metadata && at.elapsed() < SHARED_METADATA_PROBE_INTERVAL => result.clone(),
+            _ => {
+                let result = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    relay.metadata.get(crate::operator_lists::NAMESPACE, "ready-probe"),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no answer within 5 s".to_string()),
+                };
+                *last = Some((std::time::Instant::now(), result.clone()));
+                result
+            }
+        }
     };
     let disabled: Vec<String> = relay.plugins.status().into_iter().filter(|p| p.disabled).map(|p| p.name).collect();
     let check = |r: &Result<(), String>| match r {
         Ok(()) => serde_json::json!("ok"),
         Err(e) => serde_json::json!(e),
     };
-    let shared_metadata = relay.config.metadata.backend == crate::config::MetadataBackend::Firestore;
     let mut degraded = Vec::new();
     if let (Err(e), true) = (&metadata_ok, shared_metadata) {
         degraded.push(format!(
@@ -213,6 +228,9 @@ async fn metrics(req: &Request<Incoming>, relay: &Arc<Relay>) -> Response<Body> 
         }
     }
     relay.plugins.refresh_usage_metrics();
+    if let Some(firestore) = &relay.firestore {
+        relay.metrics.sync_firestore_usage(firestore.usage());
+    }
     if let Some(size) = relay.store.size_on_disk() {
         relay.metrics.store_size_bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
     }

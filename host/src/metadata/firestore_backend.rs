@@ -48,7 +48,12 @@ impl FirestoreMetadataStore {
     }
 
     fn doc_name(&self, ns: &str, key: &str) -> String {
-        self.firestore.document(COLLECTION, &Self::doc_id(ns, key))
+        Self::document_name(&self.firestore, ns, key)
+    }
+
+    /// The full name of the document holding `key` of namespace `ns`.
+    pub fn document_name(firestore: &Firestore, ns: &str, key: &str) -> String {
+        firestore.document(COLLECTION, &Self::doc_id(ns, key))
     }
 
     fn document(&self, ns: &str, key: &str, value: Vec<u8>) -> fs::Document {
@@ -106,6 +111,7 @@ impl FirestoreMetadataStore {
             let doc = self
                 .firestore
                 .retry("read condition", |mut client| {
+                    self.firestore.count_reads(1);
                     let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
                     async move {
                         match call(client.get_document(request)).await {
@@ -126,7 +132,7 @@ impl FirestoreMetadataStore {
             };
             preconditions.insert(c.key.clone(), condition);
         }
-        let writes = writes
+        let writes: Vec<fs::Write> = writes
             .iter()
             .map(|w| {
                 let mut write = self.write(ns, w);
@@ -136,6 +142,7 @@ impl FirestoreMetadataStore {
             })
             .collect();
         let mut client = self.firestore.client();
+        self.firestore.count_commit(&writes);
         let commit = fs::CommitRequest { database: self.firestore.database(), writes, ..Default::default() };
         match call(client.commit(commit)).await {
             Ok(_) => Ok(true),
@@ -165,6 +172,7 @@ impl FirestoreMetadataStore {
         let transaction = call(client.begin_transaction(begin)).await?.transaction;
         let mut holds = true;
         for c in conditions {
+            self.firestore.count_reads(1);
             match Self::read(client.clone(), self.doc_name(ns, &c.key), Some(transaction.clone())).await {
                 Ok(current) => {
                     if current != c.expected {
@@ -192,6 +200,7 @@ impl FirestoreMetadataStore {
             transaction,
             ..Default::default()
         };
+        self.firestore.count_commit(&commit.writes);
         match call(client.commit(commit)).await {
             Ok(_) => Ok(Some(true)),
             Err(FirestoreError::Contention(_)) => Ok(None),
@@ -205,7 +214,13 @@ impl MetadataStore for FirestoreMetadataStore {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         validate_key(key)?;
         let name = self.doc_name(ns, key);
-        self.firestore.retry("get", |client| Self::read(client, name.clone(), None)).await.map_err(kv_error)
+        self.firestore
+            .retry("get", |client| {
+                self.firestore.count_reads(1);
+                Self::read(client, name.clone(), None)
+            })
+            .await
+            .map_err(kv_error)
     }
 
     async fn put(&self, ns: &str, key: &str, value: Vec<u8>) -> Result<(), KvError> {
@@ -249,6 +264,7 @@ impl MetadataStore for FirestoreMetadataStore {
             .retry("scan", |client| run_query(client, parent.clone(), query.clone(), None))
             .await
             .map_err(kv_error)?;
+        self.firestore.count_reads(docs.len());
         // Keys are ordered, so those with the prefix come first and together.
         Ok(docs
             .iter()
