@@ -521,3 +521,57 @@ async fn idle_replicas_cost_no_firestore_operations() {
     assert!(reads_after - reads_before <= 1.0, "B read {} documents at rest", reads_after - reads_before);
     assert_eq!((before.1.1, before.1.2), (after.1.1, after.1.2), "B wrote at rest");
 }
+
+/// A replica's `[[plugins]]` entry for the probe, ticking every second and
+/// recording its ticks as replica `name`.
+fn ticking_probe(name: &str) -> String {
+    let probe = harness::plugin_path("probe.wasm");
+    format!(
+        "[[plugins]]\nname = \"probe\"\npath = {}\n[plugins.settings]\n\"tick-seconds\" = \"1\"\nreplica = \"{name}\"\n",
+        serde_json::to_string(&probe.display().to_string()).unwrap()
+    )
+}
+
+/// What the probe reports about ticks (`probe v1 ticks=N tickers=a,b`).
+async fn tick_report(relay: &TestRelay) -> String {
+    relay.client().await.req_refused("ticks", vec![json!({"kinds": [9999]})]).await
+}
+
+/// Plugin housekeeping works on state every replica shares, so it runs on
+/// one replica at a time (the holder of a lease), and another takes over
+/// when that one stops.
+#[tokio::test]
+async fn plugin_ticks_run_on_one_replica_at_a_time_and_fail_over() {
+    let project = fresh_project();
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let a = TestRelay::start_with(Some(&format!("{}{}", replica_config(&project), ticking_probe("a"))), &env).await;
+    let b = TestRelay::start_with(Some(&format!("{}{}", replica_config(&project), ticking_probe("b"))), &env).await;
+    // Several ticks' worth: both replicas try every second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let report = tick_report(&a).await;
+        if report.contains("ticks=4") {
+            break report;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the probe did not tick: {report}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut replicas = vec![a, b];
+    let holder = match first.rsplit_once("tickers=") {
+        Some((_, "a")) => 0,
+        Some((_, "b")) => 1,
+        _ => panic!("ticks ran on both replicas: {first}"),
+    };
+    // The holder dies without a word; the other takes over once its lease expires.
+    drop(replicas.remove(holder));
+    let survivor = &replicas[0];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = tick_report(&survivor).await;
+        if report.ends_with("tickers=a,b") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no replica took over the ticks: {report}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -38,6 +38,7 @@ pub mod fanout;
 pub mod filter;
 pub mod firestore;
 pub mod ingest;
+pub mod lease;
 pub mod message;
 pub mod metadata;
 pub mod metrics;

@@ -100,7 +100,11 @@ impl Relay {
         if config.plugin_runtime.watch && !plugins.is_empty() {
             plugins.watch_files().context("watching plugin files")?;
         }
-        plugins.start_ticks();
+        // With a shared metadata store, plugin housekeeping runs on one
+        // replica at a time.
+        let shared_ticks = (config.metadata.backend == MetadataBackend::Firestore)
+            .then(|| (metadata.clone(), hex::encode(rand::random::<[u8; 8]>())));
+        plugins.start_ticks(shared_ticks);
         let ingest = Ingest::start(
             store.clone(),
             fanout.clone(),

@@ -162,10 +162,17 @@ impl PluginHost {
     }
 
     /// Starts the `tick` loop of every plugin that asks for one.
-    pub fn start_ticks(self: &Arc<Self>) {
+    /// With `shared` (a metadata store several replicas share, and this
+    /// replica's name), each plugin's `tick` runs on one replica at a time:
+    /// the holder of its lease (see [`crate::lease`]), held for three
+    /// intervals and renewed at every tick, so another replica takes over
+    /// when the holder stops.
+    pub fn start_ticks(self: &Arc<Self>, shared: Option<(Arc<dyn MetadataStore>, String)>) {
         for slot in &self.slots {
             let slot = slot.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
+                let mut lease: Option<(u32, crate::lease::Lease)> = None;
                 loop {
                     let loaded = slot.current();
                     let Some(interval) = loaded.info.tick_interval_seconds else {
@@ -174,6 +181,21 @@ impl PluginHost {
                         continue;
                     };
                     tokio::time::sleep(Duration::from_secs(u64::from(interval))).await;
+                    if let Some((store, holder)) = &shared {
+                        if lease.as_ref().is_none_or(|(i, _)| *i != interval) {
+                            let key = format!("tick/{}", slot.config.name);
+                            let duration = Duration::from_secs(3 * u64::from(interval));
+                            lease = Some((
+                                interval,
+                                crate::lease::Lease::new(store.clone(), key, holder.clone(), duration),
+                            ));
+                        }
+                        if let Some((_, lease)) = &lease
+                            && !lease.hold().await
+                        {
+                            continue;
+                        }
+                    }
                     let Ok(admission) = slot.admit(None) else { continue };
                     let now = crate::event::unix_now();
                     let _ = slot

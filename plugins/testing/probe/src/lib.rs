@@ -6,7 +6,7 @@
 //! all), `reject-kinds`, `on-event` (accept | trap | loop | oom | escape),
 //! `req` (continue | claim | filter-query-all | bogus-ids | add-forged |
 //! huge | get-ids | reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
-//! mode; empty: all), `tick-seconds`.
+//! mode; empty: all), `tick-seconds`, `replica` (a name its ticks record).
 
 use std::hint::black_box;
 
@@ -120,6 +120,7 @@ impl Plugin for Probe {
                 spec("req", "continue"),
                 spec("fail-kinds", ""),
                 spec("tick-seconds", ""),
+                spec("replica", ""),
             ],
         }
     }
@@ -141,9 +142,15 @@ impl Plugin for Probe {
     fn process_req(ctx: RequestContext, filters: Vec<Filter>) -> ReqResult {
         if filters.iter().any(|f| f.kinds.as_deref() == Some(&[9999][..])) {
             let ticks = kv::get("ticks").ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned());
+            let tickers: Vec<String> = store::scan_all("ticked-by/")
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, _)| k.trim_start_matches("ticked-by/").to_owned())
+                .collect();
+            let tickers = if tickers.is_empty() { String::new() } else { format!(" tickers={}", tickers.join(",")) };
             return ReqResult::Reject(Refusal {
                 kind: RefusalKind::Error,
-                message: format!("probe {VERSION} ticks={}", ticks.unwrap_or_else(|| "0".into())),
+                message: format!("probe {VERSION} ticks={}{tickers}", ticks.unwrap_or_else(|| "0".into())),
             });
         }
         let requested: Vec<u16> = filters.iter().flat_map(|f| f.kinds.clone().unwrap_or_default()).collect();
@@ -206,6 +213,11 @@ impl Plugin for Probe {
     }
 
     fn tick(_now: u64) {
+        // Which replicas ticked (the `replica` setting names this one).
+        let replica = setting("replica");
+        if !replica.is_empty() {
+            let _ = kv::put(&format!("ticked-by/{replica}"), b"1");
+        }
         // Read-modify-write through compare-and-swap so overlapping ticks count correctly.
         loop {
             let current = kv::get("ticks").ok().flatten();
