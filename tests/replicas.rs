@@ -567,7 +567,7 @@ async fn plugin_ticks_run_on_one_replica_at_a_time_and_fail_over() {
     let survivor = &replicas[0];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let report = tick_report(&survivor).await;
+        let report = tick_report(survivor).await;
         if report.ends_with("tickers=a,b") {
             break;
         }
