@@ -15,7 +15,7 @@ pub const AUTHOR: u8 = b'A'; // pubkey
 pub const AUTHOR_KIND: u8 = b'P'; // pubkey, kind
 pub const KIND: u8 = b'K'; // kind
 pub const TAG: u8 = b'T'; // letter, len, value
-pub const ADDRESS: u8 = b'R'; // pubkey, kind, d -> id (replaceable/addressable slot)
+pub const ADDRESS: u8 = b'R'; // pubkey, kind, d -> slot (replaceable/addressable, see `Slot`)
 pub const EXPIRATION: u8 = b'X'; // expiration, id (NIP-40 sweep)
 pub const DELETED: u8 = b'D'; // id + deleter pubkey -> empty (NIP-09); one tombstone per deleter
 pub const DELETED_ADDRESS: u8 = b'Z'; // address slot -> deletion created_at (NIP-09 `a`)
@@ -91,6 +91,53 @@ pub fn address_key(pubkey: &[u8; 32], kind: u16, d: &str) -> Vec<u8> {
     k[0] = ADDRESS;
     k.extend_from_slice(d.as_bytes());
     k
+}
+
+/// What a replaceable/addressable slot holds: its current version, or, once
+/// that was removed (deleted, vanished, banned, expired), the newest version
+/// it ever held. Versions older than either are superseded, whenever they
+/// arrive: the state a slot ends in does not depend on arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The stored version's id.
+    Held([u8; 32]),
+    /// No version is stored; the newest one seen was `(created_at, id)`.
+    Vacant { created_at: u64, id: [u8; 32] },
+}
+
+/// Tag of a vacant slot's value (a held slot's value is the bare id).
+const VACANT_SLOT: u8 = b'v';
+
+impl Slot {
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        match value.len() {
+            32 => Some(Slot::Held(value.try_into().ok()?)),
+            41 if value[0] == VACANT_SLOT => Some(Slot::Vacant {
+                created_at: u64::from_be_bytes(value[1..9].try_into().ok()?),
+                id: value[9..].try_into().ok()?,
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Slot::Held(id) => id.to_vec(),
+            Slot::Vacant { created_at, id } => {
+                let mut v = Vec::with_capacity(41);
+                v.push(VACANT_SLOT);
+                v.extend_from_slice(&created_at.to_be_bytes());
+                v.extend_from_slice(id);
+                v
+            }
+        }
+    }
+}
+
+/// Whether version `(a_created_at, a_id)` wins over `(b_created_at, b_id)`
+/// in a slot (NIP-01: the newest, then the lowest id).
+pub fn newer_version(a: (u64, &[u8; 32]), b: (u64, &[u8; 32])) -> bool {
+    (std::cmp::Reverse(a.0), a.1) < (std::cmp::Reverse(b.0), b.1)
 }
 
 pub fn expiration_key(expiration: u64, id: &[u8; 32]) -> Vec<u8> {

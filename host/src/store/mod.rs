@@ -2,6 +2,8 @@
 //! answer NIP-01 filters. Protocol code talks to the [`EventStore`] trait only,
 //! so the engine (today sled, see [`sled_store`]) can change underneath.
 
+#[cfg(test)]
+mod apply_order;
 pub mod keys;
 mod query;
 pub mod sled_store;

@@ -100,7 +100,8 @@ impl<'a> PendingBatch<'a> {
         if let Some(slot) = keys::address_of(event)
             && self.get(&slot)?.as_deref() == Some(&id[..])
         {
-            self.remove(slot);
+            let vacant = keys::Slot::Vacant { created_at: event.created_at.as_secs(), id };
+            self.put(slot, vacant.encode());
         }
         if let Some(inserted) = &mut self.inserted {
             inserted.retain(|e| e.id != event.id);
@@ -125,6 +126,10 @@ impl<'a> PendingBatch<'a> {
         Ok(out)
     }
 
+    fn slot(&self, key: &[u8]) -> Result<Option<keys::Slot>, StoreError> {
+        self.get(key)?.map(|v| keys::Slot::parse(&v).ok_or_else(|| corrupt(key, "bad slot"))).transpose()
+    }
+
     fn vanished_at(&self, pubkey: &[u8; 32]) -> Result<Option<u64>, StoreError> {
         Ok(self.get(&keys::vanished_key(pubkey))?.map(|v| be_u64(&v)))
     }
@@ -133,7 +138,10 @@ impl<'a> PendingBatch<'a> {
     fn tombstoned(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError> {
         let id = event.id.to_bytes();
         let author = event.pubkey.to_bytes();
-        if self.get(&keys::deleted_key(&id, &author))?.is_some() {
+        // Deletions and requests to vanish cannot be deleted (NIP-09, NIP-62),
+        // whether the deletion arrives before or after them.
+        let deletable = !matches!(event.kind.as_u16(), 5 | 62);
+        if deletable && self.get(&keys::deleted_key(&id, &author))?.is_some() {
             return Ok(Some(WriteOutcome::Deleted));
         }
         // NIP-59: a gift wrap's recipient may delete it too.
@@ -184,7 +192,8 @@ impl<'a> PendingBatch<'a> {
                             self.remove_event(&target)?
                         }
                         Some(target) if target.pubkey.to_bytes() != author => continue,
-                        Some(target) if target.kind.as_u16() == 5 => continue, // deletions cannot be undone
+                        // Deletions cannot be undone, requests to vanish not deleted.
+                        Some(target) if matches!(target.kind.as_u16(), 5 | 62) => continue,
                         Some(target) => self.remove_event(&target)?,
                         None => {}
                     }
@@ -200,13 +209,11 @@ impl<'a> PendingBatch<'a> {
                     let key = keys::deleted_address_key(&slot);
                     let previous = self.get(&key)?.map(|v| be_u64(&v)).unwrap_or(0);
                     self.put(key, previous.max(until).to_be_bytes().to_vec());
-                    if let Some(holder) = self.get(&slot)? {
-                        let id: [u8; 32] = holder.as_slice().try_into().map_err(|_| corrupt(&slot, "bad slot"))?;
-                        if let Some(target) = self.load_event(&id)?
-                            && target.created_at.as_secs() <= until
-                        {
-                            self.remove_event(&target)?;
-                        }
+                    if let Some(keys::Slot::Held(id)) = self.slot(&slot)?
+                        && let Some(target) = self.load_event(&id)?
+                        && target.created_at.as_secs() <= until
+                    {
+                        self.remove_event(&target)?;
                     }
                 }
                 _ => {}
@@ -420,23 +427,43 @@ impl EventStore for SledEventStore {
                 outcomes.push(WriteOutcome::Duplicate);
                 continue;
             }
+            // A version older than its slot's current or newest-ever one is
+            // superseded; a newer one replaces it, even when the newer one is
+            // itself refused below (deleted, vanished), as it would have had
+            // it arrived first.
+            let slot = keys::address_of(event);
+            let version = (event.created_at.as_secs(), &id);
+            let (mut superseded, mut replaced) = (false, None);
+            if let Some(slot) = &slot {
+                match pending.slot(slot)? {
+                    Some(keys::Slot::Vacant { created_at, id: newest }) => {
+                        superseded = !keys::newer_version(version, (created_at, &newest));
+                    }
+                    Some(keys::Slot::Held(holder_id)) => match pending.load_event(&holder_id)? {
+                        Some(current) if !keys::newer_version(version, (current.created_at.as_secs(), &holder_id)) => {
+                            superseded = true;
+                        }
+                        current => replaced = current,
+                    },
+                    None => {}
+                }
+            }
             if let Some(refused) = pending.tombstoned(event)? {
+                if let (false, Some(slot)) = (superseded, slot) {
+                    if let Some(current) = &replaced {
+                        pending.remove_event(current)?;
+                    }
+                    pending.put(slot, keys::Slot::Vacant { created_at: version.0, id }.encode());
+                }
                 outcomes.push(refused);
                 continue;
             }
-            if let Some(slot) = keys::address_of(event)
-                && let Some(holder) = pending.get(&slot)?
-            {
-                let holder_id: [u8; 32] = holder.as_slice().try_into().map_err(|_| corrupt(&slot, "bad slot"))?;
-                if let Some(current) = pending.load_event(&holder_id)? {
-                    let newer = (std::cmp::Reverse(current.created_at.as_secs()), holder_id)
-                        <= (std::cmp::Reverse(event.created_at.as_secs()), id);
-                    if newer {
-                        outcomes.push(WriteOutcome::Superseded);
-                        continue;
-                    }
-                    pending.remove_event(&current)?;
-                }
+            if superseded {
+                outcomes.push(WriteOutcome::Superseded);
+                continue;
+            }
+            if let Some(current) = &replaced {
+                pending.remove_event(current)?;
             }
             pending.insert_event(accepted);
             match event.kind.as_u16() {
