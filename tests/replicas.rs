@@ -14,7 +14,7 @@ mod nostr45;
 use std::sync::Arc;
 use std::time::Duration;
 
-use emulator::{emulator_host, fresh_project, replica_config};
+use emulator::{Proxy, emulator_host, fresh_project, replica_config};
 use harness::{Client, TestRelay};
 use nostr::key::Keys;
 use nostr45::{Publish, note, now, sign};
@@ -152,70 +152,6 @@ async fn the_operators_lists_are_shared_by_the_replicas() {
         }
         assert!(tokio::time::Instant::now() < deadline, "the ban made on A never reached B");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A TCP proxy in front of the emulator that the test can cut (connections
-/// refused), stall (connections accepted and never answered: a hung
-/// Firestore) and restore, for a running relay.
-struct Proxy {
-    addr: String,
-    up: Arc<std::sync::atomic::AtomicBool>,
-    stalled: Arc<std::sync::atomic::AtomicBool>,
-    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(target: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (target, flag, stall, conns) = (target.to_owned(), up.clone(), stalled.clone(), connections.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection reset
-                }
-                let target = target.clone();
-                let stall = stall.clone();
-                conns.lock().unwrap().push(tokio::spawn(async move {
-                    if stall.load(std::sync::atomic::Ordering::SeqCst) {
-                        // Held open, never read: every call on it hangs.
-                        std::future::pending::<()>().await;
-                    }
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                    drop(inbound);
-                }));
-            }
-        });
-        Self { addr, up, stalled, connections }
-    }
-
-    /// Open connections close; new ones are accepted and never answered.
-    fn stall(&self) {
-        self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.stalled.store(false, std::sync::atomic::Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
     }
 }
 

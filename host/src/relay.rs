@@ -250,6 +250,10 @@ impl crate::replication::ReplicaAdmission for ReplicaChecks {
         }
         Ok(event)
     }
+
+    fn already_stored(&self, id: &[u8; 32]) -> bool {
+        self.relay.upgrade().is_some_and(|relay| matches!(relay.store.get(id), Ok(Some(_))))
+    }
 }
 
 /// Events other replicas stored, as plugins may be served them before they

@@ -80,6 +80,8 @@ const LISTEN_TARGET: i32 = 1;
 const LISTEN_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events handed to the writer before the follower waits for them.
 const MAX_APPLYING: usize = 500;
+/// How long a replicated event refused for now is retried in place.
+const ADMISSION_RETRY_WINDOW: Duration = Duration::from_secs(30);
 /// Longest wait before reconnecting a failing Listen stream.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 /// Longest a plugin's read of another replica's event waits on Firestore.
@@ -109,6 +111,11 @@ pub trait ReplicaAdmission: Send + Sync {
     /// (other rate limits were the origin replica's to give) skips the event
     /// on this replica.
     async fn admit(&self, json: &str) -> Result<Event, Refusal>;
+
+    /// Whether the event with this id is already stored here: a document
+    /// delivered again (after a reconnect) then costs a lookup, not the
+    /// checks and plugin calls of [`ReplicaAdmission::admit`].
+    fn already_stored(&self, id: &[u8; 32]) -> bool;
 }
 
 /// Work published off the writer's path, by one background task.
@@ -457,11 +464,13 @@ impl Replicator {
             let mut backoff = self.poll_interval;
             loop {
                 let before = cursor.clone();
-                let error = self.listen(&mut cursor, &ingest, &fanout, checks.as_ref()).await;
+                let mut heard = false;
+                let error = self.listen(&mut cursor, &mut heard, &ingest, &fanout, checks.as_ref()).await;
                 tracing::warn!(error = %error, "following the shared event log stopped; reconnecting");
-                // A stream that made progress reconnects at once; one that
-                // keeps failing backs off.
-                backoff = if cursor != before { self.poll_interval } else { (backoff * 2).min(MAX_RECONNECT_DELAY) };
+                // A stream that was answered, or made progress, reconnects
+                // soon; one that cannot be opened backs off.
+                backoff =
+                    if heard || cursor != before { self.poll_interval } else { (backoff * 2).min(MAX_RECONNECT_DELAY) };
                 tokio::time::sleep(backoff).await;
             }
         });
@@ -477,6 +486,7 @@ impl Replicator {
     async fn listen(
         &self,
         cursor: &mut Option<Cursor>,
+        heard: &mut bool,
         ingest: &Ingest,
         fanout: &Fanout,
         checks: &dyn ReplicaAdmission,
@@ -508,7 +518,10 @@ impl Replicator {
         let mut caught_up = false;
         loop {
             let response = match tokio::time::timeout(LISTEN_IDLE_TIMEOUT, responses.next()).await {
-                Ok(Some(Ok(r))) => r,
+                Ok(Some(Ok(r))) => {
+                    *heard = true;
+                    r
+                }
                 Ok(Some(Err(status))) => return format!("{:?}: {}", status.code(), status.message()),
                 Ok(None) => return "the stream ended".into(),
                 // A connection that died without a word: resuming is cheap.
@@ -596,14 +609,30 @@ impl Replicator {
         checks: &dyn ReplicaAdmission,
     ) -> Result<Option<tokio::sync::oneshot::Receiver<crate::ingest::WriteResult>>, String> {
         let Some(json) = field_string(doc, "json") else { return Ok(None) };
-        let event = match checks.admit(json).await {
-            Ok(event) => event,
-            Err(refusal) if refusal.retry_later => {
-                return Err(format!("a replicated event cannot be applied yet: {}", refusal.message));
-            }
-            Err(refusal) => {
-                tracing::info!(doc = %doc.name, refusal = ?refusal, "a replicated event is refused on this replica");
-                return Ok(None);
+        let mut id = [0u8; 32];
+        let named = doc.name.rsplit('/').next().is_some_and(|hex_id| hex::decode_to_slice(hex_id, &mut id).is_ok());
+        if named && checks.already_stored(&id) {
+            return Ok(None);
+        }
+        // A refusal that may pass later (a plugin busy, or its state out of
+        // reach) is retried here, on the open stream, before giving up on it
+        // (the stream then reopens at the cursor, which is before it).
+        let mut wait = Duration::from_millis(100);
+        let give_up = tokio::time::Instant::now() + ADMISSION_RETRY_WINDOW;
+        let event = loop {
+            match checks.admit(json).await {
+                Ok(event) => break event,
+                Err(refusal) if refusal.retry_later && tokio::time::Instant::now() + wait < give_up => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(refusal) if refusal.retry_later => {
+                    return Err(format!("a replicated event cannot be applied yet: {}", refusal.message));
+                }
+                Err(refusal) => {
+                    tracing::info!(doc = %doc.name, refusal = ?refusal, "a replicated event is refused on this replica");
+                    return Ok(None);
+                }
             }
         };
         let mut accepted = AcceptedEvent::new(event);

@@ -27,6 +27,17 @@ use crate::firestore::{
 };
 
 const COLLECTION: &str = "kv";
+/// Longest one key-value operation (retries included) waits on Firestore. A
+/// plugin is waiting inside a call with its own wall-clock limit: it should
+/// get an error it can act on, not be cut off as if it had hung.
+const OPERATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `op` under [`OPERATION_DEADLINE`].
+async fn within_deadline<T>(op: impl std::future::Future<Output = Result<T, KvError>>) -> Result<T, KvError> {
+    tokio::time::timeout(OPERATION_DEADLINE, op).await.unwrap_or_else(|_| {
+        Err(KvError::Unavailable(format!("Firestore did not answer within {} s", OPERATION_DEADLINE.as_secs())))
+    })
+}
 /// Reruns of a contended transaction before giving up.
 const TRANSACTION_ATTEMPTS: u32 = 20;
 
@@ -212,6 +223,35 @@ impl FirestoreMetadataStore {
 #[async_trait]
 impl MetadataStore for FirestoreMetadataStore {
     async fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        within_deadline(self.get_now(ns, key)).await
+    }
+
+    async fn put(&self, ns: &str, key: &str, value: Vec<u8>) -> Result<(), KvError> {
+        within_deadline(self.put_now(ns, key, value)).await
+    }
+
+    async fn delete(&self, ns: &str, key: &str) -> Result<(), KvError> {
+        within_deadline(self.delete_now(ns, key)).await
+    }
+
+    async fn scan_prefix(
+        &self,
+        ns: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        within_deadline(self.scan_prefix_now(ns, prefix, start_after, limit)).await
+    }
+
+    async fn transact(&self, ns: &str, conditions: Vec<Condition>, writes: Vec<Write>) -> Result<bool, KvError> {
+        within_deadline(self.transact_now(ns, conditions, writes)).await
+    }
+}
+
+/// The operations, without the deadline.
+impl FirestoreMetadataStore {
+    async fn get_now(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
         validate_key(key)?;
         let name = self.doc_name(ns, key);
         self.firestore
@@ -223,20 +263,20 @@ impl MetadataStore for FirestoreMetadataStore {
             .map_err(kv_error)
     }
 
-    async fn put(&self, ns: &str, key: &str, value: Vec<u8>) -> Result<(), KvError> {
+    async fn put_now(&self, ns: &str, key: &str, value: Vec<u8>) -> Result<(), KvError> {
         validate_key(key)?;
         validate_value(&value)?;
         let write = self.write(ns, &Write { key: key.into(), value: Some(value) });
         self.firestore.commit_idempotent("put", vec![write]).await.map_err(kv_error)
     }
 
-    async fn delete(&self, ns: &str, key: &str) -> Result<(), KvError> {
+    async fn delete_now(&self, ns: &str, key: &str) -> Result<(), KvError> {
         validate_key(key)?;
         let write = self.write(ns, &Write { key: key.into(), value: None });
         self.firestore.commit_idempotent("delete", vec![write]).await.map_err(kv_error)
     }
 
-    async fn scan_prefix(
+    async fn scan_prefix_now(
         &self,
         ns: &str,
         prefix: &str,
@@ -273,7 +313,7 @@ impl MetadataStore for FirestoreMetadataStore {
             .collect())
     }
 
-    async fn transact(&self, ns: &str, conditions: Vec<Condition>, writes: Vec<Write>) -> Result<bool, KvError> {
+    async fn transact_now(&self, ns: &str, conditions: Vec<Condition>, writes: Vec<Write>) -> Result<bool, KvError> {
         validate_transaction(&conditions, &writes)?;
         if conditions.iter().all(|c| writes.iter().any(|w| w.key == c.key)) {
             return self.transact_optimistic(ns, &conditions, &writes).await.map_err(kv_error);
