@@ -49,7 +49,9 @@ test: test-plugins
 # table and writes target/bench/results.json, then criterion's single plugin
 # call figures. `make bench ONLY=ingest` runs one group (ONLY=calls: criterion;
 # ONLY=peer: this relay beside rnostr under nostr-bench, installing both first;
-# ONLY=scale: a store grown to 1M events; ONLY=disk: where disk space goes).
+# ONLY=scale: a store grown to 1M events; ONLY=disk: where disk space goes;
+# ONLY=replicas: Firestore operations per event, per KeyPackage request and at
+# rest, and a new replica's join time, on the Firestore emulator).
 # One cargo build makes the relay, the load generator and the criterion
 # executable, which then runs directly (`cargo bench` would build it again).
 bench: plugins

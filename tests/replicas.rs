@@ -511,3 +511,32 @@ async fn plugin_ticks_run_on_one_replica_at_a_time_and_fail_over() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// `import` on a replica's data directory also publishes what it imports to
+/// the shared log, so the other replicas receive it.
+#[tokio::test]
+async fn events_imported_on_one_replica_reach_the_others() {
+    let project = fresh_project();
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let running = TestRelay::start_with(Some(&replica_config(&project)), &env).await;
+    let k = Keys::generate();
+    let events: Vec<_> = (0..3).map(|i| note(&k, &format!("imported {i}"), i)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("import.jsonl");
+    std::fs::write(&input, events.iter().map(|e| e.as_json() + "\n").collect::<String>()).unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, replica_config(&project)).unwrap();
+    let out = tokio::process::Command::new(harness::relay_binary())
+        .arg("--config")
+        .arg(&config)
+        .args(["import", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg(&input)
+        .env("FIRESTORE_EMULATOR_HOST", emulator_host())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids: Vec<String> = events.iter().map(|e| e.id.to_hex()).collect();
+    eventually_ids(&mut running.client().await, json!({"authors": [k.public_key().to_hex()]}), &ids).await;
+}

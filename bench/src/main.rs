@@ -5,6 +5,7 @@
 
 mod client;
 mod peer;
+mod replicas;
 mod scale;
 mod scenarios;
 mod sled_floor;

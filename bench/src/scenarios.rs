@@ -133,6 +133,9 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
     if want("peer") {
         rows.extend(crate::peer::compare().await?);
     }
+    if want("replicas") {
+        rows.extend(crate::replicas::firestore_costs().await?);
+    }
     if want("query") {
         eprintln!("preparing a store of {QUERY_STORE_EVENTS} events...");
         let authors = keys(AUTHORS);

@@ -142,7 +142,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import { data_dir, input } => {
             let dir = data_dir.unwrap_or(config.storage.data_dir);
-            let summary = wasm_relay::tools::import(&dir, &input)?;
+            // A replica's import goes to the shared log too, so every
+            // replica receives the events (not tombstones: those stay here).
+            let summary = if config.replication.enabled {
+                let runtime = tokio::runtime::Runtime::new()?;
+                let _entered = runtime.enter();
+                let firestore = runtime
+                    .block_on(wasm_relay::firestore::Firestore::connect(&config.firestore))
+                    .context("connecting to Firestore")?;
+                let replicator = wasm_relay::replication::Replicator::new(
+                    firestore,
+                    config.server.public_url.clone(),
+                    &dir,
+                    std::time::Duration::from_millis(config.replication.poll_interval_ms),
+                    std::time::Duration::from_millis(config.replication.publish_timeout_ms),
+                );
+                let publish = |events: &[std::sync::Arc<wasm_relay::event::AcceptedEvent>]| -> anyhow::Result<()> {
+                    let outcomes = runtime.block_on(replicator.publish_events(events));
+                    match outcomes.into_iter().find_map(Result::err) {
+                        Some(e) => anyhow::bail!("{e}; the import stopped (running it again is harmless)"),
+                        None => Ok(()),
+                    }
+                };
+                wasm_relay::tools::import(&dir, &input, Some(&publish))?
+            } else {
+                wasm_relay::tools::import(&dir, &input, None)?
+            };
             eprintln!("import into {}: {summary}", dir.display());
             Ok(())
         }

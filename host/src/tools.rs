@@ -147,7 +147,12 @@ impl std::fmt::Display for ImportSummary {
 /// Reads JSON lines of events from `input` (or stdin for `-`), checks each
 /// id and signature, and stores them with the relay's rules (replaceable,
 /// deletions) in batches, each durable before the next.
-pub fn import(data_dir: &Path, input: &Path) -> anyhow::Result<ImportSummary> {
+/// Where imported events also go before they are stored: the shared log of
+/// replicas, so the others receive them too. `Err` stops the import (what
+/// was imported before stays; importing again is harmless).
+pub type PublishImported<'a> = &'a dyn Fn(&[Arc<AcceptedEvent>]) -> anyhow::Result<()>;
+
+pub fn import(data_dir: &Path, input: &Path, shared_log: Option<PublishImported>) -> anyhow::Result<ImportSummary> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let store = open_store(data_dir)?;
     let (reader, len): (Box<dyn BufRead>, Option<u64>) = if input == Path::new("-") {
@@ -162,6 +167,9 @@ pub fn import(data_dir: &Path, input: &Path) -> anyhow::Result<ImportSummary> {
     let mut batch: Vec<Arc<AcceptedEvent>> = Vec::with_capacity(1000);
     let now = unix_now();
     let flush = |batch: &mut Vec<Arc<AcceptedEvent>>, summary: &mut ImportSummary| -> anyhow::Result<()> {
+        if let (Some(publish), false) = (shared_log, batch.is_empty()) {
+            publish(batch)?;
+        }
         for outcome in store.write_batch(batch)? {
             match outcome {
                 WriteOutcome::Stored => summary.stored += 1,

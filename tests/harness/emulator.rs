@@ -40,6 +40,9 @@ fn start() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let host = format!("127.0.0.1:{port}");
     let log: PathBuf = std::env::temp_dir().join(format!("firestore-emulator-{port}.log"));
+    // A log left by an earlier emulator on the same port would announce
+    // this one as running before it is.
+    let _ = std::fs::remove_file(&log);
     let test_pid = std::process::id();
     // The shell leads a new session (setsid). gcloud moves itself and its
     // Java child into a process group of their own, but stays in the session:

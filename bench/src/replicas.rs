@@ -1,0 +1,284 @@
+//! `make bench ONLY=replicas`: what replicas sharing Firestore cost and how
+//! fast a new one joins, on the Firestore emulator (started here, as the
+//! tests start it; it needs `gcloud` and its emulator component).
+//!
+//! Firestore bills document reads, writes and deletes. Each relay counts the
+//! operations it causes, the way Firestore bills them, in
+//! `wasm_relay_firestore_operations_total`; the figures here are differences
+//! of those counters over each phase, summed over the replicas:
+//! - per ingested event: 200 notes published to replica A, two replicas;
+//! - per KeyPackage published and per KeyPackage request (with consumption),
+//!   the MLS gateway loaded on both;
+//! - at rest: one minute with nothing happening, scaled to an hour;
+//! - joining: a replica started empty on a log of 100,000 events (written
+//!   into the log here, as replicas write it), time until it serves all of
+//!   them (it replays the log; no snapshot join yet).
+//!
+//! The emulator's listener re-sends every document of a query on each change
+//! (100 events published to a replica cost another replica 5,050 document
+//! deliveries), where Firestore bills one read per document added or changed.
+//! The read figures below are therefore the emulator's, an upper bound that
+//! grows with the log; writes and deletes are as billed. The same quadratic
+//! re-sending is why the join log is written with no replica listening.
+
+#[path = "../../tests/harness/emulator.rs"]
+#[allow(dead_code, clippy::all)]
+mod emulator;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::Row;
+use crate::client::{Conn, RelayProcess, bench_config};
+use crate::scenarios::{keys, sign_many};
+use crate::workspace_root;
+
+const EVENTS: usize = 200;
+const KEY_PACKAGES: usize = 200;
+const KEY_PACKAGE_REQUESTS: usize = 100;
+const JOIN_EVENTS: usize = 100_000;
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Billable operations (reads, writes, deletes) a relay reports.
+async fn operations(relay: &RelayProcess) -> anyhow::Result<[f64; 3]> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = relay.url.trim_start_matches("ws://").trim_end_matches('/').to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await?;
+    let op = |name: &str| {
+        let series = format!("wasm_relay_firestore_operations_total{{op=\"{name}\"}} ");
+        reply.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    Ok([op("read"), op("write"), op("delete")])
+}
+
+/// Operations of all `relays` together.
+async fn total(relays: &[&RelayProcess]) -> anyhow::Result<[f64; 3]> {
+    let mut sum = [0.0; 3];
+    for r in relays {
+        let ops = operations(r).await?;
+        for i in 0..3 {
+            sum[i] += ops[i];
+        }
+    }
+    Ok(sum)
+}
+
+/// `after - before`, divided by `per`.
+fn per(before: [f64; 3], after: [f64; 3], per: f64) -> [f64; 3] {
+    [0, 1, 2].map(|i| (after[i] - before[i]) / per)
+}
+
+/// Publishes `events` (JSON) to `relay` over `connections` connections.
+async fn publish_all(relay: &RelayProcess, events: Vec<String>, connections: usize) -> anyhow::Result<usize> {
+    let events = Arc::new(events);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (events, url) = (events.clone(), relay.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::connect(&url).await?;
+            let mut accepted = 0;
+            for e in events.iter().skip(c).step_by(connections) {
+                accepted += usize::from(conn.publish(e).await?);
+            }
+            anyhow::Ok(accepted)
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await??;
+    }
+    Ok(accepted)
+}
+
+/// Kind-1 events `relay` serves (NIP-45 COUNT).
+async fn count_notes(relay: &RelayProcess, author: &str) -> anyhow::Result<u64> {
+    let mut c = Conn::connect(&relay.url).await?;
+    c.send(json!(["COUNT", "n", {"kinds": [1], "authors": [author]}]).to_string()).await?;
+    loop {
+        let v = c.recv().await?;
+        if v[0] == "COUNT" {
+            return Ok(v[2]["count"].as_u64().unwrap_or(0));
+        }
+    }
+}
+
+/// Waits until `relay` serves `expected` notes by `author`; returns how long it took.
+async fn until_serves(relay: &RelayProcess, author: &str, expected: u64, limit: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while count_notes(relay, author).await? < expected {
+        anyhow::ensure!(start.elapsed() < limit, "the replica did not catch up within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Waits until the relays' operation counters stop moving (the followers
+/// have applied what was published).
+async fn settled(relays: &[&RelayProcess]) -> anyhow::Result<[f64; 3]> {
+    let mut last = total(relays).await?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = total(relays).await?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+pub async fn firestore_costs() -> anyhow::Result<Vec<Row>> {
+    eprintln!("starting the Firestore emulator...");
+    emulator::emulator_host();
+    let gateway = workspace_root().join("target/plugins/mls_gateway.wasm");
+    let config = config_for(&gateway);
+    let a = RelayProcess::start(&config, |_| {}).await?;
+    let b = RelayProcess::start(&config, |_| {}).await?;
+    let both = [&a, &b];
+    let mut rows = Vec::new();
+    let fmt = |ops: [f64; 3]| format!("{:.2} reads, {:.2} writes, {:.2} deletes", ops[0], ops[1], ops[2]);
+    let json_of = |ops: [f64; 3]| json!({"reads": ops[0], "writes": ops[1], "deletes": ops[2]});
+
+    // Ingest.
+    let writer = keys(1);
+    let author = writer[0].public_key().to_hex();
+    let notes: Vec<String> =
+        sign_many(EVENTS, &writer, |i| (1, format!("note {i}"), vec![])).iter().map(|e| e.as_json()).collect();
+    let before = settled(&both).await?;
+    let accepted = publish_all(&a, notes, 20).await?;
+    until_serves(&b, &author, accepted as u64, Duration::from_secs(120)).await?;
+    let ingest = per(before, settled(&both).await?, accepted as f64);
+    rows.push(Row {
+        name: "Firestore operations per ingested event, 2 replicas (emulator reads)".into(),
+        value: fmt(ingest),
+        target: "bounded per event".into(),
+        json: json_of(ingest),
+    });
+
+    // KeyPackages: published to A, requested (and consumed) on B.
+    let owners = keys(KEY_PACKAGES / 10);
+    let kps = sign_many(KEY_PACKAGES, &owners, |i| {
+        use base64::Engine;
+        let content = base64::engine::general_purpose::STANDARD.encode([i as u8; 300]);
+        let tags = vec![
+            vec!["mls_protocol_version".into(), "1.0".into()],
+            vec!["mls_ciphersuite".into(), "0x0001".into()],
+            vec!["encoding".into(), "base64".into()],
+            vec!["i".into(), format!("{i:064x}")],
+        ];
+        (443, content, tags)
+    });
+    let before = total(&both).await?;
+    let published = publish_all(&a, kps.iter().map(|e| e.as_json()).collect(), 10).await?;
+    anyhow::ensure!(published == KEY_PACKAGES, "{published} of {KEY_PACKAGES} KeyPackages accepted");
+    let after_publish = settled(&both).await?;
+    let kp_publish = per(before, after_publish, published as f64);
+    let mut c = Conn::connect(&b.url).await?;
+    for i in 0..KEY_PACKAGE_REQUESTS {
+        let owner = owners[i % owners.len()].public_key().to_hex();
+        c.req(&format!("kp{i}"), &format!("{{\"kinds\":[30443,443],\"authors\":[\"{owner}\"]}}")).await?;
+    }
+    let kp_request = per(after_publish, settled(&both).await?, KEY_PACKAGE_REQUESTS as f64);
+    rows.push(Row {
+        name: "Firestore operations per KeyPackage published (MLS gateway)".into(),
+        value: fmt(kp_publish),
+        target: "".into(),
+        json: json_of(kp_publish),
+    });
+    rows.push(Row {
+        name: "Firestore operations per KeyPackage request (consumes one)".into(),
+        value: fmt(kp_request),
+        target: "".into(),
+        json: json_of(kp_request),
+    });
+
+    // At rest.
+    eprintln!("measuring a minute at rest...");
+    let before = total(&both).await?;
+    tokio::time::sleep(IDLE).await;
+    let idle = per(before, total(&both).await?, IDLE.as_secs_f64() / 3600.0);
+    rows.push(Row {
+        name: "Firestore operations per idle hour, 2 replicas (1 min measured)".into(),
+        value: fmt(idle),
+        target: "near 0".into(),
+        json: json_of(idle),
+    });
+
+    drop((a, b));
+    rows.push(join_by_replay(&config_for(&gateway)).await?);
+    Ok(rows)
+}
+
+/// A replica's configuration on a fresh Firestore project, with the gateway.
+fn config_for(gateway: &std::path::Path) -> String {
+    format!("{}{}", bench_config(&[("mls-gateway", gateway)]), emulator::replica_config(&emulator::fresh_project()))
+}
+
+/// The project id in a configuration from [`config_for`].
+fn project_of(config: &str) -> String {
+    config.split("project_id = \"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default().to_owned()
+}
+
+/// Writes `events` into the shared log of `project` as a replica publishes
+/// them: 500 documents per commit, 4 commits at a time.
+async fn fill_log(project: &str, events: Vec<String>, ids: Vec<String>, pubkey: &str) -> anyhow::Result<()> {
+    use firestore::gcloud_sdk::google::firestore::v1 as fs;
+    use wasm_relay::firestore::{Firestore, string_value};
+    let config = wasm_relay::config::FirestoreConfig { project_id: project.to_owned(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await?;
+    let docs: Vec<fs::Write> = events
+        .into_iter()
+        .zip(ids)
+        .map(|(json, id)| {
+            let fields = [
+                ("json".to_string(), string_value(json)),
+                ("origin".to_string(), string_value("bench")),
+                ("pubkey".to_string(), string_value(pubkey)),
+            ];
+            let document = fs::Document {
+                name: firestore.document("events", &id),
+                fields: fields.into_iter().collect(),
+                ..Default::default()
+            };
+            fs::Write { operation: Some(fs::write::Operation::Update(document)), ..Default::default() }
+        })
+        .collect();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    use futures_util::StreamExt;
+    for chunk in docs.chunks(500) {
+        if pending.len() >= 4 {
+            pending.next().await.expect("a commit")?;
+        }
+        let (firestore, chunk) = (firestore.clone(), chunk.to_vec());
+        pending.push(async move { firestore.commit_idempotent("bench fill", chunk).await });
+    }
+    while let Some(done) = pending.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// A replica started empty on a log of [`JOIN_EVENTS`] events: time until it
+/// serves every one.
+async fn join_by_replay(config: &str) -> anyhow::Result<Row> {
+    eprintln!("writing {JOIN_EVENTS} events into the shared log...");
+    let joiner = keys(1);
+    let author = joiner[0].public_key().to_hex();
+    let events = sign_many(JOIN_EVENTS, &joiner, |i| (1, format!("join {i}"), vec![]));
+    let ids = events.iter().map(|e| e.id.to_hex()).collect();
+    fill_log(&project_of(config), events.iter().map(|e| e.as_json()).collect(), ids, &author).await?;
+    let start = Instant::now();
+    let fresh = RelayProcess::start(config, |_| {}).await?;
+    until_serves(&fresh, &author, JOIN_EVENTS as u64, Duration::from_secs(1800)).await?;
+    let join = start.elapsed().as_secs_f64();
+    Ok(Row {
+        name: format!("a new replica joins a log of {}k events (replay)", JOIN_EVENTS / 1000),
+        value: format!("{join:.1} s ({:.0} events/s)", JOIN_EVENTS as f64 / join),
+        target: "snapshot join: not built".into(),
+        json: json!({"seconds": join, "events": JOIN_EVENTS}),
+    })
+}
