@@ -540,3 +540,52 @@ async fn events_imported_on_one_replica_reach_the_others() {
     let ids: Vec<String> = events.iter().map(|e| e.id.to_hex()).collect();
     eventually_ids(&mut running.client().await, json!({"authors": [k.public_key().to_hex()]}), &ids).await;
 }
+
+/// A replica that starts on a long shared log serves a partial store until it
+/// has replayed it: `/ready` says so (503) until then, and 200 after.
+#[tokio::test]
+async fn a_replica_replaying_the_log_is_not_ready_until_it_has_caught_up() {
+    use firestore::gcloud_sdk::google::firestore::v1 as fs;
+    use wasm_relay::firestore::string_value;
+    let project = fresh_project();
+    emulator_host();
+    let config = FirestoreConfig { project_id: project.clone(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
+    let k = Keys::generate();
+    let events: Vec<_> = (0..20_000u64).map(|i| note(&k, &format!("log {i}"), i % 1000)).collect();
+    for chunk in events.chunks(500) {
+        let writes = chunk
+            .iter()
+            .map(|e| {
+                let fields = [
+                    ("json".to_string(), string_value(e.as_json())),
+                    ("origin".to_string(), string_value("another-replica")),
+                    ("pubkey".to_string(), string_value(e.pubkey.to_hex())),
+                ];
+                let document = fs::Document {
+                    name: firestore.document("events", &e.id.to_hex()),
+                    fields: fields.into_iter().collect(),
+                    ..Default::default()
+                };
+                fs::Write { operation: Some(fs::write::Operation::Update(document)), ..Default::default() }
+            })
+            .collect();
+        firestore.commit_idempotent("test log", writes).await.expect("commit to the emulator");
+    }
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let relay = TestRelay::start_with(Some(&replica_config(&project)), &env).await;
+    let (status, _, body) = relay.http_get("/ready", "*/*").await;
+    assert!(status.contains("503") && body.contains("replaying the shared event log"), "{status} {body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, _, body) = relay.http_get("/ready", "*/*").await;
+        if status.contains("200") {
+            assert!(body.contains("\"replication\":\"following\""), "{body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still not ready after 120 s: {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let count = relay.client().await.count("n", vec![json!({"authors": [k.public_key().to_hex()]})]).await;
+    assert_eq!(count[2]["count"], 20_000, "ready means the whole log is applied");
+}

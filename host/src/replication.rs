@@ -177,6 +177,12 @@ pub struct Replicator {
     poll_interval: Duration,
     /// Longest a client event's publishing may take before it is refused.
     publish_timeout: Duration,
+    /// Set once this replica has applied the whole log as of its first
+    /// consistent snapshot since it started: until then it serves a partial
+    /// store, and `/ready` says so.
+    caught_up: std::sync::atomic::AtomicBool,
+    /// Log documents applied since start.
+    pub applied: std::sync::atomic::AtomicU64,
 }
 
 /// Where a replica is in the shared event log: the `read_time` of the last
@@ -214,6 +220,8 @@ impl Replicator {
             cursor_file: data_dir.join("replication-cursor.json"),
             poll_interval,
             publish_timeout,
+            caught_up: Default::default(),
+            applied: Default::default(),
         });
         tokio::spawn(Self::run_background(Arc::downgrade(&this), jobs));
         this
@@ -450,6 +458,12 @@ impl Replicator {
         }
     }
 
+    /// Whether this replica has applied the whole shared log as it stood at
+    /// its first consistent snapshot since start.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Writes an ephemeral event to the shared log, so other replicas deliver
     /// it to their live subscribers; failures are logged (ephemeral events
     /// are best effort).
@@ -558,6 +572,7 @@ impl Replicator {
                     }
                     if !caught_up {
                         caught_up = true;
+                        self.caught_up.store(true, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
                             read_time = ?(read_time.seconds, read_time.nanos),
                             "caught up with the shared event log"
@@ -646,6 +661,7 @@ impl Replicator {
             }
             return Ok(None);
         }
+        self.applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(ingest.submit(Arc::new(accepted)).await))
     }
 }

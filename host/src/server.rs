@@ -150,8 +150,9 @@ fn json_response(status: StatusCode, content_type: &'static str, body: serde_jso
 /// How long a `/ready` probe of a shared metadata store is reused.
 const SHARED_METADATA_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// `/ready`: 200 when this replica can serve reads: the event store answers
-/// and no plugin is disabled; otherwise 503 naming what is wrong. A shared
+/// `/ready`: 200 when this replica can serve reads: the event store answers,
+/// no plugin is disabled, and (with replication) it has applied the shared
+/// log as it stood when it started; otherwise 503 naming what is wrong. A shared
 /// metadata store (Firestore) that does not answer leaves the relay ready but
 /// `degraded`, named in the body: every replica shares it, and failing them
 /// all at once would stop the reads their own stores still serve. A local
@@ -197,7 +198,15 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
             "metadata store (Firestore): {e}; plugins' state, the operator's lists and replicated writes may fail"
         ));
     }
-    let is_ready = store_ok.is_ok() && (metadata_ok.is_ok() || shared_metadata) && disabled.is_empty();
+    // A replica still replaying the shared log serves a partial store.
+    let replaying = relay.replicator.as_ref().filter(|r| !r.caught_up()).map(|r| {
+        format!(
+            "replaying the shared event log ({} events applied so far)",
+            r.applied.load(std::sync::atomic::Ordering::Relaxed)
+        )
+    });
+    let is_ready =
+        store_ok.is_ok() && (metadata_ok.is_ok() || shared_metadata) && disabled.is_empty() && replaying.is_none();
     let body = serde_json::json!({
         "ready": is_ready,
         "event_store": check(&store_ok),
@@ -205,6 +214,7 @@ async fn ready(relay: &Arc<Relay>) -> Response<Body> {
         "plugins": relay.plugins.slots().len(),
         "disabled_plugins": disabled,
         "degraded": degraded,
+        "replication": replaying.unwrap_or_else(|| if relay.replicator.is_some() { "following".into() } else { "off".into() }),
     });
     let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_response(status, "application/json", body)
