@@ -129,19 +129,31 @@ async fn a_replica_that_was_down_catches_up_exactly_once() {
     assert_eq!(count[2]["count"], 61, "every event once, none twice");
 }
 
-#[tokio::test]
-async fn the_operators_lists_are_shared_by_the_replicas() {
+/// Two replicas of a relay on a fresh project, with `admin` as its operator.
+async fn two_replicas_with_admin() -> (Keys, TestRelay, TestRelay) {
     let project = fresh_project();
     let admin = Keys::generate();
     let config = format!("{}[admin]\npubkeys = [\"{}\"]\n", replica_config(&project), admin.public_key().to_hex());
     let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
     let a = TestRelay::start_with(Some(&config), &env).await;
     let b = TestRelay::start_with(Some(&config), &env).await;
-    let spammer = Keys::generate();
-    let body = json!({"method": "banpubkey", "params": [spammer.public_key().to_hex()]}).to_string();
-    let auth = nostr45::nip98_header(&admin, &a.url.replacen("ws://", "http://", 1), body.as_bytes());
-    let (status, _, reply) = a.http("POST", "/", &[("Authorization", auth.as_str())], body.as_bytes()).await;
+    (admin, a, b)
+}
+
+/// `admin` calls NIP-86 `method` with `params` on `relay`, which must answer true.
+async fn manage(relay: &TestRelay, admin: &Keys, method: &str, params: Value) {
+    let body = json!({"method": method, "params": params}).to_string();
+    let auth = nostr45::nip98_header(admin, &relay.url.replacen("ws://", "http://", 1), body.as_bytes());
+    let headers = [("Content-Type", "application/nostr+json+rpc"), ("Authorization", auth.as_str())];
+    let (status, _, reply) = relay.http("POST", "/", &headers, body.as_bytes()).await;
     assert!(status.contains("200") && reply.contains("true"), "{status} {reply}");
+}
+
+#[tokio::test]
+async fn the_operators_lists_are_shared_by_the_replicas() {
+    let (admin, a, b) = two_replicas_with_admin().await;
+    let spammer = Keys::generate();
+    manage(&a, &admin, "banpubkey", json!([spammer.public_key().to_hex()])).await;
     let mut on_b = b.client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -241,12 +253,7 @@ async fn deletions_requests_to_vanish_and_bans_clear_the_shared_log() {
 
     let banned = note(&carol, "banned by the operator", 5);
     c.publish_ok(&banned).await;
-    let body = json!({"method": "banevent", "params": [banned.id.to_hex()]}).to_string();
-    let url = a.url.replacen("ws://", "http://", 1);
-    let auth = nostr45::nip98_header(&admin, &url, body.as_bytes());
-    let headers = [("Content-Type", "application/nostr+json+rpc"), ("Authorization", auth.as_str())];
-    let (status, _, reply) = a.http("POST", "/", &headers, body.as_bytes()).await;
-    assert!(status.contains("200"), "{reply}");
+    manage(&a, &admin, "banevent", json!([banned.id.to_hex()])).await;
     eventually_gone(&project, &banned.id.to_hex(), "a banned event").await;
 
     // Ephemeral documents carry the field a Firestore TTL policy deletes them by.
@@ -425,19 +432,11 @@ async fn firestore_operations(relay: &TestRelay) -> (f64, f64, f64) {
 /// and `/ready` probes the shared store at most once per interval.
 #[tokio::test]
 async fn idle_replicas_cost_no_firestore_operations() {
-    let project = fresh_project();
-    let admin = Keys::generate();
-    let config = format!("{}[admin]\npubkeys = [\"{}\"]\n", replica_config(&project), admin.public_key().to_hex());
-    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
-    let a = TestRelay::start_with(Some(&config), &env).await;
-    let b = TestRelay::start_with(Some(&config), &env).await;
+    let (admin, a, b) = two_replicas_with_admin().await;
     a.client().await.publish_ok(&note(&Keys::generate(), "some traffic first", 0)).await;
     b.wait_for_log("caught up with the shared event log").await;
     let spammer = Keys::generate();
-    let body = json!({"method": "banpubkey", "params": [spammer.public_key().to_hex()]}).to_string();
-    let auth = nostr45::nip98_header(&admin, &a.url.replacen("ws://", "http://", 1), body.as_bytes());
-    let (status, _, reply) = a.http("POST", "/", &[("Authorization", auth.as_str())], body.as_bytes()).await;
-    assert!(status.contains("200") && reply.contains("true"), "{status} {reply}");
+    manage(&a, &admin, "banpubkey", json!([spammer.public_key().to_hex()])).await;
     let mut on_b = b.client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while on_b.publish(&note(&spammer, "spam", 0)).await.0 {

@@ -32,7 +32,7 @@ use serde_json::json;
 
 use crate::Row;
 use crate::client::{Conn, RelayProcess, bench_config};
-use crate::scenarios::{keys, sign_many};
+use crate::scenarios::{key_packages, keys, sign_many};
 use crate::workspace_root;
 
 const EVENTS: usize = 200;
@@ -161,17 +161,7 @@ pub async fn firestore_costs() -> anyhow::Result<Vec<Row>> {
 
     // KeyPackages: published to A, requested (and consumed) on B.
     let owners = keys(KEY_PACKAGES / 10);
-    let kps = sign_many(KEY_PACKAGES, &owners, |i| {
-        use base64::Engine;
-        let content = base64::engine::general_purpose::STANDARD.encode([i as u8; 300]);
-        let tags = vec![
-            vec!["mls_protocol_version".into(), "1.0".into()],
-            vec!["mls_ciphersuite".into(), "0x0001".into()],
-            vec!["encoding".into(), "base64".into()],
-            vec!["i".into(), format!("{i:064x}")],
-        ];
-        (443, content, tags)
-    });
+    let kps = key_packages(KEY_PACKAGES, &owners);
     let before = total(&both).await?;
     let published = publish_all(&a, kps.iter().map(|e| e.as_json()).collect(), 10).await?;
     anyhow::ensure!(published == KEY_PACKAGES, "{published} of {KEY_PACKAGES} KeyPackages accepted");

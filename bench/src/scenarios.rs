@@ -583,15 +583,13 @@ async fn fanout(relay: &RelayProcess, subs: usize, rate: u64) -> anyhow::Result<
     Ok((median(p50s), median(p99s), median(counts) as usize))
 }
 
-/// Owners with KeyPackages, then 300 connections fetching them.
-async fn keypackage_fetch(relay: &RelayProcess) -> anyhow::Result<(f64, f64, f64)> {
-    const OWNERS: usize = 1000;
-    const PER_OWNER: usize = 10;
-    let owners = keys(OWNERS);
-    let kps = sign_many(OWNERS * PER_OWNER, &owners, |i| {
+/// `n` KeyPackage events shaped as clients publish them, spread over
+/// `owners`: legacy 443s, so one pool per owner consumed one per request
+/// (30443 slots are devices, whose last KeyPackage is never consumed). The
+/// MLS bytes are filler: the gateway reads only their lifetime, if any.
+pub(crate) fn key_packages(n: usize, owners: &[Keys]) -> Vec<Event> {
+    sign_many(n, owners, |i| {
         let content = base64::engine::general_purpose::STANDARD.encode([i as u8; 300]);
-        // Legacy 443s: one pool per owner, consumed one per request (30443
-        // slots are devices, whose last KeyPackage is never consumed).
         let tags = vec![
             vec!["mls_protocol_version".into(), "1.0".into()],
             vec!["mls_ciphersuite".into(), "0x0001".into()],
@@ -599,7 +597,15 @@ async fn keypackage_fetch(relay: &RelayProcess) -> anyhow::Result<(f64, f64, f64
             vec!["i".into(), format!("{i:064x}")],
         ];
         (443, content, tags)
-    });
+    })
+}
+
+/// Owners with KeyPackages, then 300 connections fetching them.
+async fn keypackage_fetch(relay: &RelayProcess) -> anyhow::Result<(f64, f64, f64)> {
+    const OWNERS: usize = 1000;
+    const PER_OWNER: usize = 10;
+    let owners = keys(OWNERS);
+    let kps = key_packages(OWNERS * PER_OWNER, &owners);
     let mut loaders = Vec::new();
     for chunk in kps.chunks(kps.len().div_ceil(50)) {
         let chunk: Vec<String> = chunk.iter().map(|e| e.as_json()).collect();

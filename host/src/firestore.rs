@@ -165,6 +165,23 @@ impl Firestore {
 }
 
 impl Firestore {
+    /// Document `name`, or `None` when it does not exist; retried, and
+    /// counted as one read per attempt.
+    pub async fn get_document(&self, what: &str, name: &str) -> Result<Option<fs::Document>, FirestoreError> {
+        self.retry(what, |mut client| {
+            self.count_reads(1);
+            let request = fs::GetDocumentRequest { name: name.to_owned(), ..Default::default() };
+            async move {
+                match call(client.get_document(request)).await {
+                    Ok(doc) => Ok(Some(doc)),
+                    Err(FirestoreError::Refused(m)) if m == "not found" => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
+    }
+
     /// Commits `writes` atomically, retrying: only for writes whose repetition
     /// is harmless (unconditional upserts and deletes).
     pub async fn commit_idempotent(&self, what: &str, writes: Vec<fs::Write>) -> Result<(), FirestoreError> {

@@ -38,8 +38,8 @@ use nostr::event::Event;
 use crate::event::{AcceptedEvent, KindClass, kind_class};
 use crate::fanout::Fanout;
 use crate::firestore::{
-    Firestore, FirestoreError, LISTEN_IDLE_TIMEOUT, ascending, call, field_filter, field_string, field_timestamp,
-    run_query, string_value,
+    Firestore, FirestoreError, LISTEN_IDLE_TIMEOUT, ascending, field_filter, field_string, field_timestamp, run_query,
+    string_value,
 };
 use crate::ingest::{Ingest, SharedLog};
 use crate::refusal::Refusal;
@@ -673,17 +673,7 @@ impl Replicator {
     /// [`FETCH_DEADLINE`] (a plugin call waits on this).
     pub async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, FirestoreError> {
         let name = self.firestore.document(COLLECTION, &hex::encode(id));
-        let read = self.firestore.retry("fetch event", |mut client| {
-            self.firestore.count_reads(1);
-            let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
-            async move {
-                match call(client.get_document(request)).await {
-                    Ok(doc) => Ok(Some(doc)),
-                    Err(FirestoreError::Refused(m)) if m == "not found" => Ok(None),
-                    Err(e) => Err(e),
-                }
-            }
-        });
+        let read = self.firestore.get_document("fetch event", &name);
         let doc = tokio::time::timeout(FETCH_DEADLINE, read)
             .await
             .map_err(|_| FirestoreError::Unavailable(format!("no answer within {} s", FETCH_DEADLINE.as_secs())))??;

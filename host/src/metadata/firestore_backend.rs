@@ -119,20 +119,7 @@ impl FirestoreMetadataStore {
         let mut preconditions = std::collections::HashMap::new();
         for c in conditions {
             let name = self.doc_name(ns, &c.key);
-            let doc = self
-                .firestore
-                .retry("read condition", |mut client| {
-                    self.firestore.count_reads(1);
-                    let request = fs::GetDocumentRequest { name: name.clone(), ..Default::default() };
-                    async move {
-                        match call(client.get_document(request)).await {
-                            Ok(doc) => Ok(Some(doc)),
-                            Err(FirestoreError::Refused(m)) if m == "not found" => Ok(None),
-                            Err(e) => Err(e),
-                        }
-                    }
-                })
-                .await?;
+            let doc = self.firestore.get_document("read condition", &name).await?;
             let current = doc.as_ref().map(|d| field_bytes(d, "value").unwrap_or_default());
             if current != c.expected {
                 return Ok(false);
