@@ -129,15 +129,16 @@ async fn a_replica_that_was_down_catches_up_exactly_once() {
     assert_eq!(count[2]["count"], 61, "every event once, none twice");
 }
 
-/// Two replicas of a relay on a fresh project, with `admin` as its operator.
-async fn two_replicas_with_admin() -> (Keys, TestRelay, TestRelay) {
+/// Two replicas of a relay on a fresh project (returned first), with
+/// `admin` as its operator.
+async fn two_replicas_with_admin() -> (String, Keys, TestRelay, TestRelay) {
     let project = fresh_project();
     let admin = Keys::generate();
     let config = format!("{}[admin]\npubkeys = [\"{}\"]\n", replica_config(&project), admin.public_key().to_hex());
     let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
     let a = TestRelay::start_with(Some(&config), &env).await;
     let b = TestRelay::start_with(Some(&config), &env).await;
-    (admin, a, b)
+    (project, admin, a, b)
 }
 
 /// `admin` calls NIP-86 `method` with `params` on `relay`, which must answer true.
@@ -151,7 +152,7 @@ async fn manage(relay: &TestRelay, admin: &Keys, method: &str, params: Value) {
 
 #[tokio::test]
 async fn the_operators_lists_are_shared_by_the_replicas() {
-    let (admin, a, b) = two_replicas_with_admin().await;
+    let (_, admin, a, b) = two_replicas_with_admin().await;
     let spammer = Keys::generate();
     manage(&a, &admin, "banpubkey", json!([spammer.public_key().to_hex()])).await;
     let mut on_b = b.client().await;
@@ -432,7 +433,7 @@ async fn firestore_operations(relay: &TestRelay) -> (f64, f64, f64) {
 /// and `/ready` probes the shared store at most once per interval.
 #[tokio::test]
 async fn idle_replicas_cost_no_firestore_operations() {
-    let (admin, a, b) = two_replicas_with_admin().await;
+    let (_, admin, a, b) = two_replicas_with_admin().await;
     a.client().await.publish_ok(&note(&Keys::generate(), "some traffic first", 0)).await;
     b.wait_for_log("caught up with the shared event log").await;
     let spammer = Keys::generate();
@@ -587,4 +588,27 @@ async fn a_replica_replaying_the_log_is_not_ready_until_it_has_caught_up() {
     }
     let count = relay.client().await.count("n", vec![json!({"authors": [k.public_key().to_hex()]})]).await;
     assert_eq!(count[2]["count"], 20_000, "ready means the whole log is applied");
+}
+
+/// An event of the shared log that a replica's policy kept out (a kind the
+/// operator disallowed) is applied once the operator allows the kind again.
+#[tokio::test]
+async fn events_kept_out_by_a_lifted_rule_are_applied_after_all() {
+    let (project, admin, a, b) = two_replicas_with_admin().await;
+    manage(&a, &admin, "disallowkind", json!([7])).await;
+    let k = Keys::generate();
+    let mut on_b = b.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while on_b.publish(&sign(&k, 7, "+", &[], now())).await.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the rule made on A never reached B");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A reaction written to the log meanwhile (by a replica that still took it).
+    let reaction = sign(&k, 7, "written to the log while kind 7 was disallowed", &[], now());
+    commit_to_shared_log(&project, &reaction, (now() as i64, 0)).await;
+    b.wait_for_log("a replicated event is refused on this replica").await;
+    assert!(on_b.req_ids("before", vec![json!({"ids": [reaction.id.to_hex()]})]).await.is_empty());
+
+    manage(&a, &admin, "allowkind", json!([7])).await;
+    eventually_ids(&mut on_b, json!({"ids": [reaction.id.to_hex()]}), &[reaction.id.to_hex()]).await;
 }

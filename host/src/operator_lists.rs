@@ -31,6 +31,23 @@ pub async fn save(metadata: &dyn MetadataStore, entries: &[(String, Option<Strin
     metadata.transact(NAMESPACE, vec![], writes).await.map(|_| ())
 }
 
+/// Whether `new` lets through something `old` kept out: a ban or a
+/// disallowed kind lifted, or an allow list widened or emptied.
+pub fn loosened(old: &OperatorLists, new: &OperatorLists) -> bool {
+    let removed = |o: &std::collections::BTreeMap<String, String>, n: &std::collections::BTreeMap<String, String>| {
+        o.keys().any(|k| !n.contains_key(k))
+    };
+    let widened_keys = !old.allowed_pubkeys.is_empty()
+        && (new.allowed_pubkeys.is_empty() || new.allowed_pubkeys.keys().any(|k| !old.allowed_pubkeys.contains_key(k)));
+    let widened_kinds = !old.allowed_kinds.is_empty()
+        && (new.allowed_kinds.is_empty() || new.allowed_kinds.iter().any(|k| !old.allowed_kinds.contains(k)));
+    removed(&old.banned_pubkeys, &new.banned_pubkeys)
+        || removed(&old.banned_events, &new.banned_events)
+        || old.disallowed_kinds.iter().any(|k| !new.disallowed_kinds.contains(k))
+        || widened_keys
+        || widened_kinds
+}
+
 /// The operator's lists as last saved.
 pub async fn load(metadata: &dyn MetadataStore) -> Result<OperatorLists, KvError> {
     let mut lists = OperatorLists::default();

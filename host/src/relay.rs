@@ -194,6 +194,10 @@ impl Relay {
             // The lists are re-read only when their version document changes
             // (nothing is read while they do not), and again after a failed read.
             let mut retry = false;
+            let mut previous = match weak.upgrade() {
+                Some(relay) => relay.policy.operator_lists(),
+                None => return,
+            };
             loop {
                 if retry {
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -207,6 +211,13 @@ impl Relay {
                         let known = relay.policy.operator_lists().banned_events;
                         let newly_banned: Vec<String> =
                             lists.banned_events.keys().filter(|id| !known.contains_key(*id)).cloned().collect();
+                        // What the lists kept out of the shared log may pass now.
+                        if crate::operator_lists::loosened(&previous, &lists)
+                            && let Some(replicator) = relay.replicator.clone()
+                        {
+                            tokio::spawn(async move { replicator.reapply_skipped().await });
+                        }
+                        previous = lists.clone();
                         relay.policy.update_operator_lists(|l| *l = lists);
                         for id in newly_banned {
                             let mut bytes = [0u8; 32];

@@ -42,7 +42,7 @@ use crate::firestore::{
     string_value,
 };
 use crate::ingest::{Ingest, SharedLog};
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, RefusalKind};
 
 const COLLECTION: &str = "events";
 /// Firestore's limit of writes per commit.
@@ -80,6 +80,23 @@ const LISTEN_TARGET: i32 = 1;
 const LISTEN_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events handed to the writer before the follower waits for them.
 const MAX_APPLYING: usize = 500;
+/// Where a replica records the log's events its policy kept out.
+const SKIPPED_FILE: &str = "replication-skipped.txt";
+/// Most such events recorded (about 6.5 MB); beyond, new ones are not.
+const MAX_SKIPPED: usize = 100_000;
+
+/// The ids recorded in `path` (one hex id per line).
+fn load_skipped(path: &Path) -> std::collections::BTreeSet<[u8; 32]> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut id = [0u8; 32];
+            hex::decode_to_slice(l.trim(), &mut id).ok().map(|_| id)
+        })
+        .take(MAX_SKIPPED)
+        .collect()
+}
+
 /// How long a replicated event refused for now is retried in place.
 const ADMISSION_RETRY_WINDOW: Duration = Duration::from_secs(30);
 /// Longest wait before reconnecting a failing Listen stream.
@@ -183,6 +200,13 @@ pub struct Replicator {
     caught_up: std::sync::atomic::AtomicBool,
     /// Log documents applied since start.
     pub applied: std::sync::atomic::AtomicU64,
+    /// Events of the log this replica's policy kept out (`blocked:`,
+    /// `restricted:`), to apply again when the operator loosens the lists;
+    /// kept in `skipped_file` across restarts, at most [`MAX_SKIPPED`].
+    skipped: std::sync::Mutex<std::collections::BTreeSet<[u8; 32]>>,
+    skipped_file: PathBuf,
+    /// What the follower applies with, for [`Replicator::reapply_skipped`].
+    applier: std::sync::OnceLock<(Ingest, Arc<Fanout>, Arc<dyn ReplicaAdmission>)>,
 }
 
 /// Where a replica is in the shared event log: the `read_time` of the last
@@ -222,6 +246,9 @@ impl Replicator {
             publish_timeout,
             caught_up: Default::default(),
             applied: Default::default(),
+            skipped: std::sync::Mutex::new(load_skipped(&data_dir.join(SKIPPED_FILE))),
+            skipped_file: data_dir.join(SKIPPED_FILE),
+            applier: Default::default(),
         });
         tokio::spawn(Self::run_background(Arc::downgrade(&this), jobs));
         this
@@ -458,6 +485,58 @@ impl Replicator {
         }
     }
 
+    /// Records an event of the log this replica's policy kept out.
+    fn remember_skipped(&self, id: [u8; 32]) {
+        let mut skipped = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
+        if skipped.len() >= MAX_SKIPPED || !skipped.insert(id) {
+            return;
+        }
+        use std::io::Write as _;
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.skipped_file)
+            .and_then(|mut f| writeln!(f, "{}", hex::encode(id)));
+        if let Err(e) = appended {
+            tracing::warn!(error = %e, "recording an event kept out by policy failed");
+        }
+    }
+
+    /// Applies again the log's events this replica's policy kept out (after
+    /// the operator lifted a ban or widened an allow list): each is read
+    /// from the log and checked anew; those still kept out stay recorded.
+    /// Returns how many were stored.
+    pub async fn reapply_skipped(&self) -> usize {
+        let Some((ingest, fanout, checks)) = self.applier.get() else { return 0 };
+        let ids: Vec<[u8; 32]> =
+            std::mem::take(&mut *self.skipped.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+        let _ = std::fs::remove_file(&self.skipped_file);
+        let mut stored = 0;
+        for id in ids {
+            let name = self.firestore.document(COLLECTION, &hex::encode(id));
+            match self.firestore.get_document("re-apply a skipped event", &name).await {
+                Ok(Some(doc)) => match self.apply(&doc, ingest, fanout, checks.as_ref()).await {
+                    Ok(Some(written)) => stored += usize::from(matches!(written.await, Ok(Ok(_)))),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "re-applying an event kept out by policy failed");
+                        self.remember_skipped(id);
+                    }
+                },
+                // Gone from the log (deleted, retracted): nothing to apply.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading an event kept out by policy failed");
+                    self.remember_skipped(id);
+                }
+            }
+        }
+        if stored > 0 {
+            tracing::info!(stored, "events kept out by the operator's lists were applied after the lists changed");
+        }
+        stored
+    }
+
     /// Whether this replica has applied the whole shared log as it stood at
     /// its first consistent snapshot since start.
     pub fn caught_up(&self) -> bool {
@@ -473,6 +552,7 @@ impl Replicator {
 
     /// Applies other replicas' events until the relay stops.
     pub fn follow(self: Arc<Self>, ingest: Ingest, fanout: Arc<Fanout>, checks: Arc<dyn ReplicaAdmission>) {
+        let _ = self.applier.set((ingest.clone(), fanout.clone(), checks.clone()));
         tokio::spawn(async move {
             let mut cursor = self.load_cursor();
             let mut backoff = self.poll_interval;
@@ -646,6 +726,9 @@ impl Replicator {
                 }
                 Err(refusal) => {
                     tracing::info!(doc = %doc.name, refusal = ?refusal, "a replicated event is refused on this replica");
+                    if named && matches!(refusal.kind, RefusalKind::Blocked | RefusalKind::Restricted) {
+                        self.remember_skipped(id);
+                    }
                     return Ok(None);
                 }
             }
