@@ -135,7 +135,7 @@ pub async fn firestore_costs() -> anyhow::Result<Vec<Row>> {
     eprintln!("starting the Firestore emulator...");
     emulator::emulator_host();
     let gateway = workspace_root().join("target/plugins/mls_gateway.wasm");
-    let config = config_for(&gateway);
+    let (config, _) = config_for(&gateway);
     let a = RelayProcess::start(&config, |_| {}).await?;
     let b = RelayProcess::start(&config, |_| {}).await?;
     let both = [&a, &b];
@@ -199,18 +199,16 @@ pub async fn firestore_costs() -> anyhow::Result<Vec<Row>> {
     });
 
     drop((a, b));
-    rows.push(join_by_replay(&config_for(&gateway)).await?);
+    let (join_config, join_project) = config_for(&gateway);
+    rows.push(join_by_replay(&join_config, &join_project).await?);
     Ok(rows)
 }
 
-/// A replica's configuration on a fresh Firestore project, with the gateway.
-fn config_for(gateway: &std::path::Path) -> String {
-    format!("{}{}", bench_config(&[("mls-gateway", gateway)]), emulator::replica_config(&emulator::fresh_project()))
-}
-
-/// The project id in a configuration from [`config_for`].
-fn project_of(config: &str) -> String {
-    config.split("project_id = \"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default().to_owned()
+/// A replica's configuration on a fresh Firestore project, with the
+/// gateway, and that project's id.
+fn config_for(gateway: &std::path::Path) -> (String, String) {
+    let project = emulator::fresh_project();
+    (format!("{}{}", bench_config(&[("mls-gateway", gateway)]), emulator::replica_config(&project)), project)
 }
 
 /// Writes `events` into the shared log of `project` as a replica publishes
@@ -254,13 +252,13 @@ async fn fill_log(project: &str, events: Vec<String>, ids: Vec<String>, pubkey: 
 
 /// A replica started empty on a log of [`JOIN_EVENTS`] events: time until it
 /// serves every one.
-async fn join_by_replay(config: &str) -> anyhow::Result<Row> {
+async fn join_by_replay(config: &str, project: &str) -> anyhow::Result<Row> {
     eprintln!("writing {JOIN_EVENTS} events into the shared log...");
     let joiner = keys(1);
     let author = joiner[0].public_key().to_hex();
     let events = sign_many(JOIN_EVENTS, &joiner, |i| (1, format!("join {i}"), vec![]));
     let ids = events.iter().map(|e| e.id.to_hex()).collect();
-    fill_log(&project_of(config), events.iter().map(|e| e.as_json()).collect(), ids, &author).await?;
+    fill_log(project, events.iter().map(|e| e.as_json()).collect(), ids, &author).await?;
     let start = Instant::now();
     let fresh = RelayProcess::start(config, |_| {}).await?;
     until_serves(&fresh, &author, JOIN_EVENTS as u64, Duration::from_secs(1800)).await?;
