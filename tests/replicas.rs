@@ -210,14 +210,39 @@ async fn when_firestore_goes_away_events_are_refused_clearly_and_nothing_is_half
     assert!(status.contains("200"), "{status}");
 }
 
-/// The shared log's document for event `id` in `project`, if it is there.
+/// The shared log's document holding event `id` in `project`, if there is one.
 async fn shared_document(project: &str, id: &str) -> Option<firestore::gcloud_sdk::google::firestore::v1::Document> {
     use firestore::gcloud_sdk::google::firestore::v1::GetDocumentRequest;
+    let found = log_documents(project).await.into_iter().find(|doc| {
+        let entries = wasm_relay::replication::log_document::entries(doc);
+        entries.iter().any(|entry| entry.id.is_some_and(|entry_id| hex::encode(entry_id) == id))
+    });
+    if found.is_some() {
+        return found;
+    }
+    // A legacy document, named by the event's id.
     let config = FirestoreConfig { project_id: project.to_owned(), ..Default::default() };
     let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
     let mut client = firestore.client();
     let request = GetDocumentRequest { name: firestore.document("events", id), ..Default::default() };
     wasm_relay::firestore::call(client.get_document(request)).await.ok()
+}
+
+/// Every document of the shared log of `project`.
+async fn log_documents(project: &str) -> Vec<firestore::gcloud_sdk::google::firestore::v1::Document> {
+    use firestore::gcloud_sdk::google::firestore::v1 as fs;
+    let config = FirestoreConfig { project_id: project.to_owned(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
+    let query = fs::StructuredQuery {
+        from: vec![fs::structured_query::CollectionSelector {
+            collection_id: firestore.collection("events"),
+            all_descendants: false,
+        }],
+        ..Default::default()
+    };
+    wasm_relay::firestore::run_query(firestore.client(), firestore.documents(), query, None)
+        .await
+        .expect("query the emulator")
 }
 
 /// Polls until the shared log no longer holds event `id`.
@@ -531,11 +556,19 @@ async fn events_imported_on_one_replica_reach_the_others() {
     let running = TestRelay::start_with(Some(&replica_config(&project)), &env).await;
     let k = Keys::generate();
     let events: Vec<_> = (0..3).map(|i| note(&k, &format!("imported {i}"), i)).collect();
+    import_into_shared_log(&project, &events).await;
+    let ids: Vec<String> = events.iter().map(|e| e.id.to_hex()).collect();
+    eventually_ids(&mut running.client().await, json!({"authors": [k.public_key().to_hex()]}), &ids).await;
+}
+
+/// Imports `events` into a replica of `project` (offline, with replication:
+/// published to the shared log as one publish).
+async fn import_into_shared_log(project: &str, events: &[nostr::event::Event]) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("import.jsonl");
     std::fs::write(&input, events.iter().map(|e| e.as_json() + "\n").collect::<String>()).unwrap();
     let config = dir.path().join("relay.toml");
-    std::fs::write(&config, replica_config(&project)).unwrap();
+    std::fs::write(&config, replica_config(project)).unwrap();
     let out = tokio::process::Command::new(harness::relay_binary())
         .arg("--config")
         .arg(&config)
@@ -547,8 +580,77 @@ async fn events_imported_on_one_replica_reach_the_others() {
         .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_hex()).collect();
-    eventually_ids(&mut running.client().await, json!({"authors": [k.public_key().to_hex()]}), &ids).await;
+}
+
+/// The ids of the events the shared log of `project` holds, by document.
+async fn log_ids_by_document(project: &str) -> Vec<Vec<String>> {
+    let mut docs: Vec<Vec<String>> = log_documents(project)
+        .await
+        .iter()
+        .map(|doc| {
+            let entries = wasm_relay::replication::log_document::entries(doc);
+            let mut ids: Vec<String> = entries.iter().filter_map(|e| e.id.map(hex::encode)).collect();
+            ids.sort();
+            ids
+        })
+        .collect();
+    docs.sort();
+    docs
+}
+
+/// Events published together share one log document, so the log costs one
+/// write (and each replica one read) per batch; a ban, a deletion and a
+/// request to vanish remove their events from such a document and leave
+/// the others, which every replica still gets.
+#[tokio::test]
+async fn events_published_together_share_one_log_document_and_leave_it_one_by_one() {
+    let (project, admin, a, b) = two_replicas_with_admin().await;
+    let (alice, bob, carol) = (Keys::generate(), Keys::generate(), Keys::generate());
+    let mut events = Vec::new();
+    for i in 0..40 {
+        events.push(note(&alice, &format!("alice {i}"), i));
+        events.push(note(&bob, &format!("bob {i}"), i));
+        events.push(note(&carol, &format!("carol {i}"), i));
+    }
+    import_into_shared_log(&project, &events).await;
+    let mut all: Vec<String> = events.iter().map(|e| e.id.to_hex()).collect();
+    all.sort();
+    assert_eq!(log_ids_by_document(&project).await, vec![all.clone()], "120 events, one document");
+    let authors =
+        json!({"authors": [alice.public_key().to_hex(), bob.public_key().to_hex(), carol.public_key().to_hex()]});
+    eventually_ids(&mut b.client().await, authors.clone(), &all).await;
+
+    // The operator bans alice on replica A; bob deletes one note; carol vanishes.
+    manage(&a, &admin, "banpubkey", json!([alice.public_key().to_hex()])).await;
+    let deleted = events[1].id.to_hex();
+    let mut on_a = a.client().await;
+    on_a.publish_ok(&sign(&bob, 5, "", &[&["e", &deleted]], now())).await;
+    on_a.publish_ok(&sign(&carol, 62, "", &[&["relay", "ALL_RELAYS"]], now())).await;
+
+    let left: Vec<String> = events
+        .iter()
+        .filter(|e| e.pubkey == bob.public_key() && e.id.to_hex() != deleted)
+        .map(|e| e.id.to_hex())
+        .collect();
+    let mut expected = left.clone();
+    expected.sort();
+    let mut seen = Vec::new();
+    for _ in 0..150 {
+        seen = log_ids_by_document(&project).await;
+        if seen.first() == Some(&expected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.first(), Some(&expected), "the shared document keeps bob's other 39 notes only");
+    // A replica starting now replays the log: bob's notes, none of the others.
+    let c =
+        TestRelay::start_with(Some(&replica_config(&project)), &[("FIRESTORE_EMULATOR_HOST", emulator_host())]).await;
+    let mut on_c = c.client().await;
+    eventually_ids(&mut on_c, json!({"authors": [bob.public_key().to_hex()], "kinds": [1]}), &left).await;
+    let others = json!({"authors": [alice.public_key().to_hex(), carol.public_key().to_hex()], "kinds": [1]});
+    let gone = on_c.req_ids("others", vec![others]).await;
+    assert!(gone.is_empty(), "a new replica got events the log no longer holds: {gone:?}");
 }
 
 /// A replica that starts on a long shared log serves a partial store until it
