@@ -561,6 +561,51 @@ async fn events_imported_on_one_replica_reach_the_others() {
     eventually_ids(&mut running.client().await, json!({"authors": [k.public_key().to_hex()]}), &ids).await;
 }
 
+/// Replicas that disagree for a while (here, B's limit on `created_at` in
+/// the future is tighter than A's, as with a skewed clock) diverge: the
+/// follower refuses an event once and never sees it again. Reconciliation
+/// reads the log again and stores it on B once B accepts it; C, the same
+/// as B without reconciliation, keeps lacking it.
+#[tokio::test]
+async fn replicas_that_diverged_are_repaired_by_reconciliation() {
+    let project = fresh_project();
+    let config = replica_config(&project);
+    let host = emulator_host();
+    let a = TestRelay::start_with(Some(&config), &[("FIRESTORE_EMULATOR_HOST", host)]).await;
+    let tight = [("FIRESTORE_EMULATOR_HOST", host), ("WASM_RELAY_LIMITS__CREATED_AT_UPPER_LIMIT", "2")];
+    let b = TestRelay::start_with(
+        Some(&config),
+        &[tight[0], tight[1], ("WASM_RELAY_REPLICATION__RECONCILE_INTERVAL_S", "1")],
+    )
+    .await;
+    let c = TestRelay::start_with(
+        Some(&config),
+        &[tight[0], tight[1], ("WASM_RELAY_REPLICATION__RECONCILE_INTERVAL_S", "0")],
+    )
+    .await;
+    let k = Keys::generate();
+    let author = json!({"authors": [k.public_key().to_hex()]});
+    let early = sign(&k, 1, "dated 6 s ahead", &[], now() + 6);
+    let mut on_a = a.client().await;
+    on_a.publish_ok(&early).await;
+    let marker = note(&k, "published after it", 0);
+    on_a.publish_ok(&marker).await;
+    // C has decided on the early event once it has the later one: refused.
+    let mut on_c = c.client().await;
+    eventually_ids(&mut on_c, author.clone(), &[marker.id.to_hex()]).await;
+    c.wait_for_log("a replicated event is refused on this replica").await;
+
+    let both = [early.id.to_hex(), marker.id.to_hex()];
+    eventually_ids(&mut b.client().await, author.clone(), &both).await;
+    b.wait_for_log("reconciling with the shared event log found events missing here").await;
+    let (_, _, metrics) = b.http_get("/metrics", "*/*").await;
+    assert!(metrics.contains("wasm_relay_replication_repaired_total 1"), "{metrics}");
+    // Without reconciliation, C never gets it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on_c_now = on_c.req_ids("after", vec![author]).await;
+    assert_eq!(on_c_now, vec![marker.id.to_hex()], "C has only what its follower applied");
+}
+
 /// Imports `events` into a replica of `project` (offline, with replication:
 /// published to the shared log as one publish).
 async fn import_into_shared_log(project: &str, events: &[nostr::event::Event]) {

@@ -202,11 +202,24 @@ pub struct ReplicationConfig {
     /// Longest a client event waits for its write to the shared log (retries
     /// included) before it is refused with `OK false "error: ..."`.
     pub publish_timeout_ms: u64,
+    /// How often a replica reconciles its store with the shared log: it
+    /// reads every log document changed in the last `reconcile_window_s`
+    /// and applies whatever it lacks (0: never).
+    pub reconcile_interval_s: u64,
+    /// How far back a reconciliation looks (0: the whole log). Longer than
+    /// the interval, so consecutive passes overlap.
+    pub reconcile_window_s: u64,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        Self { enabled: false, poll_interval_ms: 200, publish_timeout_ms: 5000 }
+        Self {
+            enabled: false,
+            poll_interval_ms: 200,
+            publish_timeout_ms: 5000,
+            reconcile_interval_s: 3600,
+            reconcile_window_s: 4500,
+        }
     }
 }
 

@@ -154,8 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     firestore,
                     config.server.public_url.clone(),
                     &dir,
-                    std::time::Duration::from_millis(config.replication.poll_interval_ms),
-                    std::time::Duration::from_millis(config.replication.publish_timeout_ms),
+                    &config.replication,
                 );
                 let publish = |events: &[std::sync::Arc<wasm_relay::event::AcceptedEvent>]| -> anyhow::Result<()> {
                     let outcomes = runtime.block_on(replicator.publish_events(events));

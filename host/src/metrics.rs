@@ -68,6 +68,10 @@ pub struct Metrics {
     /// Billable Firestore operations by `op` (`read`, `write`, `delete`), as
     /// counted by [`crate::firestore::Usage`] (brought up to date at scrape time).
     pub firestore_operations: IntCounterVec,
+    /// Events a reconciliation with the shared log found missing on this
+    /// replica and stored (brought up to date at scrape time): above zero,
+    /// the follower missed something.
+    pub replication_repaired: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -184,6 +188,10 @@ impl Metrics {
                 "firestore_operations_total",
                 "Billable Firestore operations this process caused (document reads, writes, deletes)",
                 &["op"],
+            ),
+            replication_repaired: counter(
+                "replication_repaired_total",
+                "Events reconciliation with the shared log found missing here and stored",
             ),
             registry,
         }

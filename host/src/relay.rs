@@ -71,13 +71,9 @@ impl Relay {
             _ => Arc::new(SledMetadataStore::open(data_dir).context("opening the metadata store")?),
         };
         let replicator = match (&firestore, config.replication.enabled) {
-            (Some(fs), true) => Some(Replicator::new(
-                fs.clone(),
-                config.server.public_url.clone(),
-                data_dir,
-                std::time::Duration::from_millis(config.replication.poll_interval_ms),
-                std::time::Duration::from_millis(config.replication.publish_timeout_ms),
-            )),
+            (Some(fs), true) => {
+                Some(Replicator::new(fs.clone(), config.server.public_url.clone(), data_dir, &config.replication))
+            }
             _ => None,
         };
         let metrics = Arc::new(Metrics::new());

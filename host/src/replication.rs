@@ -123,6 +123,14 @@ pub trait ReplicaAdmission: Send + Sync {
     fn already_stored(&self, id: &[u8; 32]) -> bool;
 }
 
+/// Whether log documents are applied as they arrive (ephemeral events are
+/// then delivered to live subscribers) or again, later (they are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Live {
+    Yes,
+    No,
+}
+
 /// Work published off the writer's path, by one background task.
 enum Background {
     /// An ephemeral event for other replicas' live subscribers.
@@ -182,6 +190,12 @@ pub struct Replicator {
     poll_interval: Duration,
     /// Longest a client event's publishing may take before it is refused.
     publish_timeout: Duration,
+    /// How often this replica reconciles with the log (never when `None`).
+    reconcile_interval: Option<Duration>,
+    /// How far back a reconciliation looks (the whole log when `None`).
+    reconcile_window: Option<Duration>,
+    /// Events reconciliation found missing here and stored.
+    pub repaired: std::sync::atomic::AtomicU64,
     /// Set once this replica has applied the whole log as of its first
     /// consistent snapshot since it started: until then it serves a partial
     /// store, and `/ready` says so.
@@ -218,9 +232,9 @@ impl Replicator {
         firestore: Firestore,
         public_url: String,
         data_dir: &Path,
-        poll_interval: Duration,
-        publish_timeout: Duration,
+        config: &crate::config::ReplicationConfig,
     ) -> Arc<Self> {
+        let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         let origin = hex::encode(rand::random::<[u8; 8]>());
         let (background, jobs) = tokio::sync::mpsc::channel(BACKGROUND_QUEUE);
         let this = Arc::new(Self {
@@ -230,8 +244,11 @@ impl Replicator {
             origin,
             public_url,
             cursor_file: data_dir.join("replication-cursor.json"),
-            poll_interval,
-            publish_timeout,
+            poll_interval: Duration::from_millis(config.poll_interval_ms),
+            publish_timeout: Duration::from_millis(config.publish_timeout_ms),
+            reconcile_interval: seconds(config.reconcile_interval_s),
+            reconcile_window: seconds(config.reconcile_window_s),
+            repaired: Default::default(),
             caught_up: Default::default(),
             applied: Default::default(),
             skipped: std::sync::Mutex::new(load_skipped(&data_dir.join(SKIPPED_FILE))),
@@ -577,14 +594,16 @@ impl Replicator {
                     .and_then(|doc| log_document::entries(doc).into_iter().find(|e| e.id == Some(id)).map(|e| (doc, e)))
             });
             match entry {
-                Ok(Some((doc, entry))) => match self.apply_entry(doc, &entry, ingest, fanout, checks.as_ref()).await {
-                    Ok(Some(written)) => stored += usize::from(matches!(written.await, Ok(Ok(_)))),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "re-applying an event kept out by policy failed");
-                        self.remember_skipped(id);
+                Ok(Some((doc, entry))) => {
+                    match self.apply_entry(doc, &entry, ingest, fanout, checks.as_ref(), Live::No).await {
+                        Ok(Some(written)) => stored += usize::from(matches!(written.await, Ok(Ok(_)))),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "re-applying an event kept out by policy failed");
+                            self.remember_skipped(id);
+                        }
                     }
-                },
+                }
                 // Gone from the log (deleted, retracted): nothing to apply.
                 Ok(None) => {}
                 Err(e) => {
@@ -615,6 +634,9 @@ impl Replicator {
     /// Applies other replicas' events until the relay stops.
     pub fn follow(self: Arc<Self>, ingest: Ingest, fanout: Arc<Fanout>, checks: Arc<dyn ReplicaAdmission>) {
         let _ = self.applier.set((ingest.clone(), fanout.clone(), checks.clone()));
+        if let Some(interval) = self.reconcile_interval {
+            tokio::spawn(self.clone().reconcile_every(interval));
+        }
         tokio::spawn(async move {
             let mut cursor = self.load_cursor();
             let mut backoff = self.poll_interval;
@@ -650,19 +672,10 @@ impl Replicator {
         use fs::listen_response::ResponseType;
         use fs::target_change::TargetChangeType;
         use futures_util::StreamExt;
-        let request = fs::ListenRequest {
-            database: self.firestore.database(),
-            target_change: Some(fs::listen_request::TargetChange::AddTarget(self.target(cursor.as_ref()))),
-            ..Default::default()
-        };
-        // The request side stays open: closing it would end the stream.
-        let requests = futures_util::stream::once(async move { request }).chain(futures_util::stream::pending());
-        let mut client = self.firestore.client();
         let started = std::time::Instant::now();
-        let mut responses = match tokio::time::timeout(LISTEN_OPEN_TIMEOUT, client.listen(requests)).await {
-            Ok(Ok(responses)) => responses.into_inner(),
-            Ok(Err(status)) => return format!("{:?}: {}", status.code(), status.message()),
-            Err(_) => return format!("no answer within {} s", LISTEN_OPEN_TIMEOUT.as_secs()),
+        let mut responses = match self.open_listen(self.target(cursor.as_ref())).await {
+            Ok(responses) => responses,
+            Err(e) => return e,
         };
         tracing::info!(
             resume_at = ?cursor.as_ref().map(|c| (c.seconds, c.nanos)),
@@ -687,7 +700,7 @@ impl Replicator {
                 Some(ResponseType::DocumentChange(change)) => {
                     self.firestore.count_delivered();
                     let Some(doc) = change.document else { continue };
-                    match self.apply(&doc, ingest, fanout, checks).await {
+                    match self.apply(&doc, ingest, fanout, checks, Live::Yes).await {
                         Ok(written) => applying.extend(written),
                         // Not applied yet, and the cursor stays before it:
                         // the next stream delivers it again.
@@ -740,6 +753,112 @@ impl Replicator {
         }
     }
 
+    /// A Listen stream on `target`.
+    async fn open_listen(
+        &self,
+        target: fs::Target,
+    ) -> Result<firestore::gcloud_sdk::tonic::Streaming<fs::ListenResponse>, String> {
+        use futures_util::StreamExt;
+        let request = fs::ListenRequest {
+            database: self.firestore.database(),
+            target_change: Some(fs::listen_request::TargetChange::AddTarget(target)),
+            ..Default::default()
+        };
+        // The request side stays open: closing it would end the stream.
+        let requests = futures_util::stream::once(async move { request }).chain(futures_util::stream::pending());
+        let mut client = self.firestore.client();
+        match tokio::time::timeout(LISTEN_OPEN_TIMEOUT, client.listen(requests)).await {
+            Ok(Ok(responses)) => Ok(responses.into_inner()),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {} s", LISTEN_OPEN_TIMEOUT.as_secs())),
+        }
+    }
+
+    /// Reconciles this replica with the shared log every `interval`, once it
+    /// has caught up (until then its follower is replaying the log anyway).
+    async fn reconcile_every(self: Arc<Self>, interval: Duration) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if !self.caught_up() {
+                continue;
+            }
+            match self.reconcile().await {
+                Ok((documents, 0)) => tracing::debug!(documents, "reconciled with the shared event log"),
+                Ok((documents, repaired)) => tracing::warn!(
+                    documents,
+                    repaired,
+                    "reconciling with the shared event log found events missing here; they are stored now"
+                ),
+                Err(e) => tracing::warn!(error = %e, "reconciling with the shared event log failed; next time"),
+            }
+        }
+    }
+
+    /// One reconciliation: reads every document of the shared log changed in
+    /// the last `reconcile_window` (the whole log when there is none), with
+    /// a Listen target that ends once consistent, and applies every event
+    /// this replica lacks (those it holds cost a lookup). This repairs what
+    /// the follower could have missed (a lost cursor, a store restored from
+    /// an older copy) without trusting it. Returns the documents read and
+    /// the events stored.
+    pub async fn reconcile(&self) -> Result<(usize, usize), String> {
+        use fs::listen_response::ResponseType;
+        use fs::target_change::TargetChangeType;
+        use futures_util::StreamExt;
+        let Some((ingest, fanout, checks)) = self.applier.get() else { return Ok((0, 0)) };
+        let since = self.reconcile_window.map(|window| {
+            let at = std::time::SystemTime::now() - window;
+            let at = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            Cursor {
+                seconds: at.as_secs() as i64,
+                nanos: at.subsec_nanos() as i32,
+                consistent: true,
+                ..Default::default()
+            }
+        });
+        let mut target = self.target(since.as_ref());
+        target.once = true;
+        let mut responses = self.open_listen(target).await?;
+        let (mut documents, mut applying) = (0, Vec::new());
+        loop {
+            let response = match tokio::time::timeout(LISTEN_IDLE_TIMEOUT, responses.next()).await {
+                Ok(Some(Ok(r))) => r,
+                Ok(Some(Err(status))) => return Err(format!("{:?}: {}", status.code(), status.message())),
+                Ok(None) => return Err("the stream ended".into()),
+                Err(_) => return Err(format!("nothing heard for {} s", LISTEN_IDLE_TIMEOUT.as_secs())),
+            };
+            match response.response_type {
+                Some(ResponseType::DocumentChange(change)) => {
+                    self.firestore.count_delivered();
+                    documents += 1;
+                    let Some(doc) = change.document else { continue };
+                    applying.extend(self.apply(&doc, ingest, fanout, checks.as_ref(), Live::No).await?);
+                }
+                Some(ResponseType::TargetChange(change)) => {
+                    let kind =
+                        TargetChangeType::try_from(change.target_change_type).unwrap_or(TargetChangeType::NoChange);
+                    let consistent = kind == TargetChangeType::NoChange && change.target_ids.is_empty();
+                    if kind == TargetChangeType::Remove || (consistent && change.read_time.is_some()) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut stored = 0;
+        for rx in applying {
+            match rx.await {
+                Ok(Ok(crate::store::WriteOutcome::Stored)) => stored += 1,
+                Ok(_) => {}
+                Err(_) => return Err("the event writer stopped".into()),
+            }
+        }
+        self.repaired.fetch_add(stored as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok((documents, stored))
+    }
+
     /// Waits until every event in `applying` is written (or refused) here.
     async fn applied(
         applying: &mut Vec<tokio::sync::oneshot::Receiver<crate::ingest::WriteResult>>,
@@ -763,10 +882,11 @@ impl Replicator {
         ingest: &Ingest,
         fanout: &Fanout,
         checks: &dyn ReplicaAdmission,
+        live: Live,
     ) -> Result<Vec<tokio::sync::oneshot::Receiver<crate::ingest::WriteResult>>, String> {
         let mut written = Vec::new();
         for entry in log_document::entries(doc) {
-            written.extend(self.apply_entry(doc, &entry, ingest, fanout, checks).await?);
+            written.extend(self.apply_entry(doc, &entry, ingest, fanout, checks, live).await?);
         }
         Ok(written)
     }
@@ -781,6 +901,7 @@ impl Replicator {
         ingest: &Ingest,
         fanout: &Fanout,
         checks: &dyn ReplicaAdmission,
+        live: Live,
     ) -> Result<Option<tokio::sync::oneshot::Receiver<crate::ingest::WriteResult>>, String> {
         if entry.id.is_some_and(|id| checks.already_stored(&id)) {
             return Ok(None);
@@ -817,7 +938,10 @@ impl Replicator {
         accepted.from_this_replica = field_string(doc, "origin") == Some(self.origin.as_str());
         if kind_class(accepted.event.kind.as_u16()) == KindClass::Ephemeral {
             let written = field_timestamp(doc, "written_at").map_or(0, |t| t.seconds);
-            if !accepted.from_this_replica && crate::event::unix_now() as i64 - written <= EPHEMERAL_MAX_AGE_SECONDS {
+            if live == Live::Yes
+                && !accepted.from_this_replica
+                && crate::event::unix_now() as i64 - written <= EPHEMERAL_MAX_AGE_SECONDS
+            {
                 fanout.broadcast(0, &Arc::new(accepted));
             }
             return Ok(None);

@@ -241,6 +241,10 @@ async fn metrics(req: &Request<Incoming>, relay: &Arc<Relay>) -> Response<Body> 
     if let Some(firestore) = &relay.firestore {
         relay.metrics.sync_firestore_usage(firestore.usage());
     }
+    if let Some(replicator) = &relay.replicator {
+        let repaired = &relay.metrics.replication_repaired;
+        repaired.inc_by(replicator.repaired.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(repaired.get()));
+    }
     if let Some(size) = relay.store.size_on_disk() {
         relay.metrics.store_size_bytes.set(i64::try_from(size).unwrap_or(i64::MAX));
     }
