@@ -606,6 +606,85 @@ async fn replicas_that_diverged_are_repaired_by_reconciliation() {
     assert_eq!(on_c_now, vec![marker.id.to_hex()], "C has only what its follower applied");
 }
 
+/// Serves `body` over HTTP on loopback to any number of GETs; returns its URL.
+async fn serve_file(body: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/snapshot.jsonl", listener.local_addr().unwrap());
+    let body = std::sync::Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(&body).await;
+            });
+        }
+    });
+    url
+}
+
+/// A new replica starts from a snapshot: another replica's export (which
+/// starts with its position in the shared log), served over HTTP. It loads
+/// it before it serves, then follows the log from that position, so it
+/// serves what only the snapshot holds and what was published after it.
+#[tokio::test]
+async fn a_new_replica_starts_from_another_replicas_snapshot_and_follows_the_log_from_there() {
+    let project = fresh_project();
+    let env = [("FIRESTORE_EMULATOR_HOST", emulator_host())];
+    let mut a = TestRelay::start_with(Some(&replica_config(&project)), &env).await;
+    let k = Keys::generate();
+    let author = json!({"authors": [k.public_key().to_hex()]});
+    let before: Vec<_> = (0..3).map(|i| note(&k, &format!("before the snapshot {i}"), 10 + i)).collect();
+    let mut on_a = a.client().await;
+    for e in &before {
+        on_a.publish_ok(e).await;
+    }
+    a.wait_for_log("caught up with the shared event log").await;
+    drop(on_a);
+
+    // The operator stops A, exports its store, and starts it again.
+    assert!(a.terminate().await.success());
+    let out = tokio::process::Command::new(harness::relay_binary())
+        .args(["export", "--data-dir"])
+        .arg(a.data_dir())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut snapshot = String::from_utf8(out.stdout).unwrap();
+    assert!(snapshot.starts_with("{\"log_position\":"), "a replica's export starts with its log position: {snapshot}");
+    // An event only the snapshot holds shows that the new replica loaded it.
+    let only_in_snapshot = note(&k, "only in the snapshot", 5);
+    snapshot.push_str(&(only_in_snapshot.as_json() + "\n"));
+    let a = a.restart().await;
+    let after = note(&k, "after the snapshot", 1);
+    a.client().await.publish_ok(&after).await;
+
+    let url = serve_file(snapshot.into_bytes()).await;
+    let c = TestRelay::start_with(
+        Some(&replica_config(&project)),
+        &[env[0], ("WASM_RELAY_REPLICATION__SNAPSHOT_URL", url.as_str())],
+    )
+    .await;
+    c.wait_for_log("joined from a snapshot").await;
+    let mut expected: Vec<String> = before.iter().map(|e| e.id.to_hex()).collect();
+    expected.extend([only_in_snapshot.id.to_hex(), after.id.to_hex()]);
+    eventually_ids(&mut c.client().await, author, &expected).await;
+    let (status, _, body) = c.http_get("/ready", "*/*").await;
+    assert!(status.contains("200") && body.contains("following"), "{status} {body}");
+
+    // Restarted, it is no longer new: it resumes at its own position.
+    let mut c = c;
+    assert!(c.terminate().await.success());
+    let c = c.restart().await;
+    c.wait_for_log("caught up with the shared event log").await;
+    assert!(c.log_lines("joined from a snapshot").is_empty(), "a replica loads a snapshot only once");
+}
+
 /// Imports `events` into a replica of `project` (offline, with replication:
 /// published to the shared log as one publish).
 async fn import_into_shared_log(project: &str, events: &[nostr::event::Event]) {

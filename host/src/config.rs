@@ -209,6 +209,10 @@ pub struct ReplicationConfig {
     /// How far back a reconciliation looks (0: the whole log). Longer than
     /// the interval, so consecutive passes overlap.
     pub reconcile_window_s: u64,
+    /// Where a new replica (one that has never followed the log) loads its
+    /// store from before it starts: a replica's `wasm-relay export`, at an
+    /// `http(s)://` URL, a `file://` URL or a path (empty: replay the log).
+    pub snapshot_url: String,
 }
 
 impl Default for ReplicationConfig {
@@ -219,6 +223,7 @@ impl Default for ReplicationConfig {
             publish_timeout_ms: 5000,
             reconcile_interval_s: 3600,
             reconcile_window_s: 4500,
+            snapshot_url: String::new(),
         }
     }
 }

@@ -136,7 +136,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { data_dir, output } => {
             let dir = data_dir.unwrap_or(config.storage.data_dir);
             let mut out = wasm_relay::tools::output(output.as_ref())?;
-            let (n, tombstones) = wasm_relay::tools::export(&dir, &mut out)?;
+            // A replica's export starts with its position in the shared log.
+            let position = wasm_relay::replication::snapshot::log_position(&dir);
+            let (n, tombstones) = wasm_relay::tools::export(&dir, position, &mut out)?;
             eprintln!("exported {n} events and {tombstones} tombstones from {}", dir.display());
             Ok(())
         }
@@ -208,6 +210,15 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.storage.data_dir.clone();
+    let snapshot = &config.replication.snapshot_url;
+    if config.replication.enabled
+        && !snapshot.is_empty()
+        && wasm_relay::replication::snapshot::is_new_replica(&data_dir)
+    {
+        wasm_relay::replication::snapshot::join_from_snapshot(snapshot, &data_dir)
+            .await
+            .with_context(|| format!("joining the replicas from the snapshot at {snapshot}"))?;
+    }
     let relay =
         BoundRelay::bind(config).await.with_context(|| format!("starting the relay on {}", data_dir.display()))?;
     let addr = relay.local_addr()?;

@@ -45,7 +45,11 @@ use crate::ingest::{Ingest, SharedLog};
 use crate::refusal::{Refusal, RefusalKind};
 
 pub mod log_document;
+pub mod snapshot;
 use log_document::Entry;
+
+/// Where a replica saves its position in the shared log (see [`Cursor`]).
+const CURSOR_FILE: &str = "replication-cursor.json";
 
 const COLLECTION: &str = "events";
 /// Firestore's limit of writes per commit.
@@ -226,6 +230,28 @@ struct Cursor {
     consistent: bool,
 }
 
+/// The cursor saved at `path`, if any.
+fn read_cursor(path: &Path) -> Option<Cursor> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let saved: Cursor = serde_json::from_str(&text).ok()?;
+    if saved.consistent {
+        return Some(saved);
+    }
+    // A cursor of the polling follower (before 2026-11-30): the commit
+    // time of the last event it applied. Events committed a little
+    // earlier may not have been visible to it then, so resume well
+    // before; what comes again is applied as a duplicate.
+    Some(Cursor { seconds: saved.seconds - LEGACY_CURSOR_MARGIN_SECONDS, nanos: 0, consistent: true, ..saved })
+}
+
+/// Saves `cursor` at `path` durably (written aside, synced, renamed).
+fn write_cursor(path: &Path, cursor: &Cursor) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(cursor).expect("cursor serializes"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 impl Replicator {
     /// A replicator; its background publisher runs on the current Tokio runtime.
     pub fn new(
@@ -243,7 +269,7 @@ impl Replicator {
             dropped_background: Default::default(),
             origin,
             public_url,
-            cursor_file: data_dir.join("replication-cursor.json"),
+            cursor_file: data_dir.join(CURSOR_FILE),
             poll_interval: Duration::from_millis(config.poll_interval_ms),
             publish_timeout: Duration::from_millis(config.publish_timeout_ms),
             reconcile_interval: seconds(config.reconcile_interval_s),
@@ -519,23 +545,11 @@ impl Replicator {
     }
 
     fn load_cursor(&self) -> Option<Cursor> {
-        let text = std::fs::read_to_string(&self.cursor_file).ok()?;
-        let saved: Cursor = serde_json::from_str(&text).ok()?;
-        if saved.consistent {
-            return Some(saved);
-        }
-        // A cursor of the polling follower (before 2026-11-30): the commit
-        // time of the last event it applied. Events committed a little
-        // earlier may not have been visible to it then, so resume well
-        // before; what comes again is applied as a duplicate.
-        Some(Cursor { seconds: saved.seconds - LEGACY_CURSOR_MARGIN_SECONDS, nanos: 0, consistent: true, ..saved })
+        read_cursor(&self.cursor_file)
     }
 
     fn save_cursor(&self, cursor: &Cursor) -> std::io::Result<()> {
-        let tmp = self.cursor_file.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(cursor).expect("cursor serializes"))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &self.cursor_file)
+        write_cursor(&self.cursor_file, cursor)
     }
 
     /// The listen target: every document of the shared log, changed after

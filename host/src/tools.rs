@@ -86,9 +86,21 @@ fn progress(len: Option<u64>, what: &str) -> ProgressBar {
 
 /// Writes every tombstone, then every stored event, as one JSON line each to
 /// `out`; returns how many of each. Tombstone lines (`{"tombstone": ...}`)
-/// come first, so an import refuses the events they name.
-pub fn export(data_dir: &Path, out: &mut dyn Write) -> anyhow::Result<(u64, u64)> {
+/// come first, so an import refuses the events they name. A replica's
+/// export starts with its position in the shared log
+/// (`{"log_position": ...}`, given as `log_position`), so a new replica can
+/// start from it (see `replication.snapshot_url`).
+pub fn export(
+    data_dir: &Path,
+    log_position: Option<serde_json::Value>,
+    out: &mut dyn Write,
+) -> anyhow::Result<(u64, u64)> {
     let store = open_store(data_dir)?;
+    if let Some(position) = log_position {
+        let line = serde_json::json!({ LOG_POSITION: position }).to_string();
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
     let bar = progress(None, "events exported");
     let mut tombstones = 0u64;
     let mut failed: Option<std::io::Error> = None;
@@ -121,9 +133,14 @@ pub fn export(data_dir: &Path, out: &mut dyn Write) -> anyhow::Result<(u64, u64)
     Ok((n, tombstones))
 }
 
+/// The key of an export's first line when it comes from a replica.
+pub const LOG_POSITION: &str = "log_position";
+
 /// What an import did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ImportSummary {
+    /// The shared-log position the input starts with, if it came from a replica.
+    pub log_position: Option<serde_json::Value>,
     pub stored: u64,
     pub duplicates: u64,
     /// Older versions of replaceable events, deleted or vanished events.
@@ -185,6 +202,13 @@ pub fn import(data_dir: &Path, input: &Path, shared_log: Option<PublishImported>
         bar.inc(line.len() as u64 + 1);
         if line.trim().is_empty() {
             continue;
+        }
+        if number == 0 && line.contains(LOG_POSITION) {
+            let header = serde_json::from_str::<serde_json::Value>(&line).ok();
+            if let Some(position) = header.as_ref().and_then(|h| h.get(LOG_POSITION)) {
+                summary.log_position = Some(position.clone());
+                continue;
+            }
         }
         if line.contains("\"tombstone\"") {
             match serde_json::from_str::<Tombstone>(&line) {
