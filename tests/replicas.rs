@@ -62,6 +62,30 @@ async fn the_firestore_metadata_store_passes_the_conformance_suite() {
     conformance::run_all(store).await;
 }
 
+/// A prefix scan is billed for the keys it returns, not for the keys that
+/// sort after the prefix (a KeyPackage request scans one owner's records).
+#[tokio::test]
+async fn a_prefix_scan_reads_only_the_keys_under_the_prefix() {
+    emulator_host();
+    let config = FirestoreConfig { project_id: fresh_project(), ..Default::default() };
+    let firestore = Firestore::connect(&config).await.expect("connect to the emulator");
+    let store = FirestoreMetadataStore::new(firestore.clone());
+    let mut keys: Vec<String> = vec!["kp/alice/1".into(), "kp/alice/2".into(), "kp0".into()];
+    keys.extend((0..50).map(|i| format!("kp/bob/{i}")));
+    for key in &keys {
+        store.put("gateway", key, b"record".to_vec()).await.unwrap();
+    }
+    let reads = || firestore.usage().reads.load(std::sync::atomic::Ordering::Relaxed);
+    let before = reads();
+    let alice = store.scan_prefix("gateway", "kp/alice/", None, 500).await.unwrap();
+    assert_eq!(alice.len(), 2);
+    assert_eq!(reads() - before, 2, "documents read for a scan that returned 2");
+    let before = reads();
+    let all = store.scan_prefix("gateway", "kp/", None, 500).await.unwrap();
+    assert_eq!(all.len(), 52);
+    assert_eq!(reads() - before, 52, "documents read for a scan that returned 52");
+}
+
 #[tokio::test]
 async fn an_event_accepted_by_one_replica_is_served_and_delivered_by_the_other() {
     let (a, b) = two_replicas().await;

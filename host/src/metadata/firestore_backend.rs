@@ -236,6 +236,23 @@ impl MetadataStore for FirestoreMetadataStore {
     }
 }
 
+/// The least string greater than every string starting with `prefix`
+/// (Firestore orders strings by their UTF-8 bytes, which is `str` order):
+/// the prefix with its last character that has a successor replaced by it.
+/// `None` for an empty prefix, or one of only `char::MAX`.
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        // The next scalar value, skipping the surrogate gap.
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 /// The operations, without the deadline.
 impl FirestoreMetadataStore {
     async fn get_now(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
@@ -275,12 +292,18 @@ impl FirestoreMetadataStore {
             Some(after) if after >= prefix => field_filter("key", Operator::GreaterThan, string_value(after)),
             _ => field_filter("key", Operator::GreaterThanOrEqual, string_value(prefix)),
         };
+        let mut conditions = vec![field_filter("ns", Operator::Equal, string_value(ns)), lower];
+        // Without an upper bound, Firestore returns (and bills) keys past
+        // the prefix up to `limit`.
+        if let Some(upper) = prefix_end(prefix) {
+            conditions.push(field_filter("key", Operator::LessThan, string_value(upper)));
+        }
         let query = fs::StructuredQuery {
             from: vec![fs::structured_query::CollectionSelector {
                 collection_id: self.firestore.collection(COLLECTION),
                 all_descendants: false,
             }],
-            r#where: Some(and(vec![field_filter("ns", Operator::Equal, string_value(ns)), lower])),
+            r#where: Some(and(conditions)),
             order_by: vec![ascending("key")],
             limit: Some(i32::try_from(limit).unwrap_or(i32::MAX)),
             ..Default::default()
@@ -320,5 +343,23 @@ impl FirestoreMetadataStore {
         Err(KvError::Unavailable(format!(
             "the transaction lost to concurrent writers {TRANSACTION_ATTEMPTS} times; try again"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_the_least_string_after_all_its_extensions() {
+        assert_eq!(prefix_end("kp/abc/").as_deref(), Some("kp/abc0"));
+        assert_eq!(prefix_end("a").as_deref(), Some("b"));
+        assert_eq!(prefix_end("").as_deref(), None);
+        assert_eq!(prefix_end("x\u{10FFFF}").as_deref(), Some("y"));
+        assert_eq!(prefix_end("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        for (prefix, inside) in [("kp/abc/", "kp/abc/\u{10FFFF}zz"), ("rl/", "rl/999/x")] {
+            let end = prefix_end(prefix).unwrap();
+            assert!(prefix < end.as_str() && inside < end.as_str());
+        }
     }
 }
