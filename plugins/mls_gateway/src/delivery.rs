@@ -287,7 +287,7 @@ fn select(
             }
         }
         if !stale.is_empty() {
-            let _ = state.commit(stale.iter().map(|r| state.delete(&r.id)).collect());
+            let _ = state.commit(stale.iter().flat_map(|r| state.delete(r)).collect());
             continue;
         }
         for r in &live {
@@ -350,7 +350,7 @@ fn select(
             for twin in state.records.iter().filter(|r| r.group == pick.group) {
                 let mut used = twin.clone();
                 used.consumed = true;
-                writes.push(state.put(&used));
+                writes.extend(state.put(&used));
             }
             consumed += 1;
         }

@@ -4,6 +4,9 @@
 //! counter bumped by every change to that owner's records, and every change
 //! is a transaction conditioned on it, so concurrent requesters, arrivals,
 //! deletions and expiry never interleave on one owner's KeyPackages.
+//! `exp/<expires_at>/<owner>/<event id>` (20-digit expiry, so keys sort by
+//! it) mirrors each record in the same transactions: housekeeping reads only
+//! what has expired, not the whole index (a shared store bills every read).
 
 use serde::{Deserialize, Serialize};
 use wasm_relay_plugin_sdk::*;
@@ -62,14 +65,34 @@ impl OwnerState {
         kv::transact(&[Condition { key: version_key(&self.owner), expected: self.version_raw.clone() }], &writes)
     }
 
-    pub fn put(&self, r: &Record) -> Write {
-        Write { key: record_key(&self.owner, &r.id), value: Some(serde_json::to_vec(r).expect("record serializes")) }
+    /// The writes storing `r`: the record, and its expiry entry unless the
+    /// record was loaded with that expiry already.
+    pub fn put(&self, r: &Record) -> Vec<Write> {
+        let record = Write {
+            key: record_key(&self.owner, &r.id),
+            value: Some(serde_json::to_vec(r).expect("record serializes")),
+        };
+        let indexed = self.records.iter().any(|old| old.id == r.id && old.expires_at == r.expires_at);
+        if indexed {
+            return vec![record];
+        }
+        vec![record, Write { key: expiry_key(&self.owner, r), value: Some(b"1".to_vec()) }]
     }
 
-    pub fn delete(&self, id: &str) -> Write {
-        Write { key: record_key(&self.owner, id), value: None }
+    /// The writes removing `r` and its expiry entry.
+    pub fn delete(&self, r: &Record) -> Vec<Write> {
+        vec![
+            Write { key: record_key(&self.owner, &r.id), value: None },
+            Write { key: expiry_key(&self.owner, r), value: None },
+        ]
     }
 }
+
+fn expiry_key(owner: &str, r: &Record) -> String {
+    format!("{EXPIRY_PREFIX}{:020}/{owner}/{}", r.expires_at, r.id)
+}
+
+const EXPIRY_PREFIX: &str = "exp/";
 
 fn version_key(owner: &str) -> String {
     format!("ver/{owner}")
@@ -111,7 +134,7 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
                 kept.iter().filter(|r| same_slot(r) && r.group != facts.group).map(|r| r.group.as_str()).collect();
             let gone = |r: &Record| same_slot(r) || retired.contains(&r.group.as_str());
             for old in kept.iter().filter(|r| gone(r)) {
-                writes.push(state.delete(&old.id));
+                writes.extend(state.delete(old));
             }
             kept.retain(|r| !gone(r));
         }
@@ -129,13 +152,13 @@ pub fn add(event: &Event, facts: KeyPackageFacts, settings: &Settings, now: u64)
             expires_at: expiry(&facts, event.created_at.max(now), settings),
             indexed_at: now,
         };
-        writes.push(state.put(&record));
+        writes.extend(state.put(&record));
         kept.push(&record);
         if kept.len() > settings.max_per_owner {
             kept.sort_by_key(|r| (r.created_at, r.id.clone()));
             let excess = kept.len() - settings.max_per_owner;
             for old in &kept[..excess] {
-                writes.push(state.delete(&old.id));
+                writes.extend(state.delete(old));
             }
             host::count("keypackages_pruned", excess as u64);
         }
@@ -190,7 +213,7 @@ pub fn apply_deletion(event: &Event) -> Result<(), Refused> {
         if doomed.is_empty() {
             return Ok(());
         }
-        let writes = doomed.iter().map(|r| state.delete(&r.id)).collect();
+        let writes = doomed.iter().flat_map(|r| state.delete(r)).collect();
         if state.commit(writes).map_err(store_error)? {
             host::count("keypackages_deleted", doomed.len() as u64);
             return Ok(());
@@ -203,51 +226,99 @@ pub fn apply_deletion(event: &Event) -> Result<(), Refused> {
 /// grows, one tick stays well inside the plugin's CPU budget, and the next
 /// tick continues where this one stopped.
 const HOUSEKEEPING_ENTRIES_PER_TICK: u32 = 1000;
-/// Where the KeyPackage expiry sweep continues next tick.
-const SWEEP_CURSOR_KEY: &str = "hk/kp-cursor";
+/// Expiry entries read per page: the sweep stops at the first one not yet
+/// due, so a tick with nothing expired reads this many at most.
+const EXPIRY_PAGE: u32 = 32;
+/// Where the one-time backfill of the expiry index (for records indexed
+/// before it existed) continues next tick; [`BACKFILLED_KEY`] once done.
+const BACKFILL_CURSOR_KEY: &str = "hk/kp-cursor";
+const BACKFILLED_KEY: &str = "hk/expiry-index";
 
-/// Expires KeyPackages and drops counters of past windows, a page at a time.
+/// Expires KeyPackages and drops counters of past windows.
 pub fn housekeeping(now: u64) {
-    expire_page(now);
+    if !matches!(kv::get(BACKFILLED_KEY), Ok(Some(_))) {
+        backfill_page();
+    }
+    expire_due(now);
     counters::prune_windows("rl/", now / 3600, HOUSEKEEPING_ENTRIES_PER_TICK);
     counters::prune_windows("rate445/", now / 60, HOUSEKEEPING_ENTRIES_PER_TICK);
 }
 
-/// Expires the KeyPackages in the next page of the index.
-fn expire_page(now: u64) {
-    let cursor = kv::get(SWEEP_CURSOR_KEY).ok().flatten().and_then(|c| String::from_utf8(c).ok());
+/// Writes expiry entries for the next page of records indexed before the
+/// expiry index existed; marks the backfill done at the end of the index.
+fn backfill_page() {
+    let cursor = kv::get(BACKFILL_CURSOR_KEY).ok().flatten().and_then(|c| String::from_utf8(c).ok());
     let Ok(page) = kv::scan_prefix("kp/", cursor.as_deref(), HOUSEKEEPING_ENTRIES_PER_TICK) else { return };
-    let mut owners: Vec<String> = page
-        .iter()
-        .filter_map(|(key, value)| {
-            let record: Record = serde_json::from_slice(value).ok()?;
-            if record.expires_at > now {
-                return None;
-            }
-            key.split('/').nth(1).map(str::to_owned)
-        })
-        .collect();
-    owners.sort();
-    owners.dedup();
-    for owner in owners {
-        for _ in 0..MAX_ATTEMPTS {
-            let Ok(state) = OwnerState::load(&owner) else { break };
-            let expired: Vec<&Record> = state.records.iter().filter(|r| r.expires_at <= now).collect();
-            if expired.is_empty() {
-                break;
-            }
-            let writes = expired.iter().map(|r| state.delete(&r.id)).collect();
-            if let Ok(true) = state.commit(writes) {
-                host::count("keypackages_expired", expired.len() as u64);
-                break;
-            }
-        }
+    for (key, value) in &page {
+        let (Some(owner), Ok(record)) = (key.split('/').nth(1), serde_json::from_slice::<Record>(value)) else {
+            continue;
+        };
+        // An entry for a record deleted meanwhile is dropped by the sweep.
+        let _ = kv::put(&expiry_key(owner, &record), b"1");
     }
     let _ = match page.last() {
         Some((last, _)) if page.len() as u32 == HOUSEKEEPING_ENTRIES_PER_TICK => {
-            kv::put(SWEEP_CURSOR_KEY, last.as_bytes())
+            kv::put(BACKFILL_CURSOR_KEY, last.as_bytes())
         }
-        // The end of the index: the next sweep starts over.
-        _ => kv::delete(SWEEP_CURSOR_KEY),
+        _ => kv::delete(BACKFILL_CURSOR_KEY).and_then(|_| kv::put(BACKFILLED_KEY, b"1")),
     };
+}
+
+/// Deletes the KeyPackages whose expiry has come, found through the expiry
+/// index in order of expiry, a page at a time, at most
+/// [`HOUSEKEEPING_ENTRIES_PER_TICK`] entries per tick.
+fn expire_due(now: u64) {
+    let mut after: Option<String> = None;
+    let mut read = 0;
+    while read < HOUSEKEEPING_ENTRIES_PER_TICK {
+        let Ok(page) = kv::scan_prefix(EXPIRY_PREFIX, after.as_deref(), EXPIRY_PAGE) else { return };
+        read += page.len() as u32;
+        let due: Vec<&String> = page
+            .iter()
+            .map(|(key, _)| key)
+            .take_while(|key| {
+                key[EXPIRY_PREFIX.len()..]
+                    .split('/')
+                    .next()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .is_some_and(|t| t <= now)
+            })
+            .collect();
+        let mut owners: Vec<&str> = due.iter().filter_map(|key| key.split('/').nth(2)).collect();
+        owners.sort();
+        owners.dedup();
+        for owner in owners {
+            expire_owner(owner, now);
+        }
+        // Entries whose record is gone (or moved to another expiry) go too.
+        for key in &due {
+            let mut parts = key[EXPIRY_PREFIX.len()..].split('/');
+            let (Some(t), Some(owner), Some(id)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let current = kv::get(&record_key(owner, id)).ok().flatten();
+            let record = current.and_then(|v| serde_json::from_slice::<Record>(&v).ok());
+            if record.is_none_or(|r| format!("{:020}", r.expires_at) != t) {
+                let _ = kv::delete(key);
+            }
+        }
+        if due.len() < page.len() || (page.len() as u32) < EXPIRY_PAGE {
+            return;
+        }
+        after = page.last().map(|(key, _)| key.clone());
+    }
+}
+
+/// Deletes `owner`'s expired KeyPackages (and their expiry entries).
+fn expire_owner(owner: &str, now: u64) {
+    for _ in 0..MAX_ATTEMPTS {
+        let Ok(state) = OwnerState::load(owner) else { return };
+        let expired: Vec<&Record> = state.records.iter().filter(|r| r.expires_at <= now).collect();
+        if expired.is_empty() {
+            return;
+        }
+        let writes = expired.iter().flat_map(|r| state.delete(r)).collect();
+        if let Ok(true) = state.commit(writes) {
+            host::count("keypackages_expired", expired.len() as u64);
+            return;
+        }
+    }
 }

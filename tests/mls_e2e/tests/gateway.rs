@@ -921,3 +921,29 @@ async fn one_ipv6_network_is_one_requester_for_the_rate_limit() {
     let mut elsewhere = Client::connect_with_headers(&relay.url, &[("x-forwarded-for", "2001:db8:1:3::1")]).await;
     assert!(!fetch_key_packages(&mut elsewhere, "kp", &[&bob.pubkey()]).await.is_empty());
 }
+
+/// Housekeeping (the gateway's tick, once a minute) removes a KeyPackage
+/// whose expiry has come from the index, found through the expiry index,
+/// and leaves the others: its count says one expired, and the one that has
+/// not is still served.
+#[tokio::test]
+async fn housekeeping_removes_expired_key_packages_from_the_index() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let (bob, carol) = (Member::new(), Member::new());
+    let soon = bob.key_package_shaped(&relay.url, 30443, false, None, |mut t| {
+        t.push(vec!["expiration".into(), (now() + 2).to_string()]);
+        t
+    });
+    publish_ok(&mut c, &soon).await;
+    let lasting = carol.key_package_shaped(&relay.url, 30443, false, None, |t| t);
+    publish_ok(&mut c, &lasting).await;
+    // The first tick comes a minute after the start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while gateway_counter(&relay, "keypackages_expired").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no tick expired the KeyPackage within 2 minutes");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(gateway_counter(&relay, "keypackages_expired").await, 1, "only the one due");
+    assert_eq!(fetch_key_packages(&mut c, "kept", &[&carol.pubkey()]).await, vec![lasting.id.to_hex()]);
+}
