@@ -226,9 +226,10 @@ pub fn apply_deletion(event: &Event) -> Result<(), Refused> {
 /// grows, one tick stays well inside the plugin's CPU budget, and the next
 /// tick continues where this one stopped.
 const HOUSEKEEPING_ENTRIES_PER_TICK: u32 = 1000;
-/// Expiry entries read per page: the sweep stops at the first one not yet
-/// due, so a tick with nothing expired reads this many at most.
-const EXPIRY_PAGE: u32 = 32;
+/// Expiry entries read per page, at most: the first page holds one entry
+/// (a tick with nothing due reads just that), and each next page twice as
+/// many, since the sweep stops at the first entry not yet due.
+const MAX_EXPIRY_PAGE: u32 = 32;
 /// Where the one-time backfill of the expiry index (for records indexed
 /// before it existed) continues next tick; [`BACKFILLED_KEY`] once done.
 const BACKFILL_CURSOR_KEY: &str = "hk/kp-cursor";
@@ -269,9 +270,9 @@ fn backfill_page() {
 /// [`HOUSEKEEPING_ENTRIES_PER_TICK`] entries per tick.
 fn expire_due(now: u64) {
     let mut after: Option<String> = None;
-    let mut read = 0;
+    let (mut read, mut page_size) = (0, 1);
     while read < HOUSEKEEPING_ENTRIES_PER_TICK {
-        let Ok(page) = kv::scan_prefix(EXPIRY_PREFIX, after.as_deref(), EXPIRY_PAGE) else { return };
+        let Ok(page) = kv::scan_prefix(EXPIRY_PREFIX, after.as_deref(), page_size) else { return };
         read += page.len() as u32;
         let due: Vec<&String> = page
             .iter()
@@ -300,10 +301,11 @@ fn expire_due(now: u64) {
                 let _ = kv::delete(key);
             }
         }
-        if due.len() < page.len() || (page.len() as u32) < EXPIRY_PAGE {
+        if due.len() < page.len() || (page.len() as u32) < page_size {
             return;
         }
         after = page.last().map(|(key, _)| key.clone());
+        page_size = (page_size * 2).min(MAX_EXPIRY_PAGE);
     }
 }
 
