@@ -44,6 +44,8 @@ run: build
 # and the MLS client tests (mdk-core) against the relay with the gateway.
 test: test-plugins
 	$(CARGO) test -p wasm-relay -p mls-e2e -p mls-gateway --no-fail-fast
+	# The Rust SDK stands alone: it packages (and builds from the package).
+	$(CARGO) package -p wasm-relay-plugin-sdk --allow-dirty --quiet
 
 # Load and micro benchmarks against release builds on loopback ports; prints a
 # table and writes target/bench/results.json, then criterion's single plugin

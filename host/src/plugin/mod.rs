@@ -465,3 +465,38 @@ impl PluginHost {
         })
     }
 }
+
+#[cfg(test)]
+mod contract_copies {
+    use std::path::Path;
+
+    /// The Rust SDK builds from its own copy of the WIT contract, so it
+    /// works outside this repository: every file it vendors is the released
+    /// contract's, byte for byte, and the SDK vendors the current version.
+    #[test]
+    fn the_sdk_vendors_the_released_contract_unchanged() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let vendored = root.join("plugins/sdk/wit");
+        let mut files = 0;
+        for version in std::fs::read_dir(&vendored).expect("plugins/sdk/wit") {
+            let version = version.unwrap().path();
+            let released = root.join("wit").join(version.file_name().unwrap());
+            for file in std::fs::read_dir(&version).unwrap() {
+                let file = file.unwrap().path();
+                let original = released.join(file.file_name().unwrap());
+                assert_eq!(
+                    std::fs::read(&file).unwrap(),
+                    std::fs::read(&original).unwrap_or_default(),
+                    "{} differs from {}: copy the released contract, never edit the SDK's copy",
+                    file.display(),
+                    original.display()
+                );
+                files += 1;
+            }
+        }
+        assert!(files > 0, "the SDK vendors no contract");
+        let sdk = std::fs::read_to_string(root.join("plugins/sdk/src/lib.rs")).unwrap();
+        let current = crate::plugin::bindings::SUPPORTED_WIT_VERSIONS.last().expect("a supported version");
+        assert!(sdk.contains(&format!("path: \"wit/{current}\"")), "the SDK builds against wit/{current}");
+    }
+}

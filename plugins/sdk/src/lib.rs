@@ -11,10 +11,12 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the output
 //! `.wasm` is a component the relay loads. The bindings come from the WIT
-//! package in `wit/0.1.0` (`nostr-relay:plugin@0.1.0`).
+//! package `nostr-relay:plugin@0.1.0`, vendored in this crate's `wit/0.1.0`
+//! (a copy of the repository's `wit/0.1.0`; a test in the relay checks that
+//! they are the same).
 
 wit_bindgen::generate!({
-    path: "../../wit/0.1.0",
+    path: "wit/0.1.0",
     world: "relay-plugin",
     pub_export_macro: true,
     export_macro_name: "export_plugin",
