@@ -42,9 +42,10 @@ run: build
 
 # Unit tests, integration tests that drive the real binary over WebSockets,
 # and the MLS client tests (mdk-core) against the relay with the gateway.
+# The suite, then a check that the Rust SDK stands alone: it packages, and
+# builds from the package.
 test: test-plugins
 	$(CARGO) test -p wasm-relay -p mls-e2e -p mls-gateway --no-fail-fast
-	# The Rust SDK stands alone: it packages (and builds from the package).
 	$(CARGO) package -p wasm-relay-plugin-sdk --allow-dirty --quiet
 
 # Load and micro benchmarks against release builds on loopback ports; prints a
