@@ -66,6 +66,8 @@ fn commit_chunks(sizes: impl Iterator<Item = usize>) -> Vec<std::ops::Range<usiz
 }
 /// Documents read per page of a query (an author's documents).
 const PAGE: i32 = 500;
+/// Most log documents a retraction looks for one event in.
+const MAX_COPIES: i32 = 10;
 /// The id of the one target on a Listen stream.
 const LISTEN_TARGET: i32 = 1;
 /// Longest wait for Firestore to accept a Listen stream.
@@ -350,7 +352,7 @@ impl Replicator {
             Retraction::Events { ids, .. } => {
                 let mut docs = std::collections::BTreeMap::new();
                 for id in ids {
-                    if let Some(doc) = self.find(id).await? {
+                    for doc in self.holding(id, MAX_COPIES).await? {
                         docs.insert(doc.name.clone(), doc);
                     }
                 }
@@ -471,16 +473,24 @@ impl Replicator {
         Ok(docs)
     }
 
-    /// The log document holding event `id`, if the log holds it.
+    /// A log document holding event `id`, if the log holds it.
     async fn find(&self, id: &[u8; 32]) -> Result<Option<fs::Document>, FirestoreError> {
+        Ok(self.holding(id, 1).await?.into_iter().next())
+    }
+
+    /// Up to `most` log documents holding event `id` (an event published
+    /// again, after its first publish timed out, can be in two batches).
+    async fn holding(&self, id: &[u8; 32], most: i32) -> Result<Vec<fs::Document>, FirestoreError> {
         use fs::structured_query::field_filter::Operator;
         let hex_id = hex::encode(id);
         let filter = field_filter("ids", Operator::ArrayContains, string_value(hex_id.clone()));
-        if let Some(doc) = self.query_log(filter, None, 1).await?.into_iter().next() {
-            return Ok(Some(doc));
+        let docs = self.query_log(filter, None, most).await?;
+        if !docs.is_empty() {
+            return Ok(docs);
         }
         // A legacy document, named by the event's id.
-        self.firestore.get_document("read the shared log", &self.firestore.document(COLLECTION, &hex_id)).await
+        let name = self.firestore.document(COLLECTION, &hex_id);
+        Ok(self.firestore.get_document("read the shared log", &name).await?.into_iter().collect())
     }
 
     /// Writes client events to Firestore; returns, per event, `Ok` or why it

@@ -74,7 +74,15 @@ pub async fn join_from_snapshot(source: &str, data_dir: &Path) -> anyhow::Result
 /// Streams `url` into the file `to`; returns its size.
 async fn download(url: &str, to: &Path) -> anyhow::Result<u64> {
     use tokio::io::AsyncWriteExt;
-    let mut response = reqwest::get(url)
+    // A server that stops answering fails the start instead of hanging it.
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .read_timeout(std::time::Duration::from_secs(60))
+        .build()
+        .context("an HTTP client for the snapshot")?;
+    let mut response = client
+        .get(url)
+        .send()
         .await
         .and_then(reqwest::Response::error_for_status)
         .with_context(|| format!("downloading the snapshot from {url}"))?;
