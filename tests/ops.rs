@@ -337,7 +337,28 @@ fn plugin_check_prints_info_and_names_what_is_wrong() {
     assert!(!text(&out).1.contains("backtrace"), "errors are one readable line, not a backtrace");
 
     let out = cli(&["plugin", "check", gateway.to_str().unwrap(), "--setting", "no_such_setting=1"]);
-    assert!(!out.status.success() && text(&out).1.contains("no_such_setting"), "{}", text(&out).1);
+    let stderr = text(&out).1;
+    assert!(!out.status.success() && stderr.contains("no_such_setting"), "{stderr}");
+    assert!(stderr.contains("plugin 'mls-gateway' does not declare"), "named after its file: {stderr}");
+
+    // A missing file: the system's reason once.
+    let out = cli(&["plugin", "check", dir.path().join("missing.wasm").to_str().unwrap()]);
+    let stderr = text(&out).1;
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+
+    // A core module (the smallest valid one) gets the way to a component.
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let out = cli(&["plugin", "check", core.to_str().unwrap()]);
+    let stderr = text(&out).1;
+    assert!(!out.status.success() && stderr.contains("core WebAssembly module, not a component"), "{stderr}");
+    assert!(stderr.contains("wasm32-wasip2"), "{stderr}");
+
+    // info() has ten times the call budget (50 ms by default), and says so.
+    let probe = plugin_path("probe.wasm");
+    let out = cli(&["plugin", "check", probe.to_str().unwrap(), "--setting", "info=loop"]);
+    let stderr = text(&out).1;
+    assert!(!out.status.success() && stderr.contains("info() failed: timed out after 500 ms"), "{stderr}");
 }
 
 #[test]

@@ -33,6 +33,16 @@ async fn probe_relay(settings: &[(&str, &str)], extra: &str) -> TestRelay {
     TestRelay::start_with_config(&plugin_entry("probe", &plugin_path("probe.wasm"), extra, settings)).await
 }
 
+/// A plugin configured under another name than its `info()` gives loads
+/// (logs, metrics and the management API use the configured one), and the
+/// operator is told.
+#[tokio::test]
+async fn a_plugin_configured_under_another_name_is_reported() {
+    let relay = TestRelay::start_with_config(&plugin_entry("renamed", &plugin_path("probe.wasm"), "", &[])).await;
+    let line = relay.wait_for_log("configured under another name than its info() gives").await;
+    assert!(line.contains("renamed") && line.contains("probe"), "{line}");
+}
+
 #[tokio::test]
 async fn on_event_accepts_or_rejects_with_the_plugins_reason() {
     let relay = probe_relay(&[("reject-kinds", "7,9")], "").await;

@@ -95,7 +95,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None, plugins: vec![] }) {
         Command::Plugin(PluginCommand::Check { file, settings }) => {
-            let mut plugin = PluginConfig::new("check", file.clone());
+            // Named after its file, as an operator would likely configure it.
+            let name = file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
+            let mut plugin = PluginConfig::new(name, file.clone());
             for (k, v) in settings {
                 plugin.settings.insert(k, wasm_relay::config::SettingValue::Text(v));
             }

@@ -30,8 +30,10 @@ const MAX_CALL_WALL_TIME: Duration = Duration::from_secs(10);
 /// Why loading a component failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The reason is part of the message, not a chained source, so error
+    /// chains print it once.
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: std::io::Error },
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
     #[error("{0}")]
@@ -152,10 +154,19 @@ impl PluginRuntime {
     ) -> Result<LoadedPlugin, LoadError> {
         let bytes = tokio::fs::read(&config.path)
             .await
-            .map_err(|source| LoadError::Read { path: config.path.clone(), source })?;
+            .map_err(|reason| LoadError::Read { path: config.path.clone(), reason })?;
         if !bytes.starts_with(b"\0asm") {
             return Err(LoadError::Compile(format!(
                 "{} is not a WebAssembly binary (it lacks the \\0asm header)",
+                config.path.display()
+            )));
+        }
+        // A core module's version field is 1; a component's is 0x0d (layer 1).
+        if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+            return Err(LoadError::Compile(format!(
+                "{} is a core WebAssembly module, not a component: build for the wasm32-wasip2 target \
+                 (`cargo build --release --target wasm32-wasip2`), or wrap a core module with \
+                 `wasm-tools component new`",
                 config.path.display()
             )));
         }
@@ -265,6 +276,14 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
     if info.tick_interval_seconds == Some(0) {
         return Err(LoadError::Invalid("tick-interval-seconds must be at least 1".into()));
     }
+    if !info.name.is_empty() && info.name != config.name {
+        // Logs, metrics and the management API use the configured name.
+        tracing::warn!(
+            plugin = %config.name,
+            calls_itself = %info.name,
+            "the plugin is configured under another name than its info() gives"
+        );
+    }
     Ok(())
 }
 
@@ -331,7 +350,8 @@ impl LoadedPlugin {
             }
         });
         store.set_epoch_deadline(1);
-        let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(e))?;
+        let bindings =
+            self.pre.instantiate_async(&mut store).await.map_err(|e| self.classify(e, self.limits.budget()))?;
         Ok(Instance { store, bindings })
     }
 
@@ -346,7 +366,8 @@ impl LoadedPlugin {
         }
     }
 
-    fn classify(&self, e: wasmtime::Error) -> CallFailure {
+    /// What a failed call's error means; `budget` is the CPU time it had.
+    fn classify(&self, e: wasmtime::Error, budget: Duration) -> CallFailure {
         if e.chain().any(|c| c.downcast_ref::<MemoryCapReached>().is_some()) {
             return CallFailure::OutOfMemory(self.limits.memory_bytes);
         }
@@ -354,7 +375,7 @@ impl LoadedPlugin {
             return CallFailure::HostUnavailable(failed.0.clone());
         }
         match e.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => CallFailure::Timeout(self.limits.timeout_ms),
+            Some(Trap::Interrupt) => CallFailure::Timeout(budget.as_millis() as u64),
             Some(trap) => CallFailure::Trap(format!("{trap}: {}", root_message(&e))),
             None => CallFailure::Trap(format!("{e:#}")),
         }
@@ -402,7 +423,7 @@ impl LoadedPlugin {
                 self.checkin(instance);
                 Ok(value)
             }
-            Err(e) => Err(self.classify(e)),
+            Err(e) => Err(self.classify(e, budget)),
         };
         drop(permit);
         outcome

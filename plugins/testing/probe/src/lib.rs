@@ -99,6 +99,7 @@ fn claim(ctx: &RequestContext, filters: &[Filter]) -> ReqResult {
 
 impl Plugin for Probe {
     fn info() -> PluginInfo {
+        misbehave(&setting("info"));
         let spec = |name: &str, default: &str| SettingSpec {
             name: name.into(),
             default_value: default.into(),
@@ -121,6 +122,7 @@ impl Plugin for Probe {
                 spec("fail-kinds", ""),
                 spec("tick-seconds", ""),
                 spec("replica", ""),
+                spec("info", ""),
             ],
         }
     }
