@@ -33,6 +33,35 @@ async fn probe_relay(settings: &[(&str, &str)], extra: &str) -> TestRelay {
     TestRelay::start_with_config(&plugin_entry("probe", &plugin_path("probe.wasm"), extra, settings)).await
 }
 
+/// What a plugin prints, and a Rust panic's message, reach the relay's log
+/// tagged with the plugin's name (never the client); a flood is cut to the
+/// budget and the rest counted.
+#[tokio::test]
+async fn a_plugins_output_and_panic_messages_reach_the_log_within_a_budget() {
+    let k = Keys::generate();
+    let relay = probe_relay(&[("on-event", "print"), ("fail-kinds", "1")], "").await;
+    relay.client().await.publish_ok(&sign(&k, 1, "print", &[], now())).await;
+    let out = relay.wait_for_log("says hello on stdout").await;
+    let err = relay.wait_for_log("says hello on stderr").await;
+    assert!(out.contains("probe") && out.contains("INFO") && err.contains("WARN"), "{out}\n{err}");
+
+    let relay = probe_relay(&[("on-event", "trap"), ("fail-kinds", "1")], "").await;
+    let (ok, message) = relay.client().await.publish(&sign(&k, 1, "trap", &[], now())).await;
+    assert!(!ok && !message.contains("on purpose"), "the panic message is for the log only: {message}");
+    let panic = relay.wait_for_log("traps on purpose").await;
+    assert!(panic.contains("probe"), "{panic}");
+
+    let relay = probe_relay(&[("on-event", "flood"), ("fail-kinds", "1")], "").await;
+    relay.client().await.publish_ok(&sign(&k, 1, "flood", &[], now())).await;
+    let mut c = relay.client().await;
+    // The next second's first line reports what was dropped.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.publish_ok(&sign(&k, 1, "flood again", &[], now())).await;
+    relay.wait_for_log("plugin output dropped").await;
+    let logged = relay.log_lines("probe flood line").len();
+    assert!(logged <= 2 * 50, "{logged} of 1,000 flood lines logged");
+}
+
 /// A plugin configured under another name than its `info()` gives loads
 /// (logs, metrics and the management API use the configured one), and the
 /// operator is told.

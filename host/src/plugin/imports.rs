@@ -27,6 +27,8 @@ pub struct PluginContext {
     pub counters: Arc<PluginCounters>,
     /// Events other replicas stored that have not reached this one yet.
     pub missing_events: Arc<OnceLock<Arc<dyn super::EventSource>>>,
+    /// Its standard output and error's share of the relay's log.
+    pub output: Arc<super::guest_output::LogBudget>,
 }
 
 /// Counters a plugin keeps through `host.count`, exported as Prometheus

@@ -18,6 +18,7 @@
 pub mod bindings;
 pub mod breaker;
 pub mod convert;
+pub mod guest_output;
 mod hooks;
 pub mod imports;
 mod lifecycle;

@@ -189,6 +189,7 @@ impl PluginRuntime {
             defaults: OnceLock::new(),
             counters,
             missing_events: self.missing_events.clone(),
+            output: super::guest_output::LogBudget::new(&config.name),
         });
         let limits = CallLimits {
             timeout_ms: config.call_timeout_ms,
@@ -330,8 +331,16 @@ impl CallLimits {
 impl LoadedPlugin {
     async fn instantiate(&self) -> Result<Instance, CallFailure> {
         let state = PluginState {
-            // No preopened directories, no network, no environment, no stdio.
-            wasi: WasiCtxBuilder::new().build(),
+            // No preopened directories, no network, no environment; stdout
+            // and stderr go to the relay's log.
+            wasi: {
+                use super::guest_output::{GuestOutput, Stream};
+                let output = &self.ctx.output;
+                WasiCtxBuilder::new()
+                    .stdout(GuestOutput::new(output.clone(), Stream::Stdout))
+                    .stderr(GuestOutput::new(output.clone(), Stream::Stderr))
+                    .build()
+            },
             table: ResourceTable::new(),
             limits: InstanceLimits::new(self.limits.memory_bytes),
             ctx: self.ctx.clone(),

@@ -38,6 +38,15 @@ fn misbehave(mode: &str) {
                 i = black_box(i.wrapping_add(1));
             }
         }
+        "print" => {
+            println!("probe {VERSION} says hello on stdout");
+            eprintln!("probe {VERSION} says hello on stderr");
+        }
+        "flood" => {
+            for i in 0..500 {
+                println!("probe flood line {i}");
+            }
+        }
         "oom" => {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {

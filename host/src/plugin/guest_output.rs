@@ -1,0 +1,150 @@
+//! Where a plugin's standard output and error go: the relay's log, one line
+//! at a time, tagged with the plugin's configured name (stdout at `info`,
+//! stderr at `warn`). A Rust guest's panic message, a `print` or an
+//! uncaught exception's text thus reach the plugin's author.
+//!
+//! One plugin cannot flood the log: a line is cut at
+//! [`MAX_LINE_CHARS`], and past [`MAX_LINES_PER_SECOND`] lines in one second
+//! the rest of that second's lines are dropped and counted in one line.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+/// Longest line logged; the rest of a longer line is dropped.
+pub const MAX_LINE_CHARS: usize = 2000;
+/// Lines one plugin may log per second, stdout and stderr together.
+pub const MAX_LINES_PER_SECOND: u32 = 50;
+/// Bytes of an unfinished line kept while waiting for its end.
+const MAX_PENDING_BYTES: usize = 4 * MAX_LINE_CHARS;
+
+/// Which stream a guest wrote to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A plugin's share of the log, common to its streams and instances.
+#[derive(Debug)]
+pub struct LogBudget {
+    plugin: String,
+    /// (the second, lines logged in it, lines dropped in it)
+    window: Mutex<(u64, u32, u64)>,
+}
+
+impl LogBudget {
+    pub fn new(plugin: &str) -> Arc<Self> {
+        Arc::new(Self { plugin: plugin.to_owned(), window: Mutex::new((0, 0, 0)) })
+    }
+
+    /// Logs `line` unless this second's budget is spent.
+    fn log(&self, stream: Stream, line: &str) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if window.0 != now {
+            if window.2 > 0 {
+                tracing::warn!(plugin = %self.plugin, dropped = window.2, "plugin output dropped: over {MAX_LINES_PER_SECOND} lines a second");
+            }
+            *window = (now, 0, 0);
+        }
+        if window.1 >= MAX_LINES_PER_SECOND {
+            window.2 += 1;
+            return;
+        }
+        window.1 += 1;
+        drop(window);
+        let line: String = line.chars().take(MAX_LINE_CHARS).collect();
+        match stream {
+            Stream::Stdout => tracing::info!(plugin = %self.plugin, stream = "stdout", "{line}"),
+            Stream::Stderr => tracing::warn!(plugin = %self.plugin, stream = "stderr", "{line}"),
+        }
+    }
+}
+
+/// A guest stream that writes to the log (see the module docs).
+#[derive(Clone)]
+pub struct GuestOutput {
+    budget: Arc<LogBudget>,
+    stream: Stream,
+}
+
+impl GuestOutput {
+    pub fn new(budget: Arc<LogBudget>, stream: Stream) -> Self {
+        Self { budget, stream }
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineWriter { output: self.clone(), pending: Vec::new(), overlong: false })
+    }
+}
+
+/// Cuts what a guest writes into lines and logs each.
+struct LineWriter {
+    output: GuestOutput,
+    pending: Vec<u8>,
+    /// The current line was already logged, cut; the rest is dropped.
+    overlong: bool,
+}
+
+impl LineWriter {
+    fn emit(&mut self) {
+        if !self.overlong {
+            let text = String::from_utf8_lossy(&self.pending);
+            let line = text.trim_end_matches(['\r', '\n']);
+            if !line.is_empty() {
+                self.output.budget.log(self.output.stream, line);
+            }
+        }
+        self.pending.clear();
+    }
+}
+
+impl AsyncWrite for LineWriter {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        for chunk in buf.split_inclusive(|b| *b == b'\n') {
+            if !self.overlong {
+                self.pending.extend_from_slice(chunk);
+            }
+            if chunk.ends_with(b"\n") {
+                self.emit();
+                self.overlong = false;
+            } else if self.pending.len() > MAX_PENDING_BYTES {
+                // Log the start of a line that never ends; drop the rest.
+                self.emit();
+                self.overlong = true;
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() {
+            self.emit();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            self.emit();
+        }
+    }
+}
