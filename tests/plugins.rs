@@ -62,6 +62,33 @@ async fn a_plugins_output_and_panic_messages_reach_the_log_within_a_budget() {
     assert!(logged <= 2 * 50, "{logged} of 1,000 flood lines logged");
 }
 
+/// An operator sets a plugin's settings on the command line, next to
+/// `--plugin`: `--setting NAME.KEY=VALUE`; one for a plugin that is not
+/// configured stops the start with a reason.
+#[tokio::test]
+async fn settings_given_on_the_command_line_reach_the_plugin() {
+    let probe = format!("probe={}", plugin_path("probe.wasm").display());
+    let relay = TestRelay::start_with_args(&["--plugin", &probe, "--setting", "probe.reject-kinds=7"]).await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    c.publish_ok(&sign(&k, 1, "fine", &[], now())).await;
+    let (ok, message) = c.publish(&sign(&k, 7, "+", &[], now())).await;
+    assert!(!ok && message.starts_with("blocked:"), "{message}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(harness::relay_binary())
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--plugin", &probe, "--setting", "nope.reject-kinds=7"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no plugin named 'nope' is configured (configured: probe)"),
+        "{stderr}"
+    );
+}
+
 /// A plugin configured under another name than its `info()` gives loads
 /// (logs, metrics and the management API use the configured one), and the
 /// operator is told.

@@ -34,6 +34,10 @@ enum Command {
         /// (repeatable): `--plugin mls-gateway=target/plugins/mls_gateway.wasm`.
         #[arg(long = "plugin", value_name = "NAME=PATH", value_parser = parse_plugin)]
         plugins: Vec<(String, PathBuf)>,
+        /// Set a plugin's setting, over the configuration (repeatable):
+        /// `--setting mls-gateway.requests_per_hour=100`.
+        #[arg(long = "setting", value_name = "PLUGIN.KEY=VALUE", value_parser = parse_plugin_setting)]
+        settings: Vec<(String, String, String)>,
     },
     /// Inspect plugin components.
     #[command(subcommand)]
@@ -93,7 +97,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
-    match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None, plugins: vec![] }) {
+    match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None, plugins: vec![], settings: vec![] }) {
         Command::Plugin(PluginCommand::Check { file, settings }) => {
             // Named after its file, as an operator would likely configure it.
             let name = file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
@@ -174,9 +178,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("import into {}: {summary}", dir.display());
             Ok(())
         }
-        Command::Serve { bind, data_dir, plugins } => {
+        Command::Serve { bind, data_dir, plugins, settings } => {
             for (name, path) in plugins {
                 config.plugins.push(PluginConfig::new(name, path));
+            }
+            for (name, key, value) in settings {
+                let Some(plugin) = config.plugins.iter_mut().find(|p| p.name == name) else {
+                    let known: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+                    anyhow::bail!(
+                        "--setting {name}.{key}: no plugin named '{name}' is configured (configured: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    );
+                };
+                plugin.settings.insert(key, wasm_relay::config::SettingValue::Text(value));
             }
             config.validate()?;
             if let Some(bind) = bind {
@@ -194,6 +208,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn parse_setting(s: &str) -> Result<(String, String), String> {
     let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
     Ok((name.to_string(), value.to_string()))
+}
+
+/// `PLUGIN.KEY=VALUE`: plugin names hold no dot, setting names may.
+fn parse_plugin_setting(s: &str) -> Result<(String, String, String), String> {
+    let (target, value) = s.split_once('=').ok_or("expected PLUGIN.KEY=VALUE")?;
+    let (plugin, key) = target.split_once('.').ok_or("expected PLUGIN.KEY=VALUE")?;
+    Ok((plugin.to_string(), key.to_string(), value.to_string()))
 }
 
 fn parse_plugin(s: &str) -> Result<(String, PathBuf), String> {

@@ -87,6 +87,14 @@ impl TestRelay {
         Self::start_with(Some(toml), &[]).await
     }
 
+    /// A relay started with extra `serve` arguments (`--plugin`, `--setting`).
+    pub async fn start_with_args(args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut relay = Self::spawn_with(temp.path().join("data"), vec![], None, args).await;
+        relay._temp = Some(temp);
+        relay
+    }
+
     pub async fn start_with(toml: Option<&str>, env: &[(&str, &str)]) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().join("data");
@@ -114,7 +122,12 @@ impl TestRelay {
     }
 
     async fn spawn(data_dir: PathBuf, env: Vec<(String, String)>, config: Option<PathBuf>) -> Self {
+        Self::spawn_with(data_dir, env, config, &[]).await
+    }
+
+    async fn spawn_with(data_dir: PathBuf, env: Vec<(String, String)>, config: Option<PathBuf>, args: &[&str]) -> Self {
         let mut cmd = Self::command(&data_dir, config.as_deref());
+        cmd.args(args);
         for (k, v) in &env {
             cmd.env(k, v);
         }
