@@ -89,6 +89,24 @@ async fn settings_given_on_the_command_line_reach_the_plugin() {
     );
 }
 
+/// The compiled-plugin cache stays under its cap: entries no loaded plugin
+/// uses go, least recently used first; the one in use stays.
+#[tokio::test]
+async fn the_compile_cache_drops_unused_entries_beyond_its_cap() {
+    let cache = tempfile::tempdir().unwrap();
+    let stale = cache.path().join(format!("{}-0000000000000000.cwasm", "ab".repeat(32)));
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    let long_ago = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(long_ago).unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let env = [("WASM_RELAY_PLUGIN_RUNTIME__CACHE_DIR", dir), ("WASM_RELAY_PLUGIN_RUNTIME__CACHE_MAX_BYTES", "1")];
+    let relay = TestRelay::start_with(Some(&plugin_entry("probe", &plugin_path("probe.wasm"), "", &[])), &env).await;
+    relay.client().await.publish_ok(&sign(&Keys::generate(), 1, "loaded", &[], now())).await;
+    let entries: Vec<_> = std::fs::read_dir(cache.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!stale.exists(), "the unused entry is still there: {entries:?}");
+    assert_eq!(entries.len(), 1, "the probe's own entry stays: {entries:?}");
+}
+
 /// A plugin configured under another name than its `info()` gives loads
 /// (logs, metrics and the management API use the configured one), and the
 /// operator is told.

@@ -257,6 +257,9 @@ pub struct PluginRuntimeConfig {
     pub cache_dir: PathBuf,
     /// Watch plugin files and hot-swap a plugin when its file changes.
     pub watch: bool,
+    /// Past this size, the cache drops its least recently used entries that
+    /// no plugin loaded by this process uses.
+    pub cache_max_bytes: u64,
 }
 
 /// What a plugin does when a REQ or COUNT call into it fails.
@@ -401,7 +404,7 @@ impl PluginConfig {
 
 impl Default for PluginRuntimeConfig {
     fn default() -> Self {
-        Self { cache_dir: PathBuf::new(), watch: true }
+        Self { cache_dir: PathBuf::new(), watch: true, cache_max_bytes: 512 * 1024 * 1024 }
     }
 }
 

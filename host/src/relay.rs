@@ -86,6 +86,7 @@ impl Relay {
         let plugins = PluginHost::start(crate::plugin::PluginHostSetup {
             configs: &config.plugins,
             cache_dir,
+            cache_max_bytes: config.plugin_runtime.cache_max_bytes,
             metadata: metadata.clone(),
             events: store.clone(),
             fanout: fanout.clone(),

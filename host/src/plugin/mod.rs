@@ -273,8 +273,9 @@ pub struct PluginHost {
 pub struct PluginHostSetup<'a> {
     /// The `[[plugins]]` entries, in order.
     pub configs: &'a [PluginConfig],
-    /// Where compiled components are cached.
+    /// Where compiled components are cached, and the cache's size cap.
     pub cache_dir: PathBuf,
+    pub cache_max_bytes: u64,
     /// Backs each plugin's key-value namespace.
     pub metadata: Arc<dyn MetadataStore>,
     /// The relay's stored events (`events` import, `filter-query` answers).
@@ -290,8 +291,10 @@ impl PluginHost {
     /// Loads every configured plugin, in order. Any failure stops start-up:
     /// an operator should learn at once that a plugin cannot load.
     pub async fn start(setup: PluginHostSetup<'_>) -> anyhow::Result<Arc<Self>> {
-        let PluginHostSetup { configs, cache_dir, metadata, events, fanout, max_results, metrics } = setup;
-        let runtime = PluginRuntime::new(cache_dir)?;
+        let PluginHostSetup { configs, cache_dir, cache_max_bytes, metadata, events, fanout, max_results, metrics } =
+            setup;
+        let mut runtime = PluginRuntime::new(cache_dir)?;
+        runtime.cache_max_bytes = cache_max_bytes;
         let mut slots = Vec::with_capacity(configs.len());
         for config in configs {
             let stats = PluginStats::new(&metrics, &config.name);

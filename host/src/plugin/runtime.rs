@@ -94,6 +94,10 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<PluginState>,
     cache_dir: PathBuf,
+    /// The cache's size cap (see [`prune_cache`]).
+    pub cache_max_bytes: u64,
+    /// Cache entries of components this process has loaded: never pruned.
+    cache_in_use: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
     /// Where `events.get-event` looks for events not (yet) in the local store.
     pub(crate) missing_events: Arc<OnceLock<Arc<dyn super::EventSource>>>,
 }
@@ -119,7 +123,14 @@ impl PluginRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         RelayPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
-        Ok(Self { engine, linker, cache_dir, missing_events: Arc::new(OnceLock::new()) })
+        Ok(Self {
+            engine,
+            linker,
+            cache_dir,
+            cache_max_bytes: u64::MAX,
+            cache_in_use: Default::default(),
+            missing_events: Arc::new(OnceLock::new()),
+        })
     }
 
     /// The WIT version of `nostr-relay:plugin` the component exports, checked.
@@ -174,9 +185,19 @@ impl PluginRuntime {
         let component = {
             let (hash, engine, cache_dir) = (hash.clone(), self.engine.clone(), self.cache_dir.clone());
             // Compiling takes milliseconds to seconds: keep it off the async workers.
-            tokio::task::spawn_blocking(move || compile(&engine, &cache_dir, &bytes, &hash))
-                .await
-                .map_err(|e| LoadError::Compile(e.to_string()))??
+            let (in_use, max_bytes) = (self.cache_in_use.clone(), self.cache_max_bytes);
+            tokio::task::spawn_blocking(move || {
+                let (component, entry) = compile(&engine, &cache_dir, &bytes, &hash)?;
+                let keep = {
+                    let mut in_use = in_use.lock().unwrap_or_else(|p| p.into_inner());
+                    in_use.insert(entry);
+                    in_use.clone()
+                };
+                prune_cache(&cache_dir, max_bytes, &keep);
+                Ok::<_, LoadError>(component)
+            })
+            .await
+            .map_err(|e| LoadError::Compile(e.to_string()))??
         };
         let wit_version = self.wit_version(&component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
@@ -223,8 +244,9 @@ impl PluginRuntime {
 }
 
 /// Compiles the component in `bytes`, or loads it from the cache folder where
-/// an earlier compilation for this engine configuration left it.
-fn compile(engine: &Engine, cache_dir: &Path, bytes: &[u8], hash: &str) -> Result<Component, LoadError> {
+/// an earlier compilation for this engine configuration left it; returns it
+/// with its cache entry (whose modification time says when it was last used).
+fn compile(engine: &Engine, cache_dir: &Path, bytes: &[u8], hash: &str) -> Result<(Component, PathBuf), LoadError> {
     let mut compat = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut compat);
     let cached = cache_dir.join(format!("{hash}-{:016x}.cwasm", compat.finish()));
@@ -232,7 +254,16 @@ fn compile(engine: &Engine, cache_dir: &Path, bytes: &[u8], hash: &str) -> Resul
         // SAFETY: the cache folder holds only what this function wrote, for
         // this engine configuration (the file name carries its hash).
         match unsafe { Component::deserialize_file(engine, &cached) } {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                let touched = std::fs::File::options()
+                    .write(true)
+                    .open(&cached)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                if let Err(e) = touched {
+                    tracing::debug!(file = %cached.display(), error = %e, "cannot mark a cached plugin as used");
+                }
+                return Ok((c, cached));
+            }
             Err(e) => tracing::warn!(file = %cached.display(), error = %e, "ignoring unusable cached plugin"),
         }
     }
@@ -248,7 +279,39 @@ fn compile(engine: &Engine, cache_dir: &Path, bytes: &[u8], hash: &str) -> Resul
             let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(component)
+    Ok((component, cached))
+}
+
+/// Keeps the cache folder at `max_bytes` or less: removes compiled entries
+/// (`.cwasm`), least recently used first, except those in `keep`. Errors are
+/// logged; a cache that cannot be pruned only costs disk.
+fn prune_cache(cache_dir: &Path, max_bytes: u64, keep: &std::collections::HashSet<PathBuf>) {
+    let Ok(dir) = std::fs::read_dir(cache_dir) else { return };
+    let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = dir
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = entries.iter().map(|(_, len, _)| len).sum();
+    entries.sort();
+    for (_, len, path) in entries {
+        if total <= max_bytes {
+            break;
+        }
+        if keep.contains(&path) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                total -= len;
+                tracing::info!(file = %path.display(), bytes = len, "dropped an unused compiled plugin from the cache");
+            }
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot drop a cached plugin"),
+        }
+    }
 }
 
 fn empty_info() -> wit::PluginInfo {
