@@ -40,6 +40,7 @@ fn host(rt: &tokio::runtime::Runtime, dir: &std::path::Path, name: &str, file: &
         PluginHost::start(wasm_relay::plugin::PluginHostSetup {
             configs: &configs,
             cache_dir: dir.join("cache"),
+            cache_max_bytes: u64::MAX,
             metadata,
             events,
             fanout: Arc::new(Fanout::new(true)),
