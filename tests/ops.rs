@@ -361,6 +361,40 @@ fn plugin_check_prints_info_and_names_what_is_wrong() {
     assert!(!out.status.success() && stderr.contains("info() failed: timed out after 500 ms"), "{stderr}");
 }
 
+/// `plugin new` writes a project that builds with the one documented
+/// command and passes `plugin check`; languages without a template yet
+/// say what to do instead.
+#[test]
+fn a_new_plugin_project_builds_and_passes_plugin_check() {
+    let root = harness::workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let sdk = root.join("plugins/sdk");
+    let out =
+        cli(&["plugin", "new", "word-filter", "--dir", dir.path().to_str().unwrap(), "--sdk", sdk.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let project = dir.path().join("word-filter");
+    // The README's build command; a shared target folder lets runs reuse the SDK's build.
+    let target = root.join("target/template-build");
+    let build = std::process::Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+        .current_dir(&project)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run cargo");
+    assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+    let wasm = target.join("wasm32-wasip2/release/word_filter.wasm");
+    let out = cli(&["plugin", "check", wasm.to_str().unwrap(), "--setting", "blocked-word=spam"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("name:          word-filter") && stdout.contains("setting:       blocked-word"),
+        "{stdout}"
+    );
+
+    let out = cli(&["plugin", "new", "again", "--lang", "python", "--dir", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).1.contains("not written yet"), "{}", text(&out).1);
+}
+
 #[test]
 fn plugin_list_loads_every_configured_plugin() {
     let dir = tempfile::tempdir().unwrap();

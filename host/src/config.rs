@@ -701,7 +701,7 @@ impl Config {
 
 /// What plugin names may be: each names the plugin's key-value namespace
 /// (sled tree, Firestore document prefix) as well.
-fn validate_plugin_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_plugin_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');

@@ -74,6 +74,20 @@ enum PluginCommand {
     },
     /// Load every plugin in the configuration and print one line for each.
     List,
+    /// Write a new plugin project (`NAME/`) that builds with one command.
+    New {
+        /// The plugin's name (a-z, 0-9, '-', '_'), also its folder's.
+        name: String,
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: wasm_relay::plugin_template::Language,
+        /// Where the project folder goes.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The Rust SDK (`plugins/sdk` of a wasm-relay checkout); by default
+        /// the one this binary was built beside.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
 }
 
 /// Every connection, event and query allocates many short-lived buffers
@@ -109,6 +123,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(wasm_relay::tools::check_plugin(&plugin))
                 .with_context(|| format!("{} cannot be loaded", file.display()))?;
             print!("{report}");
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::New { name, lang, dir, sdk }) => {
+            use wasm_relay::plugin_template;
+            let sdk = sdk
+                .or_else(plugin_template::default_sdk)
+                .context("where is the Rust SDK? pass --sdk PATH (the plugins/sdk folder of a wasm-relay checkout)")?;
+            let project = plugin_template::write(&name, lang, &dir, &sdk)?;
+            println!("wrote {}", project.display());
+            println!("build it: cd {} && cargo build --release --target wasm32-wasip2", project.display());
             Ok(())
         }
         Command::Plugin(PluginCommand::List) => {
