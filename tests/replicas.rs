@@ -217,6 +217,9 @@ async fn when_firestore_goes_away_events_are_refused_clearly_and_nothing_is_half
     let mut c = relay.client().await;
     let k = Keys::generate();
     c.publish_ok(&note(&k, "while Firestore is there", 1)).await;
+    // Cut only once the replica has caught up: one still replaying the log
+    // is rightly not ready, which is not what this test is about.
+    relay.wait_for_log("caught up with the shared event log").await;
 
     proxy.cut();
     let e = note(&k, "cannot replicate", 0);
