@@ -19,14 +19,53 @@ TEST_PLUGINS := probe future-wit
 PLUGIN_CRATES := $(SHIPPED_PLUGINS) $(TEST_PLUGINS)
 
 # Plugins are WebAssembly components built for wasm32-wasip2.
-plugins: wasm-target
+plugins: wasm-target $(PLUGIN_OUT)/kind_allowlist_js.wasm $(PLUGIN_OUT)/kind_allowlist_py.wasm
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(SHIPPED_PLUGINS))
 	mkdir -p $(PLUGIN_OUT)
 	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_OUT)/
 
+# Plugins in JavaScript and Python. Their build tools come from npm and PyPI,
+# pinned by the JS example's package-lock.json and the Python example's
+# requirements.txt, and are installed here on first use (and again only when
+# a pin changes): componentize-js into the JS example's node_modules,
+# componentize-py into a virtualenv under target/.
+JS_EXAMPLE := plugins/examples/kind_allowlist_js
+PY_EXAMPLE := plugins/examples/kind_allowlist_py
+COMPONENTIZE_JS := $(JS_EXAMPLE)/node_modules/.bin/componentize-js
+PY_VENV := target/toolchains/python
+COMPONENTIZE_PY := $(PY_VENV)/bin/componentize-py
+CONTRACT := wit/0.1.0
+
+$(COMPONENTIZE_JS): $(JS_EXAMPLE)/package-lock.json
+	cd $(JS_EXAMPLE) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+$(COMPONENTIZE_PY): $(PY_EXAMPLE)/requirements.txt
+	python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
+
+# build-js OUT, DIR, MODULE: componentize DIR/MODULE.js into OUT.
+build-js = cd $(2) && $(CURDIR)/$(COMPONENTIZE_JS) $(3).js --wit $(CURDIR)/$(CONTRACT) \
+	--world-name relay-plugin --out $(CURDIR)/$(1) >/dev/null
+# build-py OUT, DIR, MODULE: componentize DIR/MODULE.py into OUT.
+build-py = cd $(2) && PYTHONDONTWRITEBYTECODE=1 $(CURDIR)/$(COMPONENTIZE_PY) -d $(CURDIR)/$(CONTRACT) \
+	-w relay-plugin componentize $(3) -o $(CURDIR)/$(1) >/dev/null
+
+$(PLUGIN_OUT)/kind_allowlist_js.wasm: $(JS_EXAMPLE)/kind-allowlist.js $(COMPONENTIZE_JS) $(CONTRACT)/plugin.wit
+	@mkdir -p $(PLUGIN_OUT)
+	$(call build-js,$@,$(JS_EXAMPLE),kind-allowlist)
+$(PLUGIN_OUT)/kind_allowlist_py.wasm: $(PY_EXAMPLE)/app.py $(COMPONENTIZE_PY) $(CONTRACT)/plugin.wit
+	@mkdir -p $(PLUGIN_OUT)
+	$(call build-py,$@,$(PY_EXAMPLE),app)
+$(PLUGIN_OUT)/faults_js.wasm: plugins/testing/faults_js/faults.js $(COMPONENTIZE_JS) $(CONTRACT)/plugin.wit
+	$(call build-js,$@,plugins/testing/faults_js,faults)
+$(PLUGIN_OUT)/faults_py.wasm: plugins/testing/faults_py/faults.py $(COMPONENTIZE_PY) $(CONTRACT)/plugin.wit
+	$(call build-py,$@,plugins/testing/faults_py,faults)
+
 # Test instruments, for `make test` only: the probe plugin twice (v1, v2) for
-# the hot-swap tests; future-wit targets a contract version the relay refuses.
-test-plugins: plugins
+# the hot-swap tests; future-wit targets a contract version the relay refuses;
+# faults-js and faults-py misbehave in JavaScript and Python on request.
+test-plugins: plugins $(PLUGIN_OUT)/faults_js.wasm $(PLUGIN_OUT)/faults_py.wasm
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(TEST_PLUGINS))
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_OUT)/
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2

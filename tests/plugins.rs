@@ -485,17 +485,32 @@ async fn a_broken_replacement_is_refused_and_the_old_version_keeps_serving() {
     c.publish_ok(&sign(&k, 1, "still served", &[], now())).await;
 }
 
+/// Files, environment, sockets and outgoing HTTP are all closed to a
+/// plugin. The HTTP request names a server listening on loopback, which never
+/// sees a connection: the host links `wasi:http` (JavaScript and Python
+/// toolchains import it) but denies every request.
 #[tokio::test]
 async fn a_plugin_cannot_reach_files_environment_or_network() {
-    let relay = probe_relay(&[("on-event", "escape"), ("fail-kinds", "666")], "").await;
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = server.local_addr().unwrap().to_string();
+    let relay = probe_relay(&[("on-event", "escape"), ("fail-kinds", "666"), ("http-target", &target)], "").await;
     let mut c = relay.client().await;
     let (ok, msg) = c.publish(&sign(&Keys::generate(), 666, "try", &[], now())).await;
     assert!(!ok && msg.starts_with("blocked: probe v1 escape:"), "{msg}");
     assert!(!msg.contains("ESCAPED"), "the sandbox leaked: {msg}");
     assert!(msg.contains("env: 0 vars"), "{msg}");
-    for what in ["file: denied", "dir: denied", "write: denied", "tcp: denied", "udp: denied"] {
+    for what in [
+        "file: denied",
+        "dir: denied",
+        "write: denied",
+        "tcp: denied",
+        "udp: denied",
+        "http: denied (ErrorCode::HttpRequestDenied)",
+    ] {
         assert!(msg.contains(what), "{what} missing: {msg}");
     }
+    let connection = tokio::time::timeout(QUIET, server.accept()).await;
+    assert!(connection.is_err(), "the plugin's HTTP request reached the server");
 }
 
 #[tokio::test]

@@ -65,16 +65,17 @@ impl LogBudget {
     }
 }
 
-/// A guest stream that writes to the log (see the module docs).
+/// A guest stream that writes to the log (see the module docs). One per
+/// stream per instance: a line written in pieces, through several stream
+/// handles and flushes (as CPython writes a traceback), is logged whole.
 #[derive(Clone)]
 pub struct GuestOutput {
-    budget: Arc<LogBudget>,
-    stream: Stream,
+    line: Arc<Mutex<LineBuffer>>,
 }
 
 impl GuestOutput {
     pub fn new(budget: Arc<LogBudget>, stream: Stream) -> Self {
-        Self { budget, stream }
+        Self { line: Arc::new(Mutex::new(LineBuffer { budget, stream, pending: Vec::new(), overlong: false })) }
     }
 }
 
@@ -86,33 +87,22 @@ impl IsTerminal for GuestOutput {
 
 impl StdoutStream for GuestOutput {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineWriter { output: self.clone(), pending: Vec::new(), overlong: false })
+        Box::new(LineWriter { line: self.line.clone() })
     }
 }
 
-/// Cuts what a guest writes into lines and logs each.
-struct LineWriter {
-    output: GuestOutput,
+/// Cuts what a guest writes into lines and logs each. An unfinished line
+/// waits for its end, or is logged when the instance goes away.
+struct LineBuffer {
+    budget: Arc<LogBudget>,
+    stream: Stream,
     pending: Vec<u8>,
     /// The current line was already logged, cut; the rest is dropped.
     overlong: bool,
 }
 
-impl LineWriter {
-    fn emit(&mut self) {
-        if !self.overlong {
-            let text = String::from_utf8_lossy(&self.pending);
-            let line = text.trim_end_matches(['\r', '\n']);
-            if !line.is_empty() {
-                self.output.budget.log(self.output.stream, line);
-            }
-        }
-        self.pending.clear();
-    }
-}
-
-impl AsyncWrite for LineWriter {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+impl LineBuffer {
+    fn write(&mut self, buf: &[u8]) {
         for chunk in buf.split_inclusive(|b| *b == b'\n') {
             if !self.overlong {
                 self.pending.extend_from_slice(chunk);
@@ -126,25 +116,67 @@ impl AsyncWrite for LineWriter {
                 self.overlong = true;
             }
         }
-        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if !self.pending.is_empty() {
-            self.emit();
+    fn emit(&mut self) {
+        if !self.overlong {
+            let text = String::from_utf8_lossy(&self.pending);
+            let line = text.trim_end_matches(['\r', '\n']);
+            if !line.is_empty() {
+                self.budget.log(self.stream, line);
+            }
         }
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_flush(cx)
+        self.pending.clear();
     }
 }
 
-impl Drop for LineWriter {
+impl Drop for LineBuffer {
     fn drop(&mut self) {
         if !self.pending.is_empty() {
             self.emit();
         }
+    }
+}
+
+/// One stream handle the guest holds.
+struct LineWriter {
+    line: Arc<Mutex<LineBuffer>>,
+}
+
+impl AsyncWrite for LineWriter {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.line.lock().unwrap_or_else(|p| p.into_inner()).write(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// A flush does not end a line: CPython flushes between the parts of one.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line written in pieces, each through a new stream handle with a
+    /// flush after it, is one line; the unfinished tail is logged when the
+    /// instance's output goes away.
+    #[tokio::test]
+    async fn a_line_written_in_pieces_is_logged_whole() {
+        use tokio::io::AsyncWriteExt;
+        let output = GuestOutput::new(LogBudget::new("pieces"), Stream::Stderr);
+        for piece in ["ValueError", ": ", "bad value\nnext"] {
+            let mut handle = Pin::from(output.async_stream());
+            handle.write_all(piece.as_bytes()).await.unwrap();
+            handle.flush().await.unwrap();
+        }
+        let buffer = output.line.lock().unwrap();
+        assert_eq!(buffer.budget.window.lock().unwrap().1, 1, "one line logged so far");
+        assert_eq!(buffer.pending, b"next", "the unfinished line waits");
     }
 }

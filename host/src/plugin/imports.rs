@@ -77,6 +77,9 @@ impl PluginCounters {
 /// The data of one instance's store.
 pub struct PluginState {
     pub wasi: WasiCtx,
+    /// `wasi:http` state; every outgoing request is denied (see `outgoing_http`).
+    pub http: wasmtime_wasi_http::WasiHttpCtx,
+    pub http_hooks: super::outgoing_http::DenyOutgoingRequests,
     pub table: ResourceTable,
     pub limits: InstanceLimits,
     pub ctx: Arc<PluginContext>,

@@ -6,6 +6,7 @@
 //! - [`runtime`]: engine, compilation cache, instance pools, call limits.
 //! - [`imports`]: what plugins may call (key-value store, events, log, time).
 //! - [`convert`]: relay types to and from WIT types.
+//! - `outgoing_http`: `wasi:http` linked, every outgoing request denied.
 //! - `hooks`: calling plugins for events and requests, checking what they
 //!   return; `lifecycle`: reload, swap, watch, enable/disable, ticks;
 //!   `stats`: call statistics; [`breaker`]: containing failing plugins.
@@ -22,6 +23,7 @@ pub mod guest_output;
 mod hooks;
 pub mod imports;
 mod lifecycle;
+mod outgoing_http;
 pub mod runtime;
 mod stats;
 

@@ -122,6 +122,8 @@ impl PluginRuntime {
         })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // What JS and Python toolchains import; requests are denied.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         RelayPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
         Ok(Self {
             engine,
@@ -404,6 +406,8 @@ impl LoadedPlugin {
                     .stderr(GuestOutput::new(output.clone(), Stream::Stderr))
                     .build()
             },
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: Default::default(),
             table: ResourceTable::new(),
             limits: InstanceLimits::new(self.limits.memory_bytes),
             ctx: self.ctx.clone(),

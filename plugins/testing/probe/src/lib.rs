@@ -6,7 +6,8 @@
 //! all), `reject-kinds`, `on-event` (accept | trap | loop | oom | escape),
 //! `req` (continue | claim | filter-query-all | bogus-ids | add-forged |
 //! huge | get-ids | reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
-//! mode; empty: all), `tick-seconds`, `replica` (a name its ticks record).
+//! mode; empty: all), `tick-seconds`, `replica` (a name its ticks record),
+//! `http-target` (host:port the `escape` mode tries an HTTP request to).
 
 use std::hint::black_box;
 
@@ -57,8 +58,27 @@ fn misbehave(mode: &str) {
     }
 }
 
+/// An HTTP GET through `wasi:http` to `authority` (host:port): `Ok` if any
+/// response came back.
+fn http_get(authority: &str) -> Result<(), String> {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{Fields, OutgoingRequest, Scheme};
+    let request = OutgoingRequest::new(Fields::new());
+    request.set_scheme(Some(&Scheme::Http)).map_err(|()| "bad scheme")?;
+    request.set_authority(Some(authority)).map_err(|()| "bad authority")?;
+    request.set_path_with_query(Some("/")).map_err(|()| "bad path")?;
+    let response = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+    response.subscribe().block();
+    match response.get() {
+        Some(Ok(Ok(_))) => Ok(()),
+        Some(Ok(Err(e))) => Err(format!("{e:?}")),
+        other => Err(format!("{other:?}")),
+    }
+}
+
 /// Tries to leave the sandbox (files, environment, network) and reports
 /// what happened, e.g. `file: denied; env: 0 vars; tcp: denied; udp: denied`.
+/// The setting `http-target` names a host:port for the HTTP attempt.
 fn escape_report() -> String {
     let outcome = |r: Result<(), String>| match r {
         Ok(()) => "ESCAPED".to_string(),
@@ -70,7 +90,10 @@ fn escape_report() -> String {
     let env = std::env::vars().count();
     let tcp = outcome(std::net::TcpStream::connect("127.0.0.1:1").map(|_| ()).map_err(|e| e.to_string()));
     let udp = outcome(std::net::UdpSocket::bind("0.0.0.0:0").map(|_| ()).map_err(|e| e.to_string()));
-    format!("probe {VERSION} escape: file: {file}; dir: {dir}; write: {write}; env: {env} vars; tcp: {tcp}; udp: {udp}")
+    let http = outcome(http_get(&setting("http-target")));
+    format!(
+        "probe {VERSION} escape: file: {file}; dir: {dir}; write: {write}; env: {env} vars; tcp: {tcp}; udp: {udp}; http: {http}"
+    )
 }
 
 fn setting(name: &str) -> String {
@@ -132,6 +155,7 @@ impl Plugin for Probe {
                 spec("tick-seconds", ""),
                 spec("replica", ""),
                 spec("info", ""),
+                spec("http-target", "127.0.0.1:9"),
             ],
         }
     }
