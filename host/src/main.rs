@@ -83,8 +83,8 @@ enum PluginCommand {
         /// Where the project folder goes.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The Rust SDK (`plugins/sdk` of a wasm-relay checkout); by default
-        /// the one this binary was built beside.
+        /// For Rust: the SDK (`plugins/sdk` of a wasm-relay checkout); by
+        /// default the one this binary was built beside.
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -127,12 +127,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plugin(PluginCommand::New { name, lang, dir, sdk }) => {
             use wasm_relay::plugin_template;
-            let sdk = sdk
-                .or_else(plugin_template::default_sdk)
-                .context("where is the Rust SDK? pass --sdk PATH (the plugins/sdk folder of a wasm-relay checkout)")?;
-            let project = plugin_template::write(&name, lang, &dir, &sdk)?;
+            let sdk = sdk.or_else(plugin_template::default_sdk);
+            let project = plugin_template::write(&name, lang, &dir, sdk.as_deref())?;
             println!("wrote {}", project.display());
-            println!("build it: cd {} && cargo build --release --target wasm32-wasip2", project.display());
+            let build = lang.build_command().replace("{crate}", &name.replace('-', "_"));
+            println!("build it: cd {} && {build}", project.display());
             Ok(())
         }
         Command::Plugin(PluginCommand::List) => {
