@@ -2,7 +2,10 @@
 //! plugin runtime: the MLS gateway's `on-event` (a kind 445 group message)
 //! and `process-req` (a KeyPackage REQ for an author with none, and a COUNT),
 //! and the probe plugin's plain accept, which is the runtime's own cost
-//! (instance from the pool, conversion, call, return).
+//! (instance from the pool, conversion, call, return). Then one policy
+//! written three times, `kind-allowlist` in Rust, JavaScript
+//! (componentize-js) and Python (componentize-py): first its component's
+//! size and load times, compiled and from the cache, then its `on-event`.
 //!
 //! Run with `make bench` (after `make plugins`) or
 //! `cargo bench -p relay-bench --bench plugin_calls`.
@@ -28,6 +31,16 @@ fn plugin(file: &str) -> std::path::PathBuf {
 }
 
 fn host(rt: &tokio::runtime::Runtime, dir: &std::path::Path, name: &str, file: &str) -> Arc<PluginHost> {
+    host_with_cache(rt, dir, &dir.join("cache"), name, file)
+}
+
+fn host_with_cache(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    cache: &std::path::Path,
+    name: &str,
+    file: &str,
+) -> Arc<PluginHost> {
     rt.block_on(async {
         let metadata: Arc<dyn MetadataStore> = Arc::new(SledMetadataStore::open(&dir.join(name)).unwrap());
         let events: Arc<dyn EventStore> = Arc::new(SledEventStore::open(&dir.join(name), 64 << 20).unwrap());
@@ -39,7 +52,7 @@ fn host(rt: &tokio::runtime::Runtime, dir: &std::path::Path, name: &str, file: &
         let configs = [config];
         PluginHost::start(wasm_relay::plugin::PluginHostSetup {
             configs: &configs,
-            cache_dir: dir.join("cache"),
+            cache_dir: cache.to_path_buf(),
             cache_max_bytes: u64::MAX,
             metadata,
             events,
@@ -96,5 +109,51 @@ fn plugin_calls(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, plugin_calls);
+/// The same policy in three languages.
+const ALLOWLISTS: [(&str, &str, &str); 3] = [
+    ("Rust", "kind-allowlist", "kind_allowlist.wasm"),
+    ("JavaScript", "kind-allowlist-js", "kind_allowlist_js.wasm"),
+    ("Python", "kind-allowlist-py", "kind_allowlist_py.wasm"),
+];
+
+/// Prints each language's component size and load times: the first load
+/// compiles the component (natively, in parallel), a later one (a restart, a
+/// second relay on the same cache) reads the compiled form from the cache.
+fn print_load_figures(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    println!("\n{:<11} {:>10} {:>17} {:>17}", "language", "size", "first load", "cached load");
+    for (language, name, file) in ALLOWLISTS {
+        let size = std::fs::metadata(plugin(file)).unwrap().len();
+        let cache = dir.join(format!("load-cache-{name}"));
+        let started = std::time::Instant::now();
+        drop(host_with_cache(rt, &dir.join("cold"), &cache, name, file));
+        let first = started.elapsed();
+        let started = std::time::Instant::now();
+        drop(host_with_cache(rt, &dir.join("warm"), &cache, name, file));
+        let cached = started.elapsed();
+        println!(
+            "{language:<11} {:>7.1} MB {:>15.2} s {:>14.0} ms",
+            size as f64 / 1e6,
+            first.as_secs_f64(),
+            cached.as_secs_f64() * 1e3
+        );
+    }
+    println!();
+}
+
+/// `on-event` of the same policy in each language, for an event it accepts.
+fn allowlist_calls(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    print_load_figures(&rt, dir.path());
+    let caller = Caller::new(1, SocketAddr::from(([127, 0, 0, 1], 9)));
+    let note = EventBuilder::new(Kind::TextNote, "hello").finalize(&Keys::generate()).unwrap();
+    let mut g = c.benchmark_group("kind-allowlist on-event");
+    for (language, name, file) in ALLOWLISTS {
+        let host = host(&rt, dir.path(), name, file);
+        g.bench_function(language, |b| b.to_async(&rt).iter(|| async { host.on_event(&caller, &note).await.unwrap() }));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, plugin_calls, allowlist_calls);
 criterion_main!(benches);
