@@ -11,7 +11,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 RUN rustup target add wasm32-wasip2
 COPY . .
-RUN make plugins && cargo build --release -p wasm-relay
+RUN make rust-plugins && cargo build --release -p wasm-relay
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -2,7 +2,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip2
 
-.PHONY: all run build plugins test-plugins wasm-target test lint fmt clean bench peers profile fuzz
+.PHONY: all run build plugins rust-plugins test-plugins wasm-target test lint fmt clean bench peers profile fuzz
 
 all: build
 
@@ -18,8 +18,11 @@ SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events
 TEST_PLUGINS := probe future-wit
 PLUGIN_CRATES := $(SHIPPED_PLUGINS) $(TEST_PLUGINS)
 
-# Plugins are WebAssembly components built for wasm32-wasip2.
-plugins: wasm-target $(PLUGIN_OUT)/kind_allowlist_js.wasm $(PLUGIN_OUT)/kind_allowlist_py.wasm
+# Plugins are WebAssembly components built for wasm32-wasip2. The Rust ones
+# are all that `make run`, `make build` and the Docker image need; `plugins`
+# adds the JavaScript and Python examples (below).
+plugins: rust-plugins $(PLUGIN_OUT)/kind_allowlist_js.wasm $(PLUGIN_OUT)/kind_allowlist_py.wasm
+rust-plugins: wasm-target
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(SHIPPED_PLUGINS))
 	mkdir -p $(PLUGIN_OUT)
 	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_OUT)/
@@ -71,7 +74,7 @@ test-plugins: plugins $(PLUGIN_OUT)/faults_js.wasm $(PLUGIN_OUT)/faults_py.wasm
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 
-build: plugins
+build: rust-plugins
 	$(CARGO) build --release -p wasm-relay
 
 # Starts the relay on ws://127.0.0.1:7777 with its data in ./data and the MLS
@@ -125,7 +128,7 @@ $(PEERS)/nostr-bench:
 # Where the relay's CPU goes under one bench scenario (perf; a flamegraph too
 # when inferno is installed): `make profile ONLY=ingest`, ONLY=query with
 # PROFILE_RELAY=2 for the relay with the MLS gateway. See bench/profile.sh.
-profile: plugins
+profile: rust-plugins
 	$(CARGO) build --release -p wasm-relay -p relay-bench --bins --benches
 	bash bench/profile.sh $(or $(ONLY),ingest)
 
@@ -134,7 +137,7 @@ profile: plugins
 # leaves its input in fuzz/artifacts/<target>/.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := client_message filter_matching event_check plugin_results mls_key_packages
-fuzz: plugins
+fuzz: rust-plugins
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
 	# Leak checks are off: the gateway target keeps one plugin host for the
 	# whole run, and wasmtime's pooled fibers are still allocated at exit.
