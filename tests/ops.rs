@@ -382,6 +382,7 @@ fn a_new_plugin_project_builds_and_passes_plugin_check() {
         .expect("run cargo");
     assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
     a_word_filter_passes_check(&target.join("wasm32-wasip2/release/word_filter.wasm"), "word-filter");
+    passes_its_fixtures(&target.join("wasm32-wasip2/release/word_filter.wasm"), &project.join("fixtures.json"));
 }
 
 /// The JavaScript and Python templates: the build command `plugin new`
@@ -401,8 +402,63 @@ fn new_javascript_and_python_plugin_projects_build_and_pass_plugin_check() {
         let run =
             std::process::Command::new("sh").args(["-c", build]).current_dir(&project).output().expect("run the build");
         assert!(run.status.success(), "{lang}: {build}\n{}", String::from_utf8_lossy(&run.stderr));
-        a_word_filter_passes_check(&project.join(format!("{}.wasm", name.replace('-', "_"))), name);
+        let wasm = project.join(format!("{}.wasm", name.replace('-', "_")));
+        a_word_filter_passes_check(&wasm, name);
+        passes_its_fixtures(&wasm, &project.join("fixtures.json"));
     }
+}
+
+/// `plugin test` with the fixtures `plugin new` wrote: every case passes.
+fn passes_its_fixtures(wasm: &Path, fixtures: &Path) {
+    let out = cli(&["plugin", "test", wasm.to_str().unwrap(), fixtures.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success() && stdout.ends_with("3 passed, 0 failed\n"), "{stdout}\n{stderr}");
+}
+
+/// `plugin test` runs a plugin's hooks against fixtures without a relay:
+/// the allowlist's fixtures pass in all three languages; a wrong
+/// expectation fails the run and shows what came back; what the plugin
+/// prints is on standard error.
+#[test]
+fn plugin_test_checks_a_plugin_against_fixtures_without_a_relay() {
+    let fixtures = harness::workspace_root().join("plugins/examples/kind_allowlist/fixtures.json");
+    for file in ["kind_allowlist.wasm", "kind_allowlist_js.wasm", "kind_allowlist_py.wasm"] {
+        let out = cli(&["plugin", "test", plugin_path(file).to_str().unwrap(), fixtures.to_str().unwrap()]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{file}: {stdout}\n{stderr}");
+        assert!(stdout.contains("ok      a kind the operator did not list is refused\n"), "{file}: {stdout}");
+        assert!(stdout.ends_with("4 passed, 0 failed\n"), "{file}: {stdout}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(
+        &wrong,
+        r#"{"cases": [
+            {"name": "prints and is accepted", "event": {"kind": 1, "content": "print"}, "expect": "accept"},
+            {"name": "expects a refusal", "event": {"kind": 1, "content": "fine"}, "expect": "blocked:"},
+            {"name": "an exception fails the call", "event": {"kind": 1, "content": "throw"}, "expect": "error:"}
+        ]}"#,
+    )
+    .unwrap();
+    let out = cli(&["plugin", "test", plugin_path("faults_py.wasm").to_str().unwrap(), wrong.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("FAILED  expects a refusal\n        expected: blocked:\n        got:      accept\n"),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with("2 passed, 1 failed\n"), "{stdout}");
+    assert!(stderr.contains("faults-py says hello on stderr"), "the plugin's output: {stderr}");
+    assert!(stderr.contains("ValueError: faults-py raises on purpose"), "the exception: {stderr}");
+
+    std::fs::write(&wrong, r#"{"cases": [{"name": "no hook", "expect": "accept"}]}"#).unwrap();
+    let out = cli(&["plugin", "test", plugin_path("faults_py.wasm").to_str().unwrap(), wrong.to_str().unwrap()]);
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("got:      fixture error: a case has exactly one of `event`, `req` and `tick`"),
+        "{stdout}"
+    );
 }
 
 fn a_word_filter_passes_check(wasm: &Path, name: &str) {

@@ -57,6 +57,10 @@ async fn the_allowlist_in_javascript_and_python_decides_like_the_rust_one() {
     }
 }
 
+/// Event contents that make a faults plugin misbehave, and what the log
+/// then shows.
+type Faults = &'static [(&'static str, &'static str)];
+
 /// A JavaScript exception and a Python one refuse the event with a plain
 /// `error:` (no backtrace, no message from inside the plugin) and reach the
 /// log with their message, as does a value of the wrong shape returned to
@@ -64,7 +68,7 @@ async fn the_allowlist_in_javascript_and_python_decides_like_the_rust_one() {
 #[tokio::test]
 async fn javascript_and_python_exceptions_and_prints_reach_the_log() {
     let k = Keys::generate();
-    let cases: [(&str, &str, &[(&str, &str)]); 2] = [
+    let cases: [(&str, &str, Faults); 2] = [
         (
             "faults-js",
             "faults_js.wasm",

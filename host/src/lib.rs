@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod nip11;
 pub mod operator_lists;
 pub mod plugin;
+pub mod plugin_fixtures;
 pub mod plugin_template;
 pub mod policy;
 pub mod refusal;

@@ -74,6 +74,19 @@ enum PluginCommand {
     },
     /// Load every plugin in the configuration and print one line for each.
     List,
+    /// Run a plugin's hooks against a fixture file (events, REQs, ticks and
+    /// the answers expected), without a relay: one line per case, and a
+    /// failing exit status if any answer differs. The format is in the
+    /// plugin authors' guide.
+    Test {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// The fixture file (JSON).
+        fixtures: PathBuf,
+        /// Settings, over the fixture file's (repeatable).
+        #[arg(long = "setting", value_name = "NAME=VALUE", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
+    },
     /// Write a new plugin project (`NAME/`) that builds with one command.
     New {
         /// The plugin's name (a-z, 0-9, '-', '_'), also its folder's.
@@ -123,6 +136,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(wasm_relay::tools::check_plugin(&plugin))
                 .with_context(|| format!("{} cannot be loaded", file.display()))?;
             print!("{report}");
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Test { file, fixtures, settings }) => {
+            use wasm_relay::plugin_fixtures;
+            // What the plugin prints, and why a call failed, on standard error.
+            init_logging(&config);
+            let name = file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
+            let mut plugin = PluginConfig::new(name, file.clone());
+            for (k, v) in settings {
+                plugin.settings.insert(k, wasm_relay::config::SettingValue::Text(v));
+            }
+            let cases = plugin_fixtures::read(&fixtures)?;
+            let outcomes = runtime()?
+                .block_on(plugin_fixtures::run(plugin, &cases))
+                .with_context(|| format!("{} cannot be loaded", file.display()))?;
+            let failed = outcomes.iter().filter(|o| !o.passed()).count();
+            for o in &outcomes {
+                if o.passed() {
+                    println!("ok      {}", o.name);
+                } else {
+                    println!("FAILED  {}\n        expected: {}\n        got:      {}", o.name, o.expected, o.got);
+                }
+            }
+            println!("{} passed, {failed} failed", outcomes.len() - failed);
+            if failed > 0 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Plugin(PluginCommand::New { name, lang, dir, sdk }) => {

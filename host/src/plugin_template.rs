@@ -48,6 +48,7 @@ pub fn write(name: &str, language: Language, dir: &Path, sdk: Option<&Path>) -> 
             ("Cargo.toml", CARGO_TOML),
             ("src/lib.rs", LIB_RS),
             ("README.md", RUST_README),
+            ("fixtures.json", FIXTURES_JSON),
             (".gitignore", "target/\n"),
         ],
         Language::Js => &[
@@ -55,6 +56,7 @@ pub fn write(name: &str, language: Language, dir: &Path, sdk: Option<&Path>) -> 
             ("plugin.js", PLUGIN_JS),
             ("wit/plugin.wit", CONTRACT_WIT),
             ("README.md", JS_README),
+            ("fixtures.json", FIXTURES_JSON),
             (".gitignore", "node_modules/\n*.wasm\n"),
         ],
         Language::Python => &[
@@ -62,6 +64,7 @@ pub fn write(name: &str, language: Language, dir: &Path, sdk: Option<&Path>) -> 
             ("app.py", APP_PY),
             ("wit/plugin.wit", CONTRACT_WIT),
             ("README.md", PYTHON_README),
+            ("fixtures.json", FIXTURES_JSON),
             (".gitignore", ".venv/\n__pycache__/\n*.wasm\n"),
         ],
     };
@@ -161,10 +164,26 @@ A wasm-relay plugin.
 rustup target add wasm32-wasip2                          # once
 cargo build --release --target wasm32-wasip2
 wasm-relay plugin check target/wasm32-wasip2/release/{crate}.wasm
+wasm-relay plugin test target/wasm32-wasip2/release/{crate}.wasm fixtures.json
 wasm-relay serve --plugin {name}=target/wasm32-wasip2/release/{crate}.wasm --setting {name}.blocked-word=spam
 ```
 
 The contract and the SDK: docs/plugin-authors.md in the wasm-relay repository.
+"#;
+
+/// Cases for `wasm-relay plugin test`, the same for every language.
+const FIXTURES_JSON: &str = r#"{
+  "settings": { "blocked-word": "spam" },
+  "cases": [
+    { "name": "an ordinary note is accepted", "event": { "kind": 1, "content": "hello" }, "expect": "accept" },
+    {
+      "name": "a note with the blocked word is refused",
+      "event": { "kind": 1, "content": "buy spam now" },
+      "expect": "blocked: events mentioning 'spam' are not accepted here"
+    },
+    { "name": "requests are left alone", "req": [{ "kinds": [1] }], "expect": "served 0" }
+  ]
+}
 "#;
 
 /// The JavaScript build tools, pinned as in `plugins/examples/kind_allowlist_js`
@@ -240,6 +259,7 @@ newer). `wit/plugin.wit` is the relay's plugin contract, version 0.1.0.
 ```sh
 npm install && npm run build
 wasm-relay plugin check {crate}.wasm
+wasm-relay plugin test {crate}.wasm fixtures.json
 wasm-relay serve --plugin {name}={crate}.wasm --setting {name}.blocked-word=spam
 ```
 
@@ -324,6 +344,7 @@ newer). `wit/plugin.wit` is the relay's plugin contract, version 0.1.0.
 ```sh
 {python-build}
 wasm-relay plugin check {crate}.wasm
+wasm-relay plugin test {crate}.wasm fixtures.json
 wasm-relay serve --plugin {name}={crate}.wasm --setting {name}.blocked-word=spam
 ```
 
