@@ -418,7 +418,7 @@ fn passes_its_fixtures(wasm: &Path, fixtures: &Path) {
 /// `plugin test` runs a plugin's hooks against fixtures without a relay:
 /// the allowlist's fixtures pass in all three languages; a wrong
 /// expectation fails the run and shows what came back; what the plugin
-/// prints is on standard error.
+/// prints is on standard error; accepted events are there for later REQs.
 #[test]
 fn plugin_test_checks_a_plugin_against_fixtures_without_a_relay() {
     let fixtures = harness::workspace_root().join("plugins/examples/kind_allowlist/fixtures.json");
@@ -451,6 +451,23 @@ fn plugin_test_checks_a_plugin_against_fixtures_without_a_relay() {
     assert!(stdout.ends_with("2 passed, 1 failed\n"), "{stdout}");
     assert!(stderr.contains("faults-py says hello on stderr"), "the plugin's output: {stderr}");
     assert!(stderr.contains("ValueError: faults-py raises on purpose"), "the exception: {stderr}");
+
+    // Accepted events are stored: a plugin answering with `filter-query`
+    // serves them to a later case.
+    let stored = dir.path().join("stored.json");
+    std::fs::write(
+        &stored,
+        r#"{"settings": {"req": "filter-query-all"}, "cases": [
+            {"name": "first note", "event": {"kind": 1, "content": "one"}, "expect": "accept"},
+            {"name": "second note", "event": {"kind": 1, "content": "two"}, "expect": "accept"},
+            {"name": "both are served", "req": [{"kinds": [1]}], "expect": "served 2"},
+            {"name": "only what the filter matches", "req": [{"kinds": [7]}], "expect": "served 0"}
+        ]}"#,
+    )
+    .unwrap();
+    let out = cli(&["plugin", "test", plugin_path("probe.wasm").to_str().unwrap(), stored.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success() && stdout.ends_with("4 passed, 0 failed\n"), "{stdout}\n{stderr}");
 
     std::fs::write(&wrong, r#"{"cases": [{"name": "no hook", "expect": "accept"}]}"#).unwrap();
     let out = cli(&["plugin", "test", plugin_path("faults_py.wasm").to_str().unwrap(), wrong.to_str().unwrap()]);

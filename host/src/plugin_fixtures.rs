@@ -2,7 +2,8 @@
 //! fixture file, without a relay or a client, and says which answers differ
 //! from the expected ones. The plugin is loaded exactly as the relay loads
 //! it (same runtime, limits and imports), with a scratch key-value store
-//! and an empty event store.
+//! and a scratch event store, where every event the plugin accepts is
+//! stored, so later cases can serve it.
 //!
 //! A fixture file is JSON:
 //!
@@ -20,7 +21,8 @@
 //! (or `secret_key`, 64 hex characters). A complete signed event is used as
 //! it is. `expect` is the `OK` text (`accept`, or `prefix: message`; a bare
 //! `prefix:` matches any message with that prefix), for a `req` either the
-//! `CLOSED` text or `served N` (events the plugin added itself), for a
+//! `CLOSED` text or `served N` (events the plugin served: its `add-events`,
+//! or stored events its `filter-query` named that match the filters), for a
 //! `tick` `ok`. Cases run in order against the same plugin state.
 
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::config::{PluginConfig, SettingValue};
+use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
 use crate::filter::{Filter, FilterLimits};
 use crate::metadata::{MetadataStore, SledMetadataStore};
@@ -110,7 +113,7 @@ pub async fn run(mut config: PluginConfig, fixtures: &Fixtures) -> anyhow::Resul
         cache_dir: scratch.path().join("cache"),
         cache_max_bytes: u64::MAX,
         metadata,
-        events,
+        events: events.clone(),
         fanout: Arc::new(Fanout::new(true)),
         max_results: 5000,
         metrics: Arc::new(Metrics::new()),
@@ -119,7 +122,7 @@ pub async fn run(mut config: PluginConfig, fixtures: &Fixtures) -> anyhow::Resul
     let caller = Caller::new(1, SocketAddr::from(([127, 0, 0, 1], 40000)));
     let mut outcomes = Vec::new();
     for case in &fixtures.cases {
-        let got = run_case(&host, &caller, case).await.unwrap_or_else(|e| format!("fixture error: {e:#}"));
+        let got = run_case(&host, &events, &caller, case).await.unwrap_or_else(|e| format!("fixture error: {e:#}"));
         outcomes.push(CaseOutcome { name: case.name.clone(), expected: case.expect.clone(), got });
     }
     Ok(outcomes)
@@ -129,12 +132,21 @@ fn wire_text(refusal: &Refusal) -> String {
     format!("{}: {}", refusal.kind.prefix(), refusal.message)
 }
 
-async fn run_case(host: &PluginHost, caller: &Caller, case: &Case) -> anyhow::Result<String> {
+async fn run_case(
+    host: &PluginHost,
+    events: &Arc<dyn EventStore>,
+    caller: &Caller,
+    case: &Case,
+) -> anyhow::Result<String> {
     match (&case.event, &case.req, case.tick) {
         (Some(event), None, None) => {
             let event = fixture_event(event, case.secret_key.as_deref())?;
             Ok(match host.on_event(caller, &event).await {
-                Ok(()) => "accept".into(),
+                Ok(()) => {
+                    // Stored as the relay would, so later cases can serve it.
+                    events.write_batch(&[Arc::new(AcceptedEvent::new(event))]).context("storing the event")?;
+                    "accept".into()
+                }
                 Err(refusal) => wire_text(&refusal),
             })
         }

@@ -161,12 +161,6 @@ impl PluginHost {
         Ok(())
     }
 
-    /// Starts the `tick` loop of every plugin that asks for one.
-    /// With `shared` (a metadata store several replicas share, and this
-    /// replica's name), each plugin's `tick` runs on one replica at a time:
-    /// the holder of its lease (see [`crate::lease`]), held for three
-    /// intervals and renewed at every tick, so another replica takes over
-    /// when the holder stops.
     /// Calls every plugin's `tick` once, now, whatever its interval (for
     /// `plugin test`); the first failure is returned.
     pub async fn tick_once(&self, now: u64) -> Result<(), CallFailure> {
@@ -180,6 +174,12 @@ impl PluginHost {
         Ok(())
     }
 
+    /// Starts the `tick` loop of every plugin that asks for one.
+    /// With `shared` (a metadata store several replicas share, and this
+    /// replica's name), each plugin's `tick` runs on one replica at a time:
+    /// the holder of its lease (see [`crate::lease`]), held for three
+    /// intervals and renewed at every tick, so another replica takes over
+    /// when the holder stops.
     pub fn start_ticks(self: &Arc<Self>, shared: Option<(Arc<dyn MetadataStore>, String)>) {
         for slot in &self.slots {
             let slot = slot.clone();
