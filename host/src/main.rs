@@ -126,12 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match cli.command.unwrap_or(Command::Serve { bind: None, data_dir: None, plugins: vec![], settings: vec![] }) {
         Command::Plugin(PluginCommand::Check { file, settings }) => {
-            // Named after its file, as an operator would likely configure it.
-            let name = file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
-            let mut plugin = PluginConfig::new(name, file.clone());
-            for (k, v) in settings {
-                plugin.settings.insert(k, wasm_relay::config::SettingValue::Text(v));
-            }
+            let plugin = plugin_from_file(&file, settings);
             let report = runtime()?
                 .block_on(wasm_relay::tools::check_plugin(&plugin))
                 .with_context(|| format!("{} cannot be loaded", file.display()))?;
@@ -142,11 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             use wasm_relay::plugin_fixtures;
             // What the plugin prints, and why a call failed, on standard error.
             init_logging(&config);
-            let name = file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
-            let mut plugin = PluginConfig::new(name, file.clone());
-            for (k, v) in settings {
-                plugin.settings.insert(k, wasm_relay::config::SettingValue::Text(v));
-            }
+            let plugin = plugin_from_file(&file, settings);
             let cases = plugin_fixtures::read(&fixtures)?;
             let outcomes = runtime()?
                 .block_on(plugin_fixtures::run(plugin, &cases))
@@ -271,6 +262,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn parse_setting(s: &str) -> Result<(String, String), String> {
     let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
     Ok((name.to_string(), value.to_string()))
+}
+
+/// A plugin given by its file alone (`plugin check`, `plugin test`): named
+/// after the file, as an operator would likely configure it.
+fn plugin_from_file(file: &std::path::Path, settings: Vec<(String, String)>) -> PluginConfig {
+    let name = file.file_stem().map_or("plugin".into(), |s| s.to_string_lossy().replace('_', "-"));
+    let mut plugin = PluginConfig::new(name, file);
+    for (k, v) in settings {
+        plugin.settings.insert(k, wasm_relay::config::SettingValue::Text(v));
+    }
+    plugin
 }
 
 /// `PLUGIN.KEY=VALUE`: plugin names hold no dot, setting names may.
