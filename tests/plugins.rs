@@ -513,6 +513,26 @@ async fn a_plugin_cannot_reach_files_environment_or_network() {
     assert!(connection.is_err(), "the plugin's HTTP request reached the server");
 }
 
+/// A plugin cannot hold host memory outside its memory cap through
+/// `wasi:http` handles it keeps across calls: header maps are small and an
+/// instance holds a bounded number of handles, so forty calls that each try
+/// to keep 2,000 header maps of 7 KiB (560 MB) leave the relay's memory
+/// bounded; calls past the bound fail and their instance is discarded.
+#[tokio::test]
+async fn a_plugin_cannot_hoard_host_memory_through_wasi_http_handles() {
+    let relay = probe_relay(&[("on-event", "hoard-http"), ("fail-kinds", "1")], "call_timeout_ms = 2000").await;
+    let mut c = relay.client().await;
+    let k = Keys::generate();
+    c.publish_ok(&sign(&k, 7, "warm up", &[], now())).await;
+    let before = relay.rss_bytes();
+    for i in 0..40 {
+        // Accepted or failed; either way the memory must not stay.
+        let _ = c.publish(&sign(&k, 1, &format!("hoard {i}"), &[], now())).await;
+    }
+    let grown = relay.rss_bytes().saturating_sub(before);
+    assert!(grown < 150 << 20, "the relay grew by {} MiB", grown >> 20);
+}
+
 #[tokio::test]
 async fn huge_plugin_answers_are_capped_and_checked() {
     // Building 200,000 ids takes the guest longer than the default budget.

@@ -23,7 +23,7 @@ pub mod guest_output;
 mod hooks;
 pub mod imports;
 mod lifecycle;
-mod outgoing_http;
+pub(crate) mod outgoing_http;
 pub mod runtime;
 mod stats;
 

@@ -26,6 +26,11 @@ use crate::store::EventStore;
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// Longest a call may take in wall-clock time, waits in host imports included.
 const MAX_CALL_WALL_TIME: Duration = Duration::from_secs(10);
+/// Most host-side handles (streams, `wasi:http` header maps and bodies) one
+/// instance may hold at once. They live in host memory, outside the
+/// instance's memory cap, and an instance keeps them across calls; a plugin
+/// uses a handful (wasmtime's default allows a million).
+const MAX_HANDLES_PER_INSTANCE: usize = 4096;
 
 /// Why loading a component failed.
 #[derive(Debug, thiserror::Error)]
@@ -406,9 +411,13 @@ impl LoadedPlugin {
                     .stderr(GuestOutput::new(output.clone(), Stream::Stderr))
                     .build()
             },
-            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http: super::outgoing_http::http_ctx(),
             http_hooks: Default::default(),
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_HANDLES_PER_INSTANCE);
+                table
+            },
             limits: InstanceLimits::new(self.limits.memory_bytes),
             ctx: self.ctx.clone(),
             meter: Arc::new(CpuMeter::default()),

@@ -3,7 +3,7 @@
 //! blow-up) so the relay's containment can be tested.
 //!
 //! Settings: `managed-kinds`, `event-kinds` (empty: all), `req-kinds` (empty:
-//! all), `reject-kinds`, `on-event` (accept | trap | loop | oom | escape),
+//! all), `reject-kinds`, `on-event` (accept | trap | loop | oom | escape | hoard-http),
 //! `req` (continue | claim | filter-query-all | bogus-ids | add-forged |
 //! huge | get-ids | reject | trap | loop | oom), `fail-kinds` (kinds that trigger a failure
 //! mode; empty: all), `tick-seconds`, `replica` (a name its ticks record),
@@ -46,6 +46,18 @@ fn misbehave(mode: &str) {
         "flood" => {
             for i in 0..500 {
                 println!("probe flood line {i}");
+            }
+        }
+        "hoard-http" => {
+            // Host-side memory through `wasi:http` handles kept past the
+            // call: header maps of about 7 KiB each, never dropped.
+            let value = vec![b'x'; 7 * 1024];
+            for _ in 0..2000 {
+                let fields = wasip2::http::types::Fields::new();
+                if fields.append("x-hoard", &value).is_err() {
+                    break;
+                }
+                std::mem::forget(fields);
             }
         }
         "oom" => {
