@@ -14,8 +14,8 @@ PLUGIN_BUILD := target/$(WASM_TARGET)/plugin
 PLUGIN_OUT := target/plugins
 # Plugin components and where they end up: target/plugins/<name>.wasm.
 # Shipped plugins (what `make run` and the bench load), then the test-only ones.
-SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events
-TEST_PLUGINS := probe future-wit
+SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events search
+TEST_PLUGINS := probe future-wit notices
 PLUGIN_CRATES := $(SHIPPED_PLUGINS) $(TEST_PLUGINS)
 
 # Plugins are WebAssembly components built for wasm32-wasip2. The Rust ones
@@ -25,7 +25,8 @@ plugins: rust-plugins $(PLUGIN_OUT)/kind_allowlist_js.wasm $(PLUGIN_OUT)/kind_al
 rust-plugins: wasm-target
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(SHIPPED_PLUGINS))
 	mkdir -p $(PLUGIN_OUT)
-	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm $(PLUGIN_OUT)/
+	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm \
+		$(PLUGIN_BUILD)/search.wasm $(PLUGIN_OUT)/
 
 # Plugins in JavaScript and Python. Their build tools come from npm and PyPI,
 # pinned by the JS example's package-lock.json and the Python example's
@@ -67,10 +68,11 @@ $(PLUGIN_OUT)/faults_py.wasm: plugins/testing/faults_py/faults.py $(COMPONENTIZE
 
 # Test instruments, for `make test` only: the probe plugin twice (v1, v2) for
 # the hot-swap tests; future-wit targets a contract version the relay refuses;
-# faults-js and faults-py misbehave in JavaScript and Python on request.
+# notices counts the contract 0.2 notices it gets; faults-js and faults-py
+# misbehave in JavaScript and Python on request.
 test-plugins: plugins $(PLUGIN_OUT)/faults_js.wasm $(PLUGIN_OUT)/faults_py.wasm
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(TEST_PLUGINS))
-	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_OUT)/
+	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_BUILD)/notices.wasm $(PLUGIN_OUT)/
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 

@@ -317,6 +317,12 @@ pub struct PluginConfig {
     /// expensive requests cost that client, not everyone).
     #[serde(default = "default_client_failures_per_minute")]
     pub client_failures_per_minute: u32,
+    /// `on-stored` and `on-removed` notices that may wait for this plugin
+    /// (contract 0.2); past this, new ones are dropped and counted
+    /// (`wasm_relay_plugin_notices_dropped_total`) rather than slow the
+    /// write path.
+    #[serde(default = "default_notice_queue")]
+    pub notice_queue: usize,
     /// Serve the kinds the plugin manages through the ordinary read paths
     /// instead of through the plugin (a rollback switch): the plugin keeps
     /// seeing events, so taking the kinds back finds its state as it was.
@@ -367,6 +373,9 @@ fn default_kv_max_keys() -> u64 {
 fn default_kv_max_bytes() -> u64 {
     256 * 1024 * 1024
 }
+fn default_notice_queue() -> usize {
+    8192
+}
 fn default_circuit_open_seconds() -> u64 {
     10
 }
@@ -396,6 +405,7 @@ impl PluginConfig {
             max_consecutive_failures: default_max_consecutive_failures(),
             circuit_open_seconds: default_circuit_open_seconds(),
             client_failures_per_minute: default_client_failures_per_minute(),
+            notice_queue: default_notice_queue(),
             release_managed_kinds: false,
             settings: Default::default(),
         }

@@ -476,7 +476,16 @@ where
             )));
         }
         let filter_limits = FilterLimits { max_values: limits.max_filter_values };
-        raw.iter().map(|v| Filter::parse(v, filter_limits).map_err(|e| Refusal::invalid(e.to_string()))).collect()
+        let filters: Vec<Filter> = raw
+            .iter()
+            .map(|v| Filter::parse(v, filter_limits).map_err(|e| Refusal::invalid(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        if filters.iter().any(|f| f.search.is_some()) && !self.relay.plugins.serves_search() {
+            return Err(Refusal::invalid(
+                "this relay does not support 'search' (NIP-50): no search plugin is loaded; drop the field",
+            ));
+        }
+        Ok(filters)
     }
 
     async fn on_req(&mut self, sub_id: String, raw: Vec<serde_json::Value>) -> Result<(), WsError> {

@@ -24,11 +24,18 @@ pub struct Filter {
     pub since: Option<u64>,
     pub until: Option<u64>,
     pub limit: Option<u64>,
+    /// NIP-50 full-text query. The relay cannot evaluate it: a filter with
+    /// `search` matches nothing in the store or in live delivery, and only
+    /// the answers of plugins that handle search serve it.
+    pub search: Option<String>,
     /// Kinds never matched, whatever the other fields say: the relay uses it
     /// to keep plugin-managed kinds off ordinary read paths. Sorted; never
     /// parsed from a client.
     pub exclude_kinds: Vec<u16>,
 }
+
+/// Longest NIP-50 `search` string accepted.
+pub const MAX_SEARCH_BYTES: usize = 512;
 
 /// Limits applied while parsing.
 #[derive(Debug, Clone, Copy)]
@@ -66,9 +73,18 @@ impl Filter {
                 "since" => f.since = Some(timestamp(key, value)?),
                 "until" => f.until = Some(timestamp(key, value)?),
                 "limit" => f.limit = Some(timestamp(key, value)?),
+                "search" => {
+                    let Value::String(query) = value else {
+                        return Err(FilterError(format!("'search' must be a string, got {}", json_type(value))));
+                    };
+                    if query.len() > MAX_SEARCH_BYTES {
+                        return Err(FilterError(format!("'search' is longer than {MAX_SEARCH_BYTES} bytes")));
+                    }
+                    f.search = Some(query.clone());
+                }
                 _ => {
                     let letter = tag_filter_letter(key)
-                        .ok_or_else(|| FilterError(format!("unsupported filter field '{key}' (NIP-01 fields: ids, authors, kinds, #<letter>, since, until, limit)")))?;
+                        .ok_or_else(|| FilterError(format!("unsupported filter field '{key}' (NIP-01 fields: ids, authors, kinds, #<letter>, since, until, limit; NIP-50: search)")))?;
                     let values = list(key, value, limits)?;
                     let mut strings = Vec::with_capacity(values.len());
                     for v in values {
@@ -121,9 +137,11 @@ impl Filter {
             && self.exclude_kinds.binary_search(&kind).is_err()
     }
 
-    /// True when no event can match (an empty list, or since > until).
+    /// True when no event can match here (an empty list, or since > until),
+    /// or only a search plugin can tell (`search`).
     pub fn matches_nothing(&self) -> bool {
-        self.ids.as_ref().is_some_and(Vec::is_empty)
+        self.search.is_some()
+            || self.ids.as_ref().is_some_and(Vec::is_empty)
             || self.authors.as_ref().is_some_and(Vec::is_empty)
             || self.kinds.as_ref().is_some_and(Vec::is_empty)
             || self.tags.iter().any(|(_, v)| v.is_empty())
@@ -132,8 +150,15 @@ impl Filter {
 }
 
 /// Whether `event` satisfies every field of `filter` (NIP-01: fields AND,
-/// list values OR).
+/// list values OR). Never for a filter with `search`, which the relay cannot
+/// evaluate (see [`filter_matches_besides_search`]).
 pub fn filter_matches(filter: &Filter, event: &Event) -> bool {
+    filter.search.is_none() && filter_matches_besides_search(filter, event)
+}
+
+/// Whether `event` satisfies every field of `filter` except `search`: how the
+/// relay checks what a search plugin selected.
+pub fn filter_matches_besides_search(filter: &Filter, event: &Event) -> bool {
     if let Some(ids) = &filter.ids
         && ids.binary_search(event.id.as_bytes()).is_err()
     {
@@ -337,7 +362,7 @@ mod tests {
             (json!({"kinds": [-1]}), "0 to 65535"),
             (json!({"since": -5}), "non-negative integer"),
             (json!({"limit": "10"}), "non-negative integer"),
-            (json!({"search": "x"}), "unsupported filter field 'search'"),
+            (json!({"search": 1}), "'search' must be a string"),
             (json!({"#emoji": ["x"]}), "unsupported filter field"),
             (json!({"#t": [1]}), "must be strings"),
         ];

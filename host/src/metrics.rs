@@ -65,6 +65,9 @@ pub struct Metrics {
     pub plugin_dropped_results: IntCounterVec,
     /// A plugin's own counters (`host.count`), by `plugin` and `name`.
     pub plugin_counter: IntCounterVec,
+    /// `on-stored` and `on-removed` notices a plugin never received (it fell
+    /// behind, failed, or was unavailable), by `plugin` and `hook`.
+    pub plugin_notices_dropped: IntCounterVec,
     /// Billable Firestore operations by `op` (`read`, `write`, `delete`), as
     /// counted by [`crate::firestore::Usage`] (brought up to date at scrape time).
     pub firestore_operations: IntCounterVec,
@@ -183,6 +186,11 @@ impl Metrics {
                 "plugin_counter_total",
                 "Counters a plugin keeps with host.count",
                 &["plugin", "name"],
+            ),
+            plugin_notices_dropped: counter_vec(
+                "plugin_notices_dropped_total",
+                "on-stored and on-removed notices a plugin never received (it fell behind, failed or was unavailable)",
+                &["plugin", "hook"],
             ),
             firestore_operations: counter_vec(
                 "firestore_operations_total",

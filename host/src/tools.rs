@@ -59,6 +59,30 @@ impl std::fmt::Display for PluginReport {
         for s in &i.settings {
             writeln!(f, "setting:       {} = {} ({})", s.name, s.default_value, s.description)?;
         }
+        let hooks: Vec<&str> = i.hooks.iter().map(|h| crate::plugin::hook_name(*h)).collect();
+        writeln!(f, "hooks:         {}", if hooks.is_empty() { "none".into() } else { hooks.join(", ") })?;
+        let capabilities: Vec<String> = i
+            .capabilities
+            .iter()
+            .map(|c| match c {
+                wit::Capability::OutboundHttp(hosts) => format!("outbound-http to {}", hosts.join(", ")),
+                wit::Capability::Publish => "publish".into(),
+            })
+            .collect();
+        writeln!(
+            f,
+            "capabilities:  {}",
+            if capabilities.is_empty() { "none asked".into() } else { capabilities.join("; ") }
+        )?;
+        let contribution = &i.relay_info;
+        let mut nips = contribution.supported_nips.clone();
+        if i.hooks.contains(&wit::Hook::Search) {
+            nips.push(50);
+        }
+        if !nips.is_empty() || !contribution.fields.is_empty() {
+            let fields: Vec<&str> = contribution.fields.iter().map(|f| f.name.as_str()).collect();
+            writeln!(f, "nip-11 adds:   supported_nips {nips:?}; fields: {}", fields.join(", "))?;
+        }
         Ok(())
     }
 }

@@ -44,6 +44,7 @@ pub fn filter_to_wit(f: &Filter) -> wit::Filter {
         since: f.since,
         until: f.until,
         limit: f.limit,
+        search: f.search.clone(),
     }
 }
 
@@ -70,6 +71,9 @@ pub fn filter_from_wit(f: &wit::Filter) -> Result<Filter, String> {
     }
     if let Some(l) = f.limit {
         map.insert("limit".into(), json!(l));
+    }
+    if let Some(q) = &f.search {
+        map.insert("search".into(), json!(q));
     }
     Filter::parse(&Value::Object(map), FilterLimits { max_values: usize::MAX }).map_err(|e| e.0)
 }

@@ -110,6 +110,10 @@ impl PluginHost {
     ) -> Result<Vec<StoredEvent>, Refusal> {
         let mut contributed: Vec<StoredEvent> = Vec::new();
         let mut wit_filters: Option<Vec<wit::Filter>> = None;
+        // A plugin that does not handle search sees the rest of a filter
+        // with `search`: policies still rule on the request.
+        let mut wit_filters_without_search: Option<Vec<wit::Filter>> = None;
+        let has_search = filters.iter().any(|f| f.search.is_some());
         // Plugins that manage kinds answer last: what they hand out can be
         // state they commit (the MLS gateway consumes KeyPackages), so every
         // other plugin's refusal must come first. Order among the rest is
@@ -146,7 +150,16 @@ impl PluginHost {
                 ReadPurpose::Count => wit::RequestPurpose::Count,
             };
             let ctx = caller.context(Some(sub_id), purpose);
-            let wf = wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone();
+            let searches = slot.wants(wit::Hook::Search);
+            let wf = if searches || !has_search {
+                wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone()
+            } else {
+                wit_filters_without_search
+                    .get_or_insert_with(|| {
+                        filters.iter().map(filter_to_wit).map(|f| wit::Filter { search: None, ..f }).collect()
+                    })
+                    .clone()
+            };
             let result = slot
                 .timed_call(&loaded, Hook::ProcessReq, admission, Some(caller), move |p, s| {
                     Box::pin(async move { p.call_process_req(s, &ctx, &wf).await })
@@ -156,10 +169,10 @@ impl PluginHost {
                 Ok(wit::ReqResult::Continue) => {}
                 Ok(wit::ReqResult::Reject(r)) => return Err(Refusal::from(r)),
                 Ok(wit::ReqResult::AddEvents(events)) => {
-                    contributed.extend(self.check_added_events(index, slot, events, filters, access));
+                    contributed.extend(self.check_added_events(index, slot, events, filters, searches, access));
                 }
                 Ok(wit::ReqResult::FilterQuery(fq)) => {
-                    contributed.extend(self.check_filter_query(index, slot, fq, filters, access).await);
+                    contributed.extend(self.check_filter_query(index, slot, fq, filters, searches, access).await);
                 }
                 Err(CallFailure::Busy(_)) if names_managed => {
                     return Err(Unavailable::Busy.refusal(&slot.config.name));
@@ -202,6 +215,7 @@ impl PluginHost {
         slot: &PluginSlot,
         events: Vec<wit::Event>,
         filters: &[Filter],
+        searches: bool,
         access: &ReadAccess,
     ) -> Vec<StoredEvent> {
         let mut out = Vec::new();
@@ -214,7 +228,7 @@ impl PluginHost {
                 self.dropped(slot, &e.id, "bad id or signature");
                 continue;
             }
-            if !any_filter_matches(filters, &event)
+            if !request_matches(filters, searches, &event)
                 || !self.may_serve(index, event.kind.as_u16())
                 || !access.can_see(&event)
             {
@@ -237,6 +251,7 @@ impl PluginHost {
         slot: &PluginSlot,
         fq: wit::FilterQuery,
         filters: &[Filter],
+        searches: bool,
         access: &ReadAccess,
     ) -> Vec<StoredEvent> {
         let plugin_filters: Option<Vec<Filter>> =
@@ -263,8 +278,8 @@ impl PluginHost {
                 }
             };
             let Ok(event) = serde_json::from_str::<Event>(&stored.json) else { continue };
-            let matches = any_filter_matches(filters, &event)
-                && plugin_filters.as_ref().is_none_or(|pf| any_filter_matches(pf, &event))
+            let matches = request_matches(filters, searches, &event)
+                && plugin_filters.as_ref().is_none_or(|pf| request_matches(pf, searches, &event))
                 && self.may_serve(index, event.kind.as_u16())
                 && access.can_see(&event);
             if matches {
@@ -300,8 +315,23 @@ impl PluginHost {
 /// would check it is unavailable (each is looked up in the store).
 const MAX_LOOKUPS_WHILE_UNAVAILABLE: usize = 64;
 
-/// Whether a request with `filters` concerns a plugin with `info`.
+/// Whether `event` may answer a request with `filters`, as selected by a
+/// plugin: a search plugin vouches for `search` (every other field is
+/// checked); any other plugin's answers never serve a filter with `search`.
+fn request_matches(filters: &[Filter], searches: bool, event: &Event) -> bool {
+    if searches {
+        filters.iter().any(|f| filter_matches_besides_search(f, event))
+    } else {
+        any_filter_matches(filters, event)
+    }
+}
+
+/// Whether a request with `filters` concerns a plugin with `info`: it could
+/// reach the plugin's kinds, or it searches and the plugin handles search.
 fn concerns(info: &wit::PluginInfo, filters: &[Filter]) -> bool {
     let Some(req_kinds) = &info.req_kinds else { return true };
+    if info.hooks.contains(&wit::Hook::Search) && filters.iter().any(|f| f.search.is_some()) {
+        return true;
+    }
     filters.iter().any(|f| req_kinds.iter().chain(&info.managed_kinds).any(|k| f.could_match_kind(*k)))
 }

@@ -343,6 +343,12 @@ impl host::Host for PluginState {
         let ctx = &self.ctx;
         Ok(ctx.settings.get(&name).cloned().or_else(|| ctx.defaults.get().and_then(|d| d.get(&name).cloned())))
     }
+
+    /// No plugin holds the `publish` capability: the loader refuses a
+    /// plugin that asks for it until the relay can sign with its own key.
+    async fn publish(&mut self, _draft: types::EventDraft) -> wasmtime::Result<Result<String, host::PublishError>> {
+        Ok(Err(host::PublishError::NotGranted))
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! - [`imports`]: what plugins may call (key-value store, events, log, time).
 //! - [`convert`]: relay types to and from WIT types.
 //! - `outgoing_http`: `wasi:http` linked, every outgoing request denied.
+//! - `notices`: `on-stored` and `on-removed`, fed by the store after each
+//!   commit and delivered in batches off the write path.
 //! - `hooks`: calling plugins for events and requests, checking what they
 //!   return; `lifecycle`: reload, swap, watch, enable/disable, ticks;
 //!   `stats`: call statistics; [`breaker`]: containing failing plugins.
@@ -23,6 +25,7 @@ pub mod guest_output;
 mod hooks;
 pub mod imports;
 mod lifecycle;
+mod notices;
 pub(crate) mod outgoing_http;
 pub mod runtime;
 mod stats;
@@ -45,7 +48,7 @@ pub use self::stats::{Hook, PluginStats};
 use crate::config::{FailurePolicy, PluginConfig};
 use crate::event::AcceptedEvent;
 use crate::fanout::Fanout;
-use crate::filter::{Filter, any_filter_matches};
+use crate::filter::{Filter, any_filter_matches, filter_matches_besides_search};
 use crate::metadata::{KvQuota, MetadataStore, QuotaStore};
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
@@ -105,6 +108,17 @@ pub trait EventSource: Send + Sync {
     async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, String>;
 }
 
+/// A hook's name as the contract spells it.
+pub fn hook_name(hook: wit::Hook) -> &'static str {
+    match hook {
+        wit::Hook::OnStored => "on-stored",
+        wit::Hook::OnRemoved => "on-removed",
+        wit::Hook::OnConnect => "on-connect",
+        wit::Hook::OnAuth => "on-auth",
+        wit::Hook::Search => "search",
+    }
+}
+
 /// Settings with this prefix are NIP-11 fields the plugin advertises (see
 /// [`PluginHost::relay_info_additions`]).
 pub const NIP11_SETTING_PREFIX: &str = "nip11.";
@@ -155,6 +169,16 @@ impl PluginSlot {
         self.current.load_full()
     }
 
+    /// Whether the current version asked for `hook`.
+    pub fn wants(&self, hook: wit::Hook) -> bool {
+        self.current.load().info.hooks.contains(&hook)
+    }
+
+    /// Whether it answers `search` filters now: it asked, and it is enabled.
+    fn serves_search(&self) -> bool {
+        self.wants(wit::Hook::Search) && !self.disabled.load(Ordering::Relaxed)
+    }
+
     /// Whether the plugin may be called for `caller` now; `Err` says why not.
     fn admit(&self, caller: Option<&Caller>) -> Result<Admission, Unavailable> {
         if self.disabled.load(Ordering::Relaxed) {
@@ -180,7 +204,7 @@ impl PluginSlot {
     ) -> Result<R, CallFailure>
     where
         F: for<'a> FnOnce(
-            &'a bindings::guest::Guest,
+            &'a bindings::PluginExports,
             &'a mut wasmtime::Store<imports::PluginState>,
         ) -> runtime::CallFuture<'a, R>,
     {
@@ -346,6 +370,9 @@ impl PluginHost {
         if let Some(conflict) = host.managed_conflict(None) {
             anyhow::bail!("{conflict}");
         }
+        if !host.slots.is_empty() {
+            host.events.observe(notices::NoticeRouter::start(&host.slots));
+        }
         host.publish_managed_kinds();
         Ok(host)
     }
@@ -423,14 +450,37 @@ impl PluginHost {
         None
     }
 
+    /// Whether a loaded, enabled plugin answers NIP-50 `search` filters.
+    pub fn serves_search(&self) -> bool {
+        self.slots.iter().any(|s| s.serves_search())
+    }
+
     /// Fields the plugins that are loaded and enabled add to the NIP-11
-    /// document: each declared setting named `nip11.<field>` whose value
-    /// (the operator's, else the declared default) is JSON. An empty value
-    /// adds nothing, so an operator can withdraw a plugin's advertisement.
+    /// document: what their `info` contributes (supported NIPs, fields; 50
+    /// for a search plugin), and each declared setting named
+    /// `nip11.<field>` whose value (the operator's, else the declared
+    /// default) is JSON. An empty value adds nothing, so an operator can
+    /// withdraw a plugin's advertisement.
     pub fn relay_info_additions(&self) -> Vec<(String, serde_json::Value)> {
         let mut out = Vec::new();
         for slot in self.slots.iter().filter(|s| !s.disabled.load(Ordering::Relaxed)) {
-            for spec in &slot.current().info.settings {
+            let info = &slot.current().info;
+            let mut nips = info.relay_info.supported_nips.clone();
+            if info.hooks.contains(&wit::Hook::Search) {
+                nips.push(50);
+            }
+            if !nips.is_empty() {
+                out.push(("supported_nips".to_owned(), serde_json::json!(nips)));
+            }
+            for field in &info.relay_info.fields {
+                match serde_json::from_str(&field.value_json) {
+                    Ok(json) => out.push((field.name.clone(), json)),
+                    Err(e) => {
+                        tracing::debug!(plugin = %slot.config.name, field = %field.name, error = %e, "not JSON; not advertised")
+                    }
+                }
+            }
+            for spec in &info.settings {
                 let Some(field) = spec.name.strip_prefix(NIP11_SETTING_PREFIX) else { continue };
                 let value =
                     slot.config.settings.get(&spec.name).map_or_else(|| spec.default_value.clone(), |v| v.to_string());

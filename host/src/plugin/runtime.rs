@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::{RelayPlugin, RelayPluginPre, SUPPORTED_WIT_VERSIONS, WIT_PACKAGE, types as wit};
+use super::bindings::{PluginExports, PluginExportsPre, SUPPORTED_WIT_VERSIONS, WIT_PACKAGE, types as wit};
 use super::imports::{
     CpuMeter, HostReadFailed, InstanceLimits, MemoryCapReached, PluginContext, PluginCounters, PluginState,
 };
@@ -112,7 +112,7 @@ impl PluginRuntime {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
-        // The contract (WIT 0.1.0) has no async functions, streams or
+        // The contract (WIT 0.1.0 and 0.2.0) has no async functions, streams or
         // futures. Without the component-model-async machinery each call
         // takes the plain fiber path, which is cheaper per call.
         config.concurrency_support(false);
@@ -129,7 +129,7 @@ impl PluginRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // What JS and Python toolchains import; requests are denied.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        RelayPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        super::bindings::add_to_linker(&mut linker)?;
         Ok(Self {
             engine,
             linker,
@@ -208,7 +208,7 @@ impl PluginRuntime {
         };
         let wit_version = self.wit_version(&component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let pre = RelayPluginPre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = PluginExportsPre::new(&wit_version, pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let ctx = Arc::new(PluginContext {
             name: config.name.clone(),
             metadata,
@@ -330,6 +330,9 @@ fn empty_info() -> wit::PluginInfo {
         req_kinds: None,
         tick_interval_seconds: None,
         settings: vec![],
+        hooks: vec![],
+        capabilities: vec![],
+        relay_info: wit::Nip11Contribution { supported_nips: vec![], fields: vec![] },
     }
 }
 
@@ -342,6 +345,25 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
             config.name,
             unknown.join(", "),
             if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
+        )));
+    }
+    // Parts of contract 0.2 this relay does not provide yet: refused by
+    // name rather than accepted and never called.
+    for hook in &info.hooks {
+        if matches!(hook, wit::Hook::OnConnect | wit::Hook::OnAuth) {
+            return Err(LoadError::Invalid(format!(
+                "the plugin asks for the hook {}, which this relay does not call yet",
+                super::hook_name(*hook)
+            )));
+        }
+    }
+    if let Some(capability) = info.capabilities.first() {
+        let name = match capability {
+            wit::Capability::OutboundHttp(_) => "outbound-http",
+            wit::Capability::Publish => "publish",
+        };
+        return Err(LoadError::Invalid(format!(
+            "the plugin asks for the capability {name}, which this relay cannot grant yet"
         )));
     }
     if info.tick_interval_seconds == Some(0) {
@@ -370,7 +392,7 @@ pub struct CallLimits {
 
 struct Instance {
     store: Store<PluginState>,
-    bindings: RelayPlugin,
+    bindings: PluginExports,
 }
 
 /// One version of one plugin, ready to call.
@@ -379,7 +401,7 @@ pub struct LoadedPlugin {
     pub wit_version: String,
     /// sha256 of the component file.
     pub hash: String,
-    pre: RelayPluginPre<PluginState>,
+    pre: PluginExportsPre,
     ctx: Arc<PluginContext>,
     limits: CallLimits,
     engine: Engine,
@@ -470,14 +492,14 @@ impl LoadedPlugin {
     /// instance is dropped, never reused.
     pub async fn call<R, F>(&self, f: F) -> Result<R, CallFailure>
     where
-        F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
+        F: for<'a> FnOnce(&'a PluginExports, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
     {
         self.call_with_budget(self.limits.budget(), f).await
     }
 
     async fn call_with_budget<R, F>(&self, budget: Duration, f: F) -> Result<R, CallFailure>
     where
-        F: for<'a> FnOnce(&'a super::bindings::guest::Guest, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
+        F: for<'a> FnOnce(&'a PluginExports, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
     {
         // Past the cap, a call waits briefly for a running one to finish,
         // then is refused as busy rather than queueing without bound.
@@ -495,7 +517,7 @@ impl LoadedPlugin {
         let meter = instance.store.data().meter.clone();
         let result = {
             let Instance { store, bindings } = &mut instance;
-            let mut call = f(bindings.nostr_relay_plugin_plugin(), store);
+            let mut call = f(bindings, store);
             let metered = std::future::poll_fn(|cx| meter.poll(&mut call, cx));
             match tokio::time::timeout(wall_limit, metered).await {
                 Ok(r) => r,

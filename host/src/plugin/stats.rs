@@ -9,16 +9,20 @@ pub enum Hook {
     OnEvent = 0,
     ProcessReq = 1,
     Tick = 2,
+    OnStored = 3,
+    OnRemoved = 4,
 }
 
 impl Hook {
-    const ALL: [Hook; 3] = [Hook::OnEvent, Hook::ProcessReq, Hook::Tick];
+    const ALL: [Hook; 5] = [Hook::OnEvent, Hook::ProcessReq, Hook::Tick, Hook::OnStored, Hook::OnRemoved];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Hook::OnEvent => "on-event",
             Hook::ProcessReq => "process-req",
             Hook::Tick => "tick",
+            Hook::OnStored => "on-stored",
+            Hook::OnRemoved => "on-removed",
         }
     }
 }
@@ -32,8 +36,8 @@ pub struct PluginStats {
     pub counters: Arc<PluginCounters>,
     /// Per-hook call counters and latency histograms, resolved once: every
     /// plugin call updates them, so no label lookup on that path.
-    calls: [prometheus::IntCounter; 3],
-    call_seconds: [prometheus::Histogram; 3],
+    calls: [prometheus::IntCounter; 5],
+    call_seconds: [prometheus::Histogram; 5],
 }
 
 impl PluginStats {
@@ -74,6 +78,19 @@ impl PluginStats {
 
     pub(super) fn set_disabled(&self, disabled: bool) {
         self.metrics.plugin_disabled.with_label_values(&[self.plugin.as_str()]).set(i64::from(disabled));
+    }
+
+    /// `count` notices for `hook` (on-stored, on-removed) never delivered.
+    pub(super) fn notices_dropped(&self, hook: Hook, count: usize) {
+        self.metrics
+            .plugin_notices_dropped
+            .with_label_values(&[self.plugin.as_str(), hook.as_str()])
+            .inc_by(count as u64);
+    }
+
+    /// Notices for `hook` never delivered, since start.
+    pub fn notices_dropped_total(&self, hook: Hook) -> u64 {
+        self.metrics.plugin_notices_dropped.with_label_values(&[self.plugin.as_str(), hook.as_str()]).get()
     }
 
     pub(super) fn dropped(&self) {

@@ -148,7 +148,42 @@ impl StoredEvent {
     }
 }
 
+/// Why the store removed a stored event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalReason {
+    /// NIP-09 (or a restored deletion tombstone).
+    Deleted,
+    /// NIP-40 expiration passed.
+    Expired,
+    /// An operator banned it.
+    Banned,
+    /// NIP-62 request to vanish.
+    Vanished,
+    /// A newer replaceable or addressable version took its place.
+    Replaced,
+}
+
+/// A stored event the store removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedEvent {
+    pub id: [u8; 32],
+    pub pubkey: [u8; 32],
+    pub kind: u16,
+    pub reason: RemovalReason,
+}
+
+/// Told, after each durable commit, what it stored and removed (stored
+/// first: an event stored and removed by one commit appears in both). It
+/// runs on the writer: it must only hand work off, never wait.
+pub trait StoreObserver: Send + Sync {
+    fn committed(&self, stored: &[Arc<AcceptedEvent>], removed: &[RemovedEvent]);
+}
+
 pub trait EventStore: Send + Sync + 'static {
+    /// Registers the one observer of committed changes (plugins' `on-stored`
+    /// and `on-removed`); later calls are ignored.
+    fn observe(&self, observer: Arc<dyn StoreObserver>);
+
     /// Writes `events` in one atomic batch and returns once it is durable.
     /// Outcomes are in the order of `events`.
     fn write_batch(&self, events: &[Arc<AcceptedEvent>]) -> Result<Vec<WriteOutcome>, StoreError>;

@@ -10,7 +10,9 @@ use nostr::event::Event;
 
 use super::keys;
 use super::query::{EntryStream, MergedScan, Ordered, Plan, UnionMerge, bounds, plan};
-use super::{EventStore, ReadAccess, StoreError, StoredEvent, Tombstone, WriteOutcome};
+use super::{
+    EventStore, ReadAccess, RemovalReason, RemovedEvent, StoreError, StoreObserver, StoredEvent, Tombstone, WriteOutcome,
+};
 use crate::event::AcceptedEvent;
 use crate::event::{GIFT_WRAP, expiration, p_tags};
 use crate::filter::{Filter, filter_matches};
@@ -20,6 +22,8 @@ pub struct SledEventStore {
     tree: sled::Tree,
     /// Writes read-then-write slots and tombstones; one writer at a time.
     write_lock: Mutex<()>,
+    /// Told what each commit stored and removed (see [`StoreObserver`]).
+    observer: std::sync::OnceLock<Arc<dyn StoreObserver>>,
 }
 
 fn corrupt(id: &[u8], reason: impl std::fmt::Display) -> StoreError {
@@ -42,11 +46,13 @@ struct PendingBatch<'a> {
     /// Events inserted by this batch (not yet visible to tree scans); kept
     /// only when the batch holds a request to vanish, the one reader.
     inserted: Option<Vec<Event>>,
+    /// Stored events this batch removes, for the store's observer.
+    removed: Vec<RemovedEvent>,
 }
 
 impl<'a> PendingBatch<'a> {
     fn new(tree: &'a sled::Tree, track_inserted: bool) -> Self {
-        Self { tree, writes: BTreeMap::new(), inserted: track_inserted.then(Vec::new) }
+        Self { tree, writes: BTreeMap::new(), inserted: track_inserted.then(Vec::new), removed: Vec::new() }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -88,8 +94,9 @@ impl<'a> PendingBatch<'a> {
     }
 
     /// Removes an event with every key that leads to it.
-    fn remove_event(&mut self, event: &Event) -> Result<(), StoreError> {
+    fn remove_event(&mut self, event: &Event, reason: RemovalReason) -> Result<(), StoreError> {
         let id = event.id.to_bytes();
+        self.removed.push(RemovedEvent { id, pubkey: event.pubkey.to_bytes(), kind: event.kind.as_u16(), reason });
         self.remove(keys::event_key(&id));
         for k in keys::index_keys(event) {
             self.remove(k);
@@ -189,12 +196,12 @@ impl<'a> PendingBatch<'a> {
                         // NIP-59: relays SHOULD delete a gift wrap whose `p`
                         // tag names the signer of the deletion.
                         Some(target) if target.kind.as_u16() == GIFT_WRAP && p_tags(&target).any(|p| p == author) => {
-                            self.remove_event(&target)?
+                            self.remove_event(&target, RemovalReason::Deleted)?
                         }
                         Some(target) if target.pubkey.to_bytes() != author => continue,
                         // Deletions cannot be undone, requests to vanish not deleted.
                         Some(target) if matches!(target.kind.as_u16(), 5 | 62) => continue,
-                        Some(target) => self.remove_event(&target)?,
+                        Some(target) => self.remove_event(&target, RemovalReason::Deleted)?,
                         None => {}
                     }
                     self.put(keys::deleted_key(&id, &author), vec![]);
@@ -213,7 +220,7 @@ impl<'a> PendingBatch<'a> {
                         && let Some(target) = self.load_event(&id)?
                         && target.created_at.as_secs() <= until
                     {
-                        self.remove_event(&target)?;
+                        self.remove_event(&target, RemovalReason::Deleted)?;
                     }
                 }
                 _ => {}
@@ -247,7 +254,7 @@ impl<'a> PendingBatch<'a> {
         doomed.dedup();
         for id in doomed.into_iter().filter(|id| *id != own_id) {
             if let Some(event) = self.load_event(&id)? {
-                self.remove_event(&event)?;
+                self.remove_event(&event, RemovalReason::Vanished)?;
             }
         }
         Ok(())
@@ -271,7 +278,7 @@ impl SledEventStore {
         let tree = db.open_tree("events")?;
         migrate_tombstones(&tree)?;
         db.flush()?;
-        Ok(Self { db, tree, write_lock: Mutex::new(()) })
+        Ok(Self { db, tree, write_lock: Mutex::new(()), observer: std::sync::OnceLock::new() })
     }
 
     fn load(&self, id: &[u8; 32]) -> Result<Option<String>, StoreError> {
@@ -280,10 +287,18 @@ impl SledEventStore {
         Ok(Some(json))
     }
 
-    fn commit(&self, pending: PendingBatch<'_>) -> Result<(), StoreError> {
+    /// Applies `pending` durably, then tells the observer what it stored
+    /// (`stored`, in order) and removed.
+    fn commit(&self, mut pending: PendingBatch<'_>, stored: &[Arc<AcceptedEvent>]) -> Result<(), StoreError> {
+        let removed = std::mem::take(&mut pending.removed);
         if !pending.writes.is_empty() {
             self.tree.apply_batch(pending.into_batch())?;
             self.db.flush()?;
+        }
+        if let Some(observer) = self.observer.get()
+            && (!stored.is_empty() || !removed.is_empty())
+        {
+            observer.committed(stored, &removed);
         }
         Ok(())
     }
@@ -451,7 +466,7 @@ impl EventStore for SledEventStore {
             if let Some(refused) = pending.tombstoned(event)? {
                 if let (false, Some(slot)) = (superseded, slot) {
                     if let Some(current) = &replaced {
-                        pending.remove_event(current)?;
+                        pending.remove_event(current, RemovalReason::Replaced)?;
                     }
                     pending.put(slot, keys::Slot::Vacant { created_at: version.0, id }.encode());
                 }
@@ -463,7 +478,7 @@ impl EventStore for SledEventStore {
                 continue;
             }
             if let Some(current) = &replaced {
-                pending.remove_event(current)?;
+                pending.remove_event(current, RemovalReason::Replaced)?;
             }
             pending.insert_event(accepted);
             match event.kind.as_u16() {
@@ -473,7 +488,16 @@ impl EventStore for SledEventStore {
             }
             outcomes.push(WriteOutcome::Stored);
         }
-        self.commit(pending)?;
+        let stored: Vec<Arc<AcceptedEvent>> = match self.observer.get() {
+            Some(_) => events
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == WriteOutcome::Stored)
+                .map(|(e, _)| e.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        self.commit(pending, &stored)?;
         Ok(outcomes)
     }
 
@@ -545,8 +569,8 @@ impl EventStore for SledEventStore {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending = PendingBatch::new(&self.tree, false);
         let Some(event) = pending.load_event(id)? else { return Ok(false) };
-        pending.remove_event(&event)?;
-        self.commit(pending)?;
+        pending.remove_event(&event, RemovalReason::Banned)?;
+        self.commit(pending, &[])?;
         Ok(true)
     }
 
@@ -614,7 +638,7 @@ impl EventStore for SledEventStore {
                     if let Some(event) = pending.load_event(id)?
                         && event.pubkey.to_bytes() == *deleter
                     {
-                        pending.remove_event(&event)?;
+                        pending.remove_event(&event, RemovalReason::Deleted)?;
                     }
                     pending.put(keys::deleted_key(id, deleter), vec![]);
                 }
@@ -630,11 +654,15 @@ impl EventStore for SledEventStore {
                 }
             }
         }
-        self.commit(pending)
+        self.commit(pending, &[])
     }
 
     fn size_on_disk(&self) -> Option<u64> {
         self.db.size_on_disk().ok()
+    }
+
+    fn observe(&self, observer: Arc<dyn StoreObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     fn remove_expired(&self, now: u64) -> Result<usize, StoreError> {
@@ -647,7 +675,7 @@ impl EventStore for SledEventStore {
             let Some(id) = k.get(9..41).and_then(|b| <[u8; 32]>::try_from(b).ok()) else { continue };
             match pending.load_event(&id)? {
                 Some(event) => {
-                    pending.remove_event(&event)?;
+                    pending.remove_event(&event, RemovalReason::Expired)?;
                     removed += 1;
                 }
                 None => pending.remove(k.to_vec()),
@@ -656,7 +684,7 @@ impl EventStore for SledEventStore {
                 break; // the next sweep continues
             }
         }
-        self.commit(pending)?;
+        self.commit(pending, &[])?;
         Ok(removed)
     }
 }

@@ -10,27 +10,68 @@
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the output
-//! `.wasm` is a component the relay loads. The bindings come from the WIT
-//! package `nostr-relay:plugin@0.1.0`, vendored in this crate's `wit/0.1.0`
-//! (a copy of the repository's `wit/0.1.0`; a test in the relay checks that
-//! they are the same).
+//! `.wasm` is a component the relay loads.
+//!
+//! The crate root targets contract `nostr-relay:plugin@0.1.0` (so plugins
+//! written for it build unchanged); [`v0_2`] targets `@0.2.0`, with its
+//! optional hooks (`on-stored`, `on-removed`, search, ...), and exports with
+//! [`export_plugin_v0_2!`]. Each contract is vendored in this crate's
+//! `wit/<version>` (a copy of the repository's `wit/`; a test in the relay
+//! checks that they are the same). A plugin uses one of the two.
 
-wit_bindgen::generate!({
-    path: "wit/0.1.0",
-    world: "relay-plugin",
-    pub_export_macro: true,
-    export_macro_name: "export_plugin",
-    default_bindings_module: "wasm_relay_plugin_sdk",
-});
+pub use v0_1::*;
 
+/// Bindings and helpers for contract `nostr-relay:plugin@0.1.0`, also
+/// re-exported at the crate root.
+pub mod v0_1 {
+    wit_bindgen::generate!({
+        path: "wit/0.1.0",
+        world: "relay-plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_plugin",
+        default_bindings_module: "wasm_relay_plugin_sdk::v0_1",
+    });
+
+    /// The WIT package version these bindings build against.
+    pub const WIT_VERSION: &str = "0.1.0";
+
+    crate::contract_helpers!();
+}
+
+/// Bindings and helpers for contract `nostr-relay:plugin@0.2.0`. Export a
+/// plugin with [`export_plugin_v0_2!`].
+pub mod v0_2 {
+    // The world is included under another name: the exported macro's
+    // helper is named after the world, and 0.1's is `relay-plugin` too.
+    wit_bindgen::generate!({
+        inline: "
+            package wasm-relay:sdk;
+            world relay-plugin-v0-2 { include nostr-relay:plugin/relay-plugin@0.2.0; }
+        ",
+        path: "wit/0.2.0",
+        world: "wasm-relay:sdk/relay-plugin-v0-2",
+        generate_all,
+        pub_export_macro: true,
+        export_macro_name: "export_plugin_v0_2",
+        default_bindings_module: "wasm_relay_plugin_sdk::v0_2",
+    });
+
+    /// The WIT package version these bindings build against.
+    pub const WIT_VERSION: &str = "0.2.0";
+
+    crate::contract_helpers!();
+}
+
+/// What both contract versions' modules offer on top of their bindings.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! contract_helpers {
+    () => {
 pub use exports::nostr_relay::plugin::plugin::Guest as Plugin;
 pub use nostr_relay::plugin::events;
 pub use nostr_relay::plugin::host::{self, LogLevel};
 pub use nostr_relay::plugin::kv::{self, Condition, KvError, Write};
 pub use nostr_relay::plugin::types::*;
-
-/// The WIT package version this SDK builds against.
-pub const WIT_VERSION: &str = "0.1.0";
 
 /// Accept the event.
 pub fn accept() -> Decision {
@@ -117,4 +158,6 @@ pub mod store {
             }
         }
     }
+}
+    };
 }

@@ -1,4 +1,4 @@
-//! A component built for `nostr-relay:plugin@0.2.0`, a contract version this
+//! A component built for `nostr-relay:plugin@9.0.0`, a contract version this
 //! relay does not implement: `plugin check` and the loader must name the
 //! version mismatch.
 
