@@ -6,6 +6,9 @@
 //! written three times, `kind-allowlist` in Rust, JavaScript
 //! (componentize-js) and Python (componentize-py): first its component's
 //! size and load times, compiled and from the cache, then its `on-event`.
+//! Last, the contract 0.2 hooks, on the search plugin: `on-stored` with one
+//! note and with a full batch of 64 (it indexes them in its key-value store),
+//! `on-removed`, and `process-req` for a NIP-50 search.
 //!
 //! Run with `make bench` (after `make plugins`) or
 //! `cargo bench -p relay-bench --bench plugin_calls`.
@@ -22,7 +25,8 @@ use wasm_relay::filter::{Filter, FilterLimits};
 use wasm_relay::metadata::{MetadataStore, SledMetadataStore};
 use wasm_relay::metrics::Metrics;
 use wasm_relay::plugin::{Caller, PluginHost, ReadPurpose};
-use wasm_relay::store::{EventStore, ReadAccess, SledEventStore};
+use wasm_relay::event::AcceptedEvent;
+use wasm_relay::store::{EventStore, ReadAccess, RemovalReason, RemovedEvent, SledEventStore};
 
 fn plugin(file: &str) -> std::path::PathBuf {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins").join(file);
@@ -155,5 +159,41 @@ fn allowlist_calls(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, plugin_calls, allowlist_calls);
+/// The contract 0.2 hooks, each call on the search plugin.
+fn contract_0_2_hooks(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let search = host(&rt, dir.path(), "search", "search.wasm");
+    let caller = Caller::new(1, SocketAddr::from(([127, 0, 0, 1], 9)));
+    let keys = Keys::generate();
+    let text = "Nostr relays carry signed notes between people who choose whom to follow";
+    let notes: Vec<Arc<AcceptedEvent>> = (0..64)
+        .map(|i| {
+            let event = EventBuilder::new(Kind::TextNote, format!("{i}: {text}")).finalize(&keys).unwrap();
+            Arc::new(AcceptedEvent::new(event))
+        })
+        .collect();
+    let removed = [RemovedEvent {
+        id: notes[0].event.id.to_bytes(),
+        pubkey: keys.public_key().to_bytes(),
+        kind: 1,
+        reason: RemovalReason::Deleted,
+    }];
+    rt.block_on(search.deliver_stored_now(&notes));
+    let query = filter(serde_json::json!({"search": "relays notes", "limit": 10}));
+    let access = ReadAccess::trusted(0);
+    let mut g = c.benchmark_group("contract 0.2 hook, search plugin");
+    g.bench_function("on-stored (1 note)", |b| b.to_async(&rt).iter(|| search.deliver_stored_now(&notes[..1])));
+    g.bench_function("on-stored (batch of 64 notes)", |b| b.to_async(&rt).iter(|| search.deliver_stored_now(&notes)));
+    g.bench_function("on-removed (1 event, not indexed)", |b| {
+        b.to_async(&rt).iter(|| search.deliver_removed_now(&removed))
+    });
+    g.bench_function("process-req (search, limit 10)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { search.process_req(&caller, "s", ReadPurpose::Req, &query, &access).await.unwrap() })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, plugin_calls, allowlist_calls, contract_0_2_hooks);
 criterion_main!(benches);

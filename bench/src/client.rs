@@ -37,6 +37,19 @@ pub fn bench_config(plugins: &[(&str, &Path)]) -> String {
 }
 
 impl RelayProcess {
+    /// The value of one series of the relay's Prometheus metrics (0 when
+    /// absent).
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.url.trim_start_matches("ws://").trim_end_matches('/').to_owned();
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await?;
+        let prefix = format!("{series} ");
+        Ok(reply.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok()).unwrap_or(0.0))
+    }
+
     /// Starts the release binary with `config` on a fresh data directory
     /// (or `data` prepared beforehand).
     pub async fn start(config: &str, prepare: impl FnOnce(&Path)) -> anyhow::Result<Self> {

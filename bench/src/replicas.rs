@@ -44,17 +44,11 @@ const IDLE: Duration = Duration::from_secs(60);
 
 /// Billable operations (reads, writes, deletes) a relay reports.
 async fn operations(relay: &RelayProcess) -> anyhow::Result<[f64; 3]> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = relay.url.trim_start_matches("ws://").trim_end_matches('/').to_owned();
-    let mut s = tokio::net::TcpStream::connect(&addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).await?;
-    let op = |name: &str| {
-        let series = format!("wasm_relay_firestore_operations_total{{op=\"{name}\"}} ");
-        reply.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
-    Ok([op("read"), op("write"), op("delete")])
+    let mut ops = [0.0; 3];
+    for (i, name) in ["read", "write", "delete"].into_iter().enumerate() {
+        ops[i] = relay.metric(&format!("wasm_relay_firestore_operations_total{{op=\"{name}\"}}")).await?;
+    }
+    Ok(ops)
 }
 
 /// Operations of all `relays` together.

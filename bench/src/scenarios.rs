@@ -123,6 +123,35 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
         rows.push(ingest_row(300, " (MLS gateway loaded)", ">= 10000/s, p99 < 50 ms", gw));
         let ratio = gw.0 / none.0.max(1.0);
         rows.push(row("plugin overhead, ingest (gateway / none)", format!("{ratio:.2}"), ">= 0.90", json!(ratio)));
+        // The contract 0.2 hook `on-stored`, on the search plugin. First the
+        // hook itself: every stored note reaches the plugin, which indexes
+        // none of them (it indexes kind 30023 only); runs interleaved.
+        let search = workspace_root().join("target/plugins/search.wasm");
+        let hook_only = bench_config(&[("search", &search)]) + "[plugins.settings]\nkinds = \"30023\"\n";
+        let plain = RelayProcess::start(&bench_config(&[]), |_| {}).await?;
+        let with_hook = RelayProcess::start(&hook_only, |_| {}).await?;
+        let [none, hooked] = interleaved([(&plain, publish(&pool)), (&with_hook, publish(&pool))], 300).await?;
+        drop((plain, with_hook));
+        rows.push(ingest_row(300, " (on-stored plugin loaded)", "", hooked));
+        let ratio = hooked.0 / none.0.max(1.0);
+        rows.push(row("plugin overhead, ingest (on-stored / none)", format!("{ratio:.2}"), ">= 0.90", json!(ratio)));
+        // Then real work after each OK: the search plugin indexing every
+        // note, alone on the machine (it lags behind the writes, and would
+        // slow a relay measured beside it), against the run above without it.
+        let indexing = RelayProcess::start(&bench_config(&[("search", &search)]), |_| {}).await?;
+        let indexed = closed_loop(&indexing, 300, publish(&pool)).await?;
+        let counter = "wasm_relay_plugin_counter_total{name=\"indexed\",plugin=\"search\"}";
+        let dropped_series = "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"search\"}";
+        let (seen, dropped) = (indexing.metric(counter).await?, indexing.metric(dropped_series).await?);
+        drop(indexing);
+        rows.push(ingest_row(300, " (search plugin indexing every note)", "", indexed));
+        let ratio = indexed.0 / none.0.max(1.0);
+        rows.push(row(
+            "ingest with search indexing / none",
+            format!("{ratio:.2} ({seen:.0} indexed, {dropped:.0} notices dropped)"),
+            "",
+            json!({"ratio": ratio, "indexed": seen, "dropped": dropped}),
+        ));
     }
     if want("disk") {
         rows.extend(crate::sled_floor::disk_floor()?);

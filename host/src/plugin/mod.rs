@@ -208,8 +208,27 @@ impl PluginSlot {
             &'a mut wasmtime::Store<imports::PluginState>,
         ) -> runtime::CallFuture<'a, R>,
     {
+        self.timed_call_scaled(loaded, hook, admission, caller, 1, f).await
+    }
+
+    /// [`Self::timed_call`] with `budget_factor` times the CPU budget.
+    async fn timed_call_scaled<R, F>(
+        &self,
+        loaded: &LoadedPlugin,
+        hook: Hook,
+        admission: Admission,
+        caller: Option<&Caller>,
+        budget_factor: u32,
+        f: F,
+    ) -> Result<R, CallFailure>
+    where
+        F: for<'a> FnOnce(
+            &'a bindings::PluginExports,
+            &'a mut wasmtime::Store<imports::PluginState>,
+        ) -> runtime::CallFuture<'a, R>,
+    {
         let started = std::time::Instant::now();
-        let result = loaded.call(f).await;
+        let result = loaded.call_scaled(budget_factor, f).await;
         self.record(hook, started, admission, caller, result.as_ref().map(|_| ()));
         result
     }

@@ -20,7 +20,10 @@ use crate::event::AcceptedEvent;
 use crate::store::{RemovalReason, RemovedEvent, StoreObserver};
 
 /// Most notices in one `on-stored` or `on-removed` call.
-pub const MAX_NOTICE_BATCH: usize = 256;
+pub const MAX_NOTICE_BATCH: usize = 64;
+/// A notice call gets one plugin call budget (`call_timeout_ms`) per this
+/// many notices it carries, at least one.
+pub const NOTICES_PER_BUDGET: usize = 16;
 
 enum Notice {
     Stored(Arc<AcceptedEvent>),
@@ -63,6 +66,33 @@ impl StoreObserver for NoticeRouter {
                     slot.stats.notices_dropped(Hook::OnRemoved, lost);
                 }
             }
+        }
+    }
+}
+
+impl super::PluginHost {
+    /// Calls `on-stored` with `stored` on every plugin that asked for it,
+    /// now and in one batch each, bypassing the queues: for benchmarks of the
+    /// hook itself.
+    pub async fn deliver_stored_now(&self, stored: &[Arc<AcceptedEvent>]) {
+        for slot in self.slots.iter().filter(|s| s.wants(wit::Hook::OnStored)) {
+            let events: Vec<wit::Event> = stored.iter().map(|e| event_to_wit(&e.event)).collect();
+            call(slot, Hook::OnStored, events.len(), move |p, s| {
+                Box::pin(async move { p.call_on_stored(s, &events).await })
+            })
+            .await;
+        }
+    }
+
+    /// Calls `on-removed` with `removed` on every plugin that asked for it,
+    /// now, bypassing the queues (see [`Self::deliver_stored_now`]).
+    pub async fn deliver_removed_now(&self, removed: &[RemovedEvent]) {
+        for slot in self.slots.iter().filter(|s| s.wants(wit::Hook::OnRemoved)) {
+            let events: Vec<wit::RemovedEvent> = removed.iter().map(removed_to_wit).collect();
+            call(slot, Hook::OnRemoved, events.len(), move |p, s| {
+                Box::pin(async move { p.call_on_removed(s, &events).await })
+            })
+            .await;
         }
     }
 }
@@ -113,7 +143,8 @@ where
         return;
     };
     let loaded = slot.current();
-    if slot.timed_call(&loaded, hook, admission, None, f).await.is_err() {
+    let budgets = u32::try_from(count.div_ceil(NOTICES_PER_BUDGET)).unwrap_or(u32::MAX);
+    if slot.timed_call_scaled(&loaded, hook, admission, None, budgets, f).await.is_err() {
         slot.stats.notices_dropped(hook, count);
     }
 }

@@ -497,6 +497,15 @@ impl LoadedPlugin {
         self.call_with_budget(self.limits.budget(), f).await
     }
 
+    /// [`Self::call`] with `factor` times the plugin's CPU budget (a call
+    /// that carries a batch).
+    pub async fn call_scaled<R, F>(&self, factor: u32, f: F) -> Result<R, CallFailure>
+    where
+        F: for<'a> FnOnce(&'a PluginExports, &'a mut Store<PluginState>) -> CallFuture<'a, R>,
+    {
+        self.call_with_budget(self.limits.budget() * factor.max(1), f).await
+    }
+
     async fn call_with_budget<R, F>(&self, budget: Duration, f: F) -> Result<R, CallFailure>
     where
         F: for<'a> FnOnce(&'a PluginExports, &'a mut Store<PluginState>) -> CallFuture<'a, R>,

@@ -29,6 +29,8 @@ struct Search;
 
 /// Distinct terms indexed per event.
 const MAX_TERMS_PER_EVENT: usize = 64;
+/// Most writes in one key-value transaction.
+const MAX_WRITES_PER_TRANSACTION: usize = 400;
 /// Postings read per query term before giving up on filling the limit.
 const MAX_SCANNED: u32 = 2_000;
 /// Results per filter when it sets no limit.
@@ -85,11 +87,21 @@ impl Plugin for Search {
 
     fn on_stored(events: Vec<Event>) {
         let kinds = setting_kinds("kinds");
+        // Several events per transaction, each transaction within what every
+        // key-value backend commits at once (Firestore: 500 writes).
+        let mut writes: Vec<Write> = Vec::new();
+        let mut pending = 0;
         for event in events.iter().filter(|e| kinds.contains(&e.kind)) {
-            if let Err(e) = index(event) {
-                log(LogLevel::Warn, &format!("indexing {} failed: {e:?}", event.id));
+            let postings = postings(event);
+            if writes.len() + postings.len() > MAX_WRITES_PER_TRANSACTION {
+                commit(&mut writes, &mut pending);
+            }
+            if !postings.is_empty() {
+                writes.extend(postings);
+                pending += 1;
             }
         }
+        commit(&mut writes, &mut pending);
     }
 
     fn on_removed(events: Vec<RemovedEvent>) {
@@ -132,11 +144,13 @@ fn posting(term: &str, created_at: u64, id: &str) -> String {
     format!("t/{term}/{:020}/{id}", u64::MAX - created_at)
 }
 
-fn index(event: &Event) -> Result<(), kv::KvError> {
+/// The writes that index `event`: a posting per term and its entry (none
+/// when it has no terms).
+fn postings(event: &Event) -> Vec<Write> {
     let mut words = terms(&event.content);
     words.truncate(MAX_TERMS_PER_EVENT);
     if words.is_empty() {
-        return Ok(());
+        return Vec::new();
     }
     let entry = format!("{} {} {} {}", event.created_at, event.kind, event.pubkey, words.join(" "));
     let mut writes: Vec<Write> = words
@@ -144,9 +158,20 @@ fn index(event: &Event) -> Result<(), kv::KvError> {
         .map(|w| Write { key: posting(w, event.created_at, &event.id), value: Some(Vec::new()) })
         .collect();
     writes.push(Write { key: format!("e/{}", event.id), value: Some(entry.into_bytes()) });
-    kv::transact(&[], &writes)?;
-    host::count("indexed", 1);
-    Ok(())
+    writes
+}
+
+/// Writes what `writes` holds for `events` indexed events, then empties both.
+fn commit(writes: &mut Vec<Write>, events: &mut u64) {
+    if writes.is_empty() {
+        return;
+    }
+    match kv::transact(&[], writes) {
+        Ok(_) => host::count("indexed", *events),
+        Err(e) => log(LogLevel::Warn, &format!("indexing {events} events failed: {e:?}")),
+    }
+    writes.clear();
+    *events = 0;
 }
 
 fn unindex(id: &str) -> Result<(), kv::KvError> {
