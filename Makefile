@@ -14,7 +14,7 @@ PLUGIN_BUILD := target/$(WASM_TARGET)/plugin
 PLUGIN_OUT := target/plugins
 # Plugin components and where they end up: target/plugins/<name>.wasm.
 # Shipped plugins (what `make run` and the bench load), then the test-only ones.
-SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events search
+SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events search http-policy
 TEST_PLUGINS := probe future-wit notices
 PLUGIN_CRATES := $(SHIPPED_PLUGINS) $(TEST_PLUGINS)
 
@@ -26,7 +26,7 @@ rust-plugins: wasm-target
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(SHIPPED_PLUGINS))
 	mkdir -p $(PLUGIN_OUT)
 	cp $(PLUGIN_BUILD)/mls_gateway.wasm $(PLUGIN_BUILD)/kind_allowlist.wasm $(PLUGIN_BUILD)/pinned_events.wasm \
-		$(PLUGIN_BUILD)/search.wasm $(PLUGIN_OUT)/
+		$(PLUGIN_BUILD)/search.wasm $(PLUGIN_BUILD)/http_policy.wasm $(PLUGIN_OUT)/
 
 # Plugins in JavaScript and Python. Their build tools come from npm and PyPI,
 # pinned by the JS example's package-lock.json and the Python example's

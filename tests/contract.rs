@@ -129,8 +129,7 @@ async fn a_search_plugin_on_contract_0_2_answers_search_beside_a_0_1_policy() {
 #[tokio::test]
 async fn on_stored_and_on_removed_see_every_change_with_its_reason() {
     let config = plugin_entry("notices", &plugin_path("notices.wasm"), "", &[]);
-    let relay =
-        TestRelay::start_with(Some(&config), &[("WASM_RELAY_NIPS__EXPIRATION_SWEEP_SECONDS", "1")]).await;
+    let relay = TestRelay::start_with(Some(&config), &[("WASM_RELAY_NIPS__EXPIRATION_SWEEP_SECONDS", "1")]).await;
     let mut c = relay.client().await;
     let (alice, bob, carol) = (Keys::generate(), Keys::generate(), Keys::generate());
     let t = now() - 100;
@@ -150,7 +149,8 @@ async fn on_stored_and_on_removed_see_every_change_with_its_reason() {
     counter_reaches(&relay, "notices", "removed_expired", 1).await;
     // Seven events stored: five notes and profiles, one deletion, one request to vanish.
     counter_reaches(&relay, "notices", "stored_events", 7).await;
-    let dropped = metric(&relay, "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"notices\"}").await;
+    let dropped =
+        metric(&relay, "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"notices\"}").await;
     assert_eq!(dropped, 0);
 }
 
@@ -179,4 +179,91 @@ async fn a_slow_on_stored_plugin_lags_and_drops_without_holding_back_acknowledge
         assert!(tokio::time::Instant::now() < deadline, "seen {seen} + dropped {dropped} of 60");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A loopback HTTP service for the policy plugin: `GET /allowed?pubkey=X`
+/// answers 200 for `allowed`, 403 "pay first" for anyone else, and
+/// `/slow` never answers. Returns its address and a count of connections.
+async fn admission_service(allowed: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let allowed = allowed.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let n = socket.read(&mut request).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&request[..n]).lines().next().unwrap_or_default().to_owned();
+                if line.contains("/slow") {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+                let (status, body) = if line.contains(&format!("pubkey={allowed}")) {
+                    ("200 OK", "welcome")
+                } else {
+                    ("403 Forbidden", "pay first at https://pay.example")
+                };
+                let reply =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = socket.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A writer policy that asks an outside service (contract 0.2, capability
+/// `outbound-http`) reaches the host the operator granted and nothing else,
+/// and a service that never answers costs a timeout, not a stuck relay.
+#[tokio::test]
+async fn an_http_policy_reaches_only_the_host_it_was_granted_and_times_out() {
+    use std::sync::atomic::Ordering;
+    let (alice, bob) = (Keys::generate(), Keys::generate());
+    let (service, connections) = admission_service(alice.public_key().to_hex()).await;
+    let (elsewhere, elsewhere_connections) = admission_service(alice.public_key().to_hex()).await;
+    let policy = plugin_path("http_policy.wasm");
+    let entry = |url: String, grant: std::net::SocketAddr| {
+        plugin_entry(
+            "http-policy",
+            &policy,
+            &format!("grants = {{ outbound_http = [\"{grant}\"] }}\nhttp_timeout_ms = 500"),
+            &[("url", &url), ("posting-policy", "https://relay.example/who-may-write")],
+        )
+    };
+
+    // Granted: the service decides.
+    let relay = TestRelay::start_with_config(&entry(format!("http://{service}/allowed"), service)).await;
+    let mut c = relay.client().await;
+    c.publish_ok(&sign(&alice, 1, "let me in", &[], now())).await;
+    let (ok, message) = c.publish(&sign(&bob, 1, "me too", &[], now())).await;
+    assert!(!ok && message == "restricted: pay first at https://pay.example", "{message}");
+    assert!(connections.load(Ordering::SeqCst) >= 2);
+    let (_, _, info) = relay.http_get("/", "application/nostr+json").await;
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["posting_policy"], "https://relay.example/who-may-write", "{info}");
+
+    // The plugin asks for another host than the one granted: it is refused
+    // before any connection, and the event with it.
+    let relay = TestRelay::start_with_config(&entry(format!("http://{elsewhere}/allowed"), service)).await;
+    relay.wait_for_log("its grants do not name").await;
+    let (ok, message) = relay.client().await.publish(&sign(&alice, 1, "let me in", &[], now())).await;
+    assert!(!ok && message.starts_with("error:") && message.contains("did not answer"), "{message}");
+    assert_eq!(elsewhere_connections.load(Ordering::SeqCst), 0, "the ungranted host was reached");
+    let denied = relay.wait_for_log("could not be asked").await;
+    assert!(denied.contains("HttpRequestDenied"), "{denied}");
+
+    // A service that never answers: the request times out, the event is
+    // refused, and the relay goes on serving.
+    let relay = TestRelay::start_with_config(&entry(format!("http://{service}/slow"), service)).await;
+    let mut c = relay.client().await;
+    let (ok, message) = c.publish(&sign(&alice, 1, "anyone there?", &[], now())).await;
+    assert!(!ok && message.starts_with("error:"), "{message}");
+    let timed_out = relay.wait_for_log("could not be asked").await;
+    assert!(timed_out.contains("Timeout"), "{timed_out}");
+    assert!(c.req("alive", vec![json!({"limit": 1})]).await.is_empty());
 }

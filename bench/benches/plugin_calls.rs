@@ -20,12 +20,12 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
 use nostr::key::Keys;
 use wasm_relay::config::PluginConfig;
+use wasm_relay::event::AcceptedEvent;
 use wasm_relay::fanout::Fanout;
 use wasm_relay::filter::{Filter, FilterLimits};
 use wasm_relay::metadata::{MetadataStore, SledMetadataStore};
 use wasm_relay::metrics::Metrics;
 use wasm_relay::plugin::{Caller, PluginHost, ReadPurpose};
-use wasm_relay::event::AcceptedEvent;
 use wasm_relay::store::{EventStore, ReadAccess, RemovalReason, RemovedEvent, SledEventStore};
 
 fn plugin(file: &str) -> std::path::PathBuf {

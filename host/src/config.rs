@@ -317,6 +317,17 @@ pub struct PluginConfig {
     /// expensive requests cost that client, not everyone).
     #[serde(default = "default_client_failures_per_minute")]
     pub client_failures_per_minute: u32,
+    /// Capabilities the operator grants this plugin (contract 0.2); a plugin
+    /// gets what it asked for and was granted, nothing else.
+    #[serde(default)]
+    pub grants: PluginGrants,
+    /// Timeout of each of the plugin's outbound HTTP requests, applied to
+    /// connecting, to the first byte and between bytes, in milliseconds.
+    #[serde(default = "default_http_timeout_ms")]
+    pub http_timeout_ms: u64,
+    /// Largest response body the plugin may read from an HTTP request.
+    #[serde(default = "default_http_max_response_bytes")]
+    pub http_max_response_bytes: usize,
     /// `on-stored` and `on-removed` notices that may wait for this plugin
     /// (contract 0.2); past this, new ones are dropped and counted
     /// (`wasm_relay_plugin_notices_dropped_total`) rather than slow the
@@ -331,6 +342,17 @@ pub struct PluginConfig {
     /// Values for the settings the plugin declares in `info()`.
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, SettingValue>,
+}
+
+/// What an operator grants one plugin (`grants = { ... }` in its entry).
+/// Denied by default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginGrants {
+    /// Hosts the plugin may send HTTP(S) requests to, each `name` (ports 80
+    /// and 443) or `name:port`.
+    #[serde(default)]
+    pub outbound_http: Vec<String>,
 }
 
 /// A plugin setting: TOML strings, numbers and booleans are all accepted and
@@ -373,6 +395,12 @@ fn default_kv_max_keys() -> u64 {
 fn default_kv_max_bytes() -> u64 {
     256 * 1024 * 1024
 }
+fn default_http_timeout_ms() -> u64 {
+    5000
+}
+fn default_http_max_response_bytes() -> usize {
+    1024 * 1024
+}
 fn default_notice_queue() -> usize {
     8192
 }
@@ -405,6 +433,9 @@ impl PluginConfig {
             max_consecutive_failures: default_max_consecutive_failures(),
             circuit_open_seconds: default_circuit_open_seconds(),
             client_failures_per_minute: default_client_failures_per_minute(),
+            grants: PluginGrants::default(),
+            http_timeout_ms: default_http_timeout_ms(),
+            http_max_response_bytes: default_http_max_response_bytes(),
             notice_queue: default_notice_queue(),
             release_managed_kinds: false,
             settings: Default::default(),

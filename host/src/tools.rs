@@ -69,11 +69,15 @@ impl std::fmt::Display for PluginReport {
                 wit::Capability::Publish => "publish".into(),
             })
             .collect();
-        writeln!(
-            f,
-            "capabilities:  {}",
-            if capabilities.is_empty() { "none asked".into() } else { capabilities.join("; ") }
-        )?;
+        if capabilities.is_empty() {
+            writeln!(f, "capabilities:  none asked")?;
+        } else {
+            writeln!(
+                f,
+                "capabilities:  {} (asked; the operator grants them in the plugin's `grants`)",
+                capabilities.join("; ")
+            )?;
+        }
         let contribution = &i.relay_info;
         let mut nips = contribution.supported_nips.clone();
         if i.hooks.contains(&wit::Hook::Search) {

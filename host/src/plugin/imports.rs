@@ -29,6 +29,8 @@ pub struct PluginContext {
     pub missing_events: Arc<OnceLock<Arc<dyn super::EventSource>>>,
     /// Its standard output and error's share of the relay's log.
     pub output: Arc<super::guest_output::LogBudget>,
+    /// Where its outbound HTTP requests may go.
+    pub outbound: Arc<super::outgoing_http::OutboundPolicy>,
 }
 
 /// Counters a plugin keeps through `host.count`, exported as Prometheus
@@ -79,7 +81,7 @@ pub struct PluginState {
     pub wasi: WasiCtx,
     /// `wasi:http` state; every outgoing request is denied (see `outgoing_http`).
     pub http: wasmtime_wasi_http::WasiHttpCtx,
-    pub http_hooks: super::outgoing_http::DenyOutgoingRequests,
+    pub http_hooks: super::outgoing_http::OutgoingRequests,
     pub table: ResourceTable,
     pub limits: InstanceLimits,
     pub ctx: Arc<PluginContext>,

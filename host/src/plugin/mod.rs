@@ -152,6 +152,11 @@ pub struct PluginStatus {
     pub hash: String,
     pub path: PathBuf,
     pub managed_kinds: Vec<u16>,
+    /// Optional hooks it asked for (contract 0.2).
+    pub hooks: Vec<&'static str>,
+    /// Hosts it asks to reach over HTTP, and those it may (asked and granted).
+    pub outbound_http_asked: Vec<String>,
+    pub outbound_http_granted: Vec<String>,
     /// Not being called: turned off by an operator, or its circuit is open.
     pub disabled: bool,
     /// Its managed kinds are served by the ordinary read paths (rollback).
@@ -435,6 +440,9 @@ impl PluginHost {
                     hash: c.hash.clone(),
                     path: s.config.path.clone(),
                     managed_kinds: c.info.managed_kinds.clone(),
+                    hooks: c.info.hooks.iter().map(|h| hook_name(*h)).collect(),
+                    outbound_http_asked: runtime::asked_hosts(&c.info),
+                    outbound_http_granted: c.granted_hosts.clone(),
                     disabled: s.disabled.load(Ordering::Relaxed) || s.breaker.is_open(),
                     managed_kinds_released: s.released.load(Ordering::Relaxed),
                     circuit: s.breaker.describe(),

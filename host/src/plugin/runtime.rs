@@ -218,6 +218,11 @@ impl PluginRuntime {
             counters,
             missing_events: self.missing_events.clone(),
             output: super::guest_output::LogBudget::new(&config.name),
+            outbound: Arc::new(super::outgoing_http::OutboundPolicy::new(
+                &config.name,
+                Duration::from_millis(config.http_timeout_ms),
+                config.http_max_response_bytes,
+            )),
         });
         let limits = CallLimits {
             timeout_ms: config.call_timeout_ms,
@@ -227,6 +232,7 @@ impl PluginRuntime {
         let mut loaded = LoadedPlugin {
             info: empty_info(),
             wit_version,
+            granted_hosts: Vec::new(),
             hash,
             pre,
             ctx,
@@ -242,6 +248,9 @@ impl PluginRuntime {
             .await
             .map_err(LoadError::Info)?;
         validate_info(&info, config)?;
+        let granted = granted_hosts(&info, config);
+        loaded.ctx.outbound.allow(granted.clone());
+        loaded.granted_hosts = granted;
         let defaults: HashMap<String, String> =
             info.settings.iter().map(|s| (s.name.clone(), s.default_value.clone())).collect();
         let _ = loaded.ctx.defaults.set(defaults);
@@ -336,6 +345,40 @@ fn empty_info() -> wit::PluginInfo {
     }
 }
 
+/// Hosts `info` asks to reach that `config` grants: the plugin's HTTP
+/// allow-list. What was asked and not granted, or granted and not asked, is
+/// logged: the first is a request that will be denied, the second a grant
+/// that does nothing.
+fn granted_hosts(info: &wit::PluginInfo, config: &PluginConfig) -> Vec<String> {
+    let asked: Vec<String> = asked_hosts(info).into_iter().map(|h| h.to_ascii_lowercase()).collect();
+    let granted: Vec<String> = config.grants.outbound_http.iter().map(|h| h.to_ascii_lowercase()).collect();
+    let allowed: Vec<String> = asked.iter().filter(|h| granted.contains(h)).cloned().collect();
+    let denied: Vec<&String> = asked.iter().filter(|h| !granted.contains(h)).collect();
+    if !denied.is_empty() {
+        tracing::warn!(
+            plugin = %config.name,
+            hosts = ?denied,
+            "the plugin asks for outbound HTTP to hosts its grants do not name; requests to them are denied"
+        );
+    }
+    let unused: Vec<&String> = granted.iter().filter(|h| !asked.contains(h)).collect();
+    if !unused.is_empty() {
+        tracing::warn!(plugin = %config.name, hosts = ?unused, "granted outbound HTTP hosts the plugin does not ask for");
+    }
+    allowed
+}
+
+/// The hosts a plugin asks to reach over HTTP.
+pub fn asked_hosts(info: &wit::PluginInfo) -> Vec<String> {
+    info.capabilities
+        .iter()
+        .flat_map(|c| match c {
+            wit::Capability::OutboundHttp(hosts) => hosts.clone(),
+            wit::Capability::Publish => Vec::new(),
+        })
+        .collect()
+}
+
 fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), LoadError> {
     let declared: Vec<&str> = info.settings.iter().map(|s| s.name.as_str()).collect();
     let unknown: Vec<&str> = config.settings.keys().map(String::as_str).filter(|k| !declared.contains(k)).collect();
@@ -357,14 +400,10 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
             )));
         }
     }
-    if let Some(capability) = info.capabilities.first() {
-        let name = match capability {
-            wit::Capability::OutboundHttp(_) => "outbound-http",
-            wit::Capability::Publish => "publish",
-        };
-        return Err(LoadError::Invalid(format!(
-            "the plugin asks for the capability {name}, which this relay cannot grant yet"
-        )));
+    if info.capabilities.iter().any(|c| matches!(c, wit::Capability::Publish)) {
+        return Err(LoadError::Invalid(
+            "the plugin asks for the capability publish, which this relay cannot grant yet".into(),
+        ));
     }
     if info.tick_interval_seconds == Some(0) {
         return Err(LoadError::Invalid("tick-interval-seconds must be at least 1".into()));
@@ -399,6 +438,8 @@ struct Instance {
 pub struct LoadedPlugin {
     pub info: wit::PluginInfo,
     pub wit_version: String,
+    /// Hosts it may reach over HTTP: asked for and granted.
+    pub granted_hosts: Vec<String>,
     /// sha256 of the component file.
     pub hash: String,
     pre: PluginExportsPre,
@@ -434,7 +475,7 @@ impl LoadedPlugin {
                     .build()
             },
             http: super::outgoing_http::http_ctx(),
-            http_hooks: Default::default(),
+            http_hooks: super::outgoing_http::OutgoingRequests { policy: self.ctx.outbound.clone() },
             table: {
                 let mut table = ResourceTable::new();
                 table.set_max_capacity(MAX_HANDLES_PER_INSTANCE);

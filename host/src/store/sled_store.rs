@@ -11,7 +11,8 @@ use nostr::event::Event;
 use super::keys;
 use super::query::{EntryStream, MergedScan, Ordered, Plan, UnionMerge, bounds, plan};
 use super::{
-    EventStore, ReadAccess, RemovalReason, RemovedEvent, StoreError, StoreObserver, StoredEvent, Tombstone, WriteOutcome,
+    EventStore, ReadAccess, RemovalReason, RemovedEvent, StoreError, StoreObserver, StoredEvent, Tombstone,
+    WriteOutcome,
 };
 use crate::event::AcceptedEvent;
 use crate::event::{GIFT_WRAP, expiration, p_tags};

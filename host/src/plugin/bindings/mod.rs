@@ -111,7 +111,11 @@ impl PluginExports {
     }
 
     /// Hook `on-stored`; a 0.1 plugin cannot ask for it, so it gets nothing.
-    pub async fn call_on_stored(&self, store: &mut Store<PluginState>, events: &[types::Event]) -> wasmtime::Result<()> {
+    pub async fn call_on_stored(
+        &self,
+        store: &mut Store<PluginState>,
+        events: &[types::Event],
+    ) -> wasmtime::Result<()> {
         match self {
             Self::V0_1(_) => Ok(()),
             Self::V0_2(p) => p.nostr_relay_plugin_plugin().call_on_stored(store, events).await,

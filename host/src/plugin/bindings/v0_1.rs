@@ -111,15 +111,8 @@ impl From<types::ReqResult> for latest::types::ReqResult {
 
 impl From<types::PluginInfo> for latest::types::PluginInfo {
     fn from(i: types::PluginInfo) -> Self {
-        let types::PluginInfo {
-            name,
-            version,
-            managed_kinds,
-            event_kinds,
-            req_kinds,
-            tick_interval_seconds,
-            settings,
-        } = i;
+        let types::PluginInfo { name, version, managed_kinds, event_kinds, req_kinds, tick_interval_seconds, settings } =
+            i;
         let settings = settings
             .into_iter()
             .map(|s| latest::types::SettingSpec {

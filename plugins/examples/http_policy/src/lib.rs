@@ -8,7 +8,8 @@
 //! answer, a timeout, another status) refuses with `error:` and writes
 //! nothing, so an outage fails closed. A decision is kept in the plugin's
 //! key-value store for `cache-seconds`, so a busy author costs one request
-//! per period.
+//! per period. With the setting `posting-policy` (a URL), the relay's NIP-11
+//! document gains `posting_policy` while the plugin is loaded.
 //!
 //! The plugin asks for the capability `outbound-http` to the host of `url`.
 //! The operator grants it in the relay's configuration, and every other host
@@ -27,12 +28,16 @@ use wasm_relay_plugin_sdk::v0_2::*;
 
 struct HttpPolicy;
 
+const DEFAULT_URL: &str = "http://127.0.0.1:8089/allowed";
+
 /// Most bytes of the service's answer read.
 const MAX_ANSWER_BYTES: u64 = 4096;
 
 impl Plugin for HttpPolicy {
     fn info() -> PluginInfo {
-        let url = host::setting("url").unwrap_or_default();
+        // Settings read here are the operator's only: defaults are known to
+        // the host once `info` has answered.
+        let url = host::setting("url").unwrap_or_else(|| DEFAULT_URL.into());
         let capabilities = match Url::parse(&url) {
             Some(u) => vec![Capability::OutboundHttp(vec![u.authority])],
             None => vec![],
@@ -47,8 +52,13 @@ impl Plugin for HttpPolicy {
             settings: vec![
                 SettingSpec {
                     name: "url".into(),
-                    default_value: "http://127.0.0.1:8089/allowed".into(),
+                    default_value: DEFAULT_URL.into(),
                     description: "The service asked, as http(s)://host[:port]/path; ?pubkey=<hex> is added".into(),
+                },
+                SettingSpec {
+                    name: "posting-policy".into(),
+                    default_value: String::new(),
+                    description: "A page explaining who may write; advertised as NIP-11 posting_policy".into(),
                 },
                 SettingSpec {
                     name: "cache-seconds".into(),
@@ -58,10 +68,7 @@ impl Plugin for HttpPolicy {
             ],
             hooks: vec![],
             capabilities,
-            relay_info: Nip11Contribution {
-                supported_nips: vec![],
-                fields: vec![Nip11Field { name: "restricted_writes".into(), value_json: "true".into() }],
-            },
+            relay_info: Nip11Contribution { supported_nips: vec![], fields: posting_policy() },
         }
     }
 
@@ -116,6 +123,14 @@ impl Plugin for HttpPolicy {
 
     fn on_auth(_ctx: RequestContext, _pubkey: String) -> Decision {
         Decision::Accept
+    }
+}
+
+/// NIP-11 `posting_policy`, when the operator names a page.
+fn posting_policy() -> Vec<Nip11Field> {
+    match host::setting("posting-policy").filter(|url| !url.trim().is_empty()) {
+        Some(url) => vec![Nip11Field { name: "posting_policy".into(), value_json: format!("{:?}", url.trim()) }],
+        None => vec![],
     }
 }
 

@@ -153,10 +153,8 @@ fn postings(event: &Event) -> Vec<Write> {
         return Vec::new();
     }
     let entry = format!("{} {} {} {}", event.created_at, event.kind, event.pubkey, words.join(" "));
-    let mut writes: Vec<Write> = words
-        .iter()
-        .map(|w| Write { key: posting(w, event.created_at, &event.id), value: Some(Vec::new()) })
-        .collect();
+    let mut writes: Vec<Write> =
+        words.iter().map(|w| Write { key: posting(w, event.created_at, &event.id), value: Some(Vec::new()) }).collect();
     writes.push(Write { key: format!("e/{}", event.id), value: Some(entry.into_bytes()) });
     writes
 }
