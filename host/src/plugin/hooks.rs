@@ -110,10 +110,16 @@ impl PluginHost {
     ) -> Result<Vec<StoredEvent>, Refusal> {
         let mut contributed: Vec<StoredEvent> = Vec::new();
         let mut wit_filters: Option<Vec<wit::Filter>> = None;
-        // A plugin that does not handle search sees the rest of a filter
-        // with `search`: policies still rule on the request.
+        // A policy (a plugin that manages no kinds) that does not handle
+        // search sees the rest of a filter with `search`, so it still rules
+        // on the request. A plugin that serves kinds and does not handle
+        // search never sees such a filter: the host would discard its
+        // answers to it, and what it hands out it may consume.
         let mut wit_filters_without_search: Option<Vec<wit::Filter>> = None;
+        let mut wit_filters_searchless: Option<Vec<wit::Filter>> = None;
         let has_search = filters.iter().any(|f| f.search.is_some());
+        let searchless: Vec<Filter> =
+            if has_search { filters.iter().filter(|f| f.search.is_none()).cloned().collect() } else { Vec::new() };
         // Plugins that manage kinds answer last: what they hand out can be
         // state they commit (the MLS gateway consumes KeyPackages), so every
         // other plugin's refusal must come first. Order among the rest is
@@ -129,6 +135,14 @@ impl PluginHost {
                 continue;
             }
             let managed = &loaded.info.managed_kinds;
+            let searches = slot.wants(wit::Hook::Search);
+            if has_search
+                && !searches
+                && !managed.is_empty()
+                && (searchless.is_empty() || !concerns(&loaded.info, &searchless))
+            {
+                continue;
+            }
             let names_managed = managed.is_empty()
                 || filters.iter().any(|f| f.kinds.as_ref().is_some_and(|k| k.iter().any(|k| managed.contains(k))));
             let degrade = |refusal: Refusal| match slot.config.on_req_failure {
@@ -150,15 +164,16 @@ impl PluginHost {
                 ReadPurpose::Count => wit::RequestPurpose::Count,
             };
             let ctx = caller.context(Some(sub_id), purpose);
-            let searches = slot.wants(wit::Hook::Search);
             let wf = if searches || !has_search {
                 wit_filters.get_or_insert_with(|| filters.iter().map(filter_to_wit).collect()).clone()
-            } else {
+            } else if managed.is_empty() {
                 wit_filters_without_search
                     .get_or_insert_with(|| {
                         filters.iter().map(filter_to_wit).map(|f| wit::Filter { search: None, ..f }).collect()
                     })
                     .clone()
+            } else {
+                wit_filters_searchless.get_or_insert_with(|| searchless.iter().map(filter_to_wit).collect()).clone()
             };
             let result = slot
                 .timed_call(&loaded, Hook::ProcessReq, admission, Some(caller), move |p, s| {

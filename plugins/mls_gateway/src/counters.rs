@@ -3,7 +3,7 @@
 //! (KeyPackage requests per hour under `rl/`, group messages per minute
 //! under `rate445/`). Old windows are pruned by housekeeping.
 
-use wasm_relay_plugin_sdk::*;
+use wasm_relay_plugin_sdk::v0_2::*;
 
 /// Adds one to a counter key; returns the new value.
 pub fn increment(key: &str) -> Result<u64, KvError> {

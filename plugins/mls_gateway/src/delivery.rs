@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use wasm_relay_plugin_sdk::*;
+use wasm_relay_plugin_sdk::v0_2::*;
 
 use crate::counters::increment;
 use crate::index::{MAX_ATTEMPTS, OwnerState, Record};
@@ -193,6 +193,7 @@ fn owners_asked(f: &Filter) -> Vec<String> {
             since: None,
             until: None,
             limit: None,
+            search: None,
         };
         events::query_events(&[lookup], 512).into_iter().map(|e| e.pubkey).collect()
     } else {

@@ -9,7 +9,7 @@
 //! what has expired, not the whole index (a shared store bills every read).
 
 use serde::{Deserialize, Serialize};
-use wasm_relay_plugin_sdk::*;
+use wasm_relay_plugin_sdk::v0_2::*;
 
 use crate::counters;
 use crate::rules::KeyPackageFacts;
@@ -220,6 +220,60 @@ pub fn apply_deletion(event: &Event) -> Result<(), Refused> {
         }
     }
     Err(Refused { kind: RefusalKind::Error, message: "the KeyPackage index is busy; retry".into(), counter: "busy" })
+}
+
+/// Drops the records of KeyPackages the relay removed (hook `on-removed`):
+/// deleted, expired, banned, vanished or replaced. Whatever removed them,
+/// the index then counts only what can still be served, with no store read
+/// per request to find out. Counted as `keypackages_removed_<reason>`.
+pub fn forget_removed(removed: &[RemovedEvent]) {
+    let mut owners: Vec<&str> = removed.iter().map(|r| r.pubkey.as_str()).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    for owner in owners {
+        let mine: Vec<&RemovedEvent> = removed.iter().filter(|r| r.pubkey == owner).collect();
+        for _ in 0..MAX_ATTEMPTS {
+            let state = match OwnerState::load(owner) {
+                Ok(state) => state,
+                Err(e) => {
+                    log(LogLevel::Warn, &format!("cannot drop removed KeyPackages of {owner}: {e:?}"));
+                    break;
+                }
+            };
+            let doomed: Vec<(&Record, &RemovedEvent)> = state
+                .records
+                .iter()
+                .filter_map(|r| mine.iter().find(|m| m.id == r.id).map(|m| (r, *m)))
+                .collect();
+            if doomed.is_empty() {
+                break;
+            }
+            let writes = doomed.iter().flat_map(|(r, _)| state.delete(r)).collect();
+            match state.commit(writes) {
+                Ok(true) => {
+                    for (_, why) in &doomed {
+                        host::count(&format!("keypackages_removed_{}", reason_name(why.reason)), 1);
+                    }
+                    break;
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    log(LogLevel::Warn, &format!("cannot drop removed KeyPackages of {owner}: {e:?}"));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn reason_name(reason: RemovalReason) -> &'static str {
+    match reason {
+        RemovalReason::Deleted => "deleted",
+        RemovalReason::Expired => "expired",
+        RemovalReason::Banned => "banned",
+        RemovalReason::Vanished => "vanished",
+        RemovalReason::Replaced => "replaced",
+    }
 }
 
 /// Entries housekeeping reads per prefix per tick: however large the index

@@ -10,6 +10,9 @@
 //!   exactly one 64-hex `h` tag.
 //! - `tick` expires KeyPackages and prunes rate-limit counters, a page at a
 //!   time.
+//! - Built for contract 0.2, it asks for `on-removed`: KeyPackages the relay
+//!   removes for any reason (an operator's ban, NIP-62, NIP-09, NIP-40, a
+//!   newer slot version) leave the index when they leave the store.
 //!
 //! # Who gets which KeyPackage: the per-device rule
 //!
@@ -54,7 +57,7 @@ mod index;
 mod key_package;
 mod rules;
 
-use wasm_relay_plugin_sdk::*;
+use wasm_relay_plugin_sdk::v0_2::*;
 
 pub const KIND_KEY_PACKAGE: u16 = 443;
 pub const KIND_KEY_PACKAGE_ADDRESSABLE: u16 = 30443;
@@ -188,6 +191,11 @@ impl Plugin for MlsGateway {
                     "Kind 445 events accepted per group (h tag) per minute; 0: unlimited",
                 ),
             ],
+            // Contract 0.2: KeyPackages the relay removes (banned, vanished,
+            // expired, deleted, replaced) leave the index at once.
+            hooks: vec![Hook::OnRemoved],
+            capabilities: vec![],
+            relay_info: Nip11Contribution { supported_nips: vec![], fields: vec![] },
         }
     }
 
@@ -223,6 +231,25 @@ impl Plugin for MlsGateway {
     fn tick(now: u64) {
         index::housekeeping(now);
     }
+
+    fn on_removed(events: Vec<RemovedEvent>) {
+        let key_packages: Vec<RemovedEvent> = events
+            .into_iter()
+            .filter(|e| matches!(e.kind, KIND_KEY_PACKAGE | KIND_KEY_PACKAGE_ADDRESSABLE))
+            .collect();
+        index::forget_removed(&key_packages);
+    }
+
+    // Hooks the gateway does not ask for: never called.
+    fn on_stored(_events: Vec<Event>) {}
+
+    fn on_connect(_conn: Connection) -> Decision {
+        accept()
+    }
+
+    fn on_auth(_ctx: RequestContext, _pubkey: String) -> Decision {
+        accept()
+    }
 }
 
 /// A refusal with the counter it is recorded under.
@@ -239,4 +266,4 @@ pub(crate) fn refusal(kind: RefusalKind, message: &str) -> Refused {
 // Exported only in the component: the crate's unit tests build for the
 // host, whose linker rejects the component's export names.
 #[cfg(target_family = "wasm")]
-export_plugin!(MlsGateway);
+export_plugin_v0_2!(MlsGateway);

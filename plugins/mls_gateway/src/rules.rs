@@ -2,7 +2,7 @@
 //! for group messages.
 
 use base64::Engine;
-use wasm_relay_plugin_sdk::*;
+use wasm_relay_plugin_sdk::v0_2::*;
 
 use crate::key_package::{self, Lifetime};
 use crate::{Refused, Settings};

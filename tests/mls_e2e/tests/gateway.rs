@@ -730,6 +730,67 @@ async fn a_banned_key_package_leaves_no_phantom_and_the_real_last_one_stays_serv
         let got = fetch_key_packages(&mut c, &format!("after-ban{i}"), &[&bob.pubkey()]).await;
         assert_eq!(got, vec![kept.id.to_hex()], "fetch {i}");
     }
+    // The gateway (contract 0.2, hook on-removed) dropped it from its index.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gateway_counter(&relay, "keypackages_removed_banned").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the gateway never heard of the ban");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gateway_counter(&relay, "keypackages_removed_banned").await, 1);
+}
+
+/// When Bob vanishes (NIP-62), his KeyPackages leave the gateway's index
+/// with him, whoever asks afterwards.
+#[tokio::test]
+async fn a_vanished_owners_key_packages_leave_the_index() {
+    let relay = gateway_relay(&[UNLIMITED]).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let t = now() - 100;
+    let kps = [
+        bob.key_package_shaped(&relay.url, 443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t + 1), |t| t),
+    ];
+    for kp in &kps {
+        publish_ok(&mut c, kp).await;
+    }
+    let vanish = bob.sign_raw(62, "", vec![vec!["relay".into(), relay.url.clone()]], None);
+    publish_ok(&mut c, &vanish).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gateway_counter(&relay, "keypackages_removed_vanished").await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the gateway kept a vanished owner's KeyPackages");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gateway_counter(&relay, "keypackages_removed_vanished").await, 2);
+    assert!(fetch_key_packages(&mut c, "after", &[&bob.pubkey()]).await.is_empty());
+}
+
+/// A NIP-50 search that names KeyPackage kinds reaches the search plugin,
+/// not the gateway: nothing is handed out for it, so nothing is consumed.
+#[tokio::test]
+async fn a_search_request_never_consumes_key_packages() {
+    let search = format!(
+        "[[plugins]]\nname = \"search\"\npath = {}\n",
+        serde_json::to_string(&plugin_path("search.wasm").display().to_string()).unwrap()
+    );
+    let config = search + &gateway_config(&plugin_path("mls_gateway.wasm"), &[UNLIMITED]);
+    let relay = TestRelay::start_with_config(&config).await;
+    let mut c = relay.client().await;
+    let bob = Member::new();
+    let t = now() - 100;
+    let (older, newer) = (
+        bob.key_package_shaped(&relay.url, 443, false, Some(t), |t| t),
+        bob.key_package_shaped(&relay.url, 443, false, Some(t + 10), |t| t),
+    );
+    publish_ok(&mut c, &older).await;
+    publish_ok(&mut c, &newer).await;
+    for i in 0..3 {
+        let filter = json!({"kinds": [443], "authors": [bob.pubkey()], "search": "anything"});
+        assert!(c.req_ids(&format!("search{i}"), vec![filter]).await.is_empty());
+    }
+    assert_eq!(gateway_counter(&relay, "keypackages_served").await, 0);
+    // The first real fetch still gets the newest.
+    assert_eq!(fetch_key_packages(&mut c, "real", &[&bob.pubkey()]).await, vec![newer.id.to_hex()]);
 }
 
 /// The first value of `e`'s tag `name`.
