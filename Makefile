@@ -15,7 +15,7 @@ PLUGIN_OUT := target/plugins
 # Plugin components and where they end up: target/plugins/<name>.wasm.
 # Shipped plugins (what `make run` and the bench load), then the test-only ones.
 SHIPPED_PLUGINS := mls-gateway kind-allowlist pinned-events search http-policy
-TEST_PLUGINS := probe future-wit notices
+TEST_PLUGINS := probe future-wit contract-hooks
 PLUGIN_CRATES := $(SHIPPED_PLUGINS) $(TEST_PLUGINS)
 
 # Plugins are WebAssembly components built for wasm32-wasip2. The Rust ones
@@ -68,11 +68,11 @@ $(PLUGIN_OUT)/faults_py.wasm: plugins/testing/faults_py/faults.py $(COMPONENTIZE
 
 # Test instruments, for `make test` only: the probe plugin twice (v1, v2) for
 # the hot-swap tests; future-wit targets a contract version the relay refuses;
-# notices counts the contract 0.2 notices it gets; faults-js and faults-py
+# contract-hooks counts the contract 0.2 hook calls it gets; faults-js and faults-py
 # misbehave in JavaScript and Python on request.
 test-plugins: plugins $(PLUGIN_OUT)/faults_js.wasm $(PLUGIN_OUT)/faults_py.wasm
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) $(addprefix -p ,$(TEST_PLUGINS))
-	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_BUILD)/notices.wasm $(PLUGIN_OUT)/
+	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_BUILD)/future_wit.wasm $(PLUGIN_BUILD)/contract_hooks.wasm $(PLUGIN_OUT)/
 	$(CARGO) build --profile plugin --target $(WASM_TARGET) -p probe --features v2
 	cp $(PLUGIN_BUILD)/probe.wasm $(PLUGIN_OUT)/probe_v2.wasm
 
@@ -101,7 +101,7 @@ test: test-plugins
 # rest, and a new replica's join time, on the Firestore emulator).
 # One cargo build makes the relay, the load generator and the criterion
 # executable, which then runs directly (`cargo bench` would build it again).
-bench: plugins
+bench: test-plugins
 	@if [ -z "$(ONLY)" ] || [ "$(ONLY)" = peer ]; then $(MAKE) --no-print-directory peers; fi
 	$(CARGO) build --release -p wasm-relay -p relay-bench --bins --benches
 	@if [ "$(ONLY)" != "calls" ]; then ./target/release/relay-bench $(ONLY); fi

@@ -128,7 +128,7 @@ async fn a_search_plugin_on_contract_0_2_answers_search_beside_a_0_1_policy() {
 /// and `on-stored` sees each stored event once.
 #[tokio::test]
 async fn on_stored_and_on_removed_see_every_change_with_its_reason() {
-    let config = plugin_entry("notices", &plugin_path("notices.wasm"), "", &[]);
+    let config = plugin_entry("contract-hooks", &plugin_path("contract_hooks.wasm"), "", &[]);
     let relay = TestRelay::start_with(Some(&config), &[("WASM_RELAY_NIPS__EXPIRATION_SWEEP_SECONDS", "1")]).await;
     let mut c = relay.client().await;
     let (alice, bob, carol) = (Keys::generate(), Keys::generate(), Keys::generate());
@@ -141,16 +141,16 @@ async fn on_stored_and_on_removed_see_every_change_with_its_reason() {
     for e in [&note, &profile, &newer_profile, &bobs, &soon] {
         c.publish_ok(e).await;
     }
-    counter_reaches(&relay, "notices", "removed_replaced", 1).await;
+    counter_reaches(&relay, "contract-hooks", "removed_replaced", 1).await;
     c.publish_ok(&sign(&alice, 5, "", &[&["e", &note.id.to_hex()]], now())).await;
-    counter_reaches(&relay, "notices", "removed_deleted", 1).await;
+    counter_reaches(&relay, "contract-hooks", "removed_deleted", 1).await;
     c.publish_ok(&sign(&bob, 62, "", &[&["relay", &relay.url]], now())).await;
-    counter_reaches(&relay, "notices", "removed_vanished", 1).await;
-    counter_reaches(&relay, "notices", "removed_expired", 1).await;
+    counter_reaches(&relay, "contract-hooks", "removed_vanished", 1).await;
+    counter_reaches(&relay, "contract-hooks", "removed_expired", 1).await;
     // Seven events stored: five notes and profiles, one deletion, one request to vanish.
-    counter_reaches(&relay, "notices", "stored_events", 7).await;
+    counter_reaches(&relay, "contract-hooks", "stored_events", 7).await;
     let dropped =
-        metric(&relay, "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"notices\"}").await;
+        metric(&relay, "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"contract-hooks\"}").await;
     assert_eq!(dropped, 0);
 }
 
@@ -159,7 +159,8 @@ async fn on_stored_and_on_removed_see_every_change_with_its_reason() {
 /// the rest is dropped and counted, never queued without bound.
 #[tokio::test]
 async fn a_slow_on_stored_plugin_lags_and_drops_without_holding_back_acknowledgements() {
-    let config = plugin_entry("notices", &plugin_path("notices.wasm"), "notice_queue = 8", &[("stall-ms", "500")]);
+    let config =
+        plugin_entry("contract-hooks", &plugin_path("contract_hooks.wasm"), "notice_queue = 8", &[("stall-ms", "500")]);
     let relay = TestRelay::start_with_config(&config).await;
     let mut c = relay.client().await;
     let k = Keys::generate();
@@ -168,10 +169,10 @@ async fn a_slow_on_stored_plugin_lags_and_drops_without_holding_back_acknowledge
         c.publish_ok(e).await;
     }
     assert_eq!(c.req_ids("all", vec![json!({"kinds": [1], "limit": 100})]).await.len(), 60);
-    let series = "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"notices\"}";
+    let series = "wasm_relay_plugin_notices_dropped_total{hook=\"on-stored\",plugin=\"contract-hooks\"}";
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let (seen, dropped) = (counter(&relay, "notices", "stored_events").await, metric(&relay, series).await);
+        let (seen, dropped) = (counter(&relay, "contract-hooks", "stored_events").await, metric(&relay, series).await);
         if seen + dropped == 60 {
             assert!(dropped > 0 && seen > 0, "seen {seen}, dropped {dropped}");
             break;
@@ -266,4 +267,52 @@ async fn an_http_policy_reaches_only_the_host_it_was_granted_and_times_out() {
     let timed_out = relay.wait_for_log("could not be asked").await;
     assert!(timed_out.contains("Timeout"), "{timed_out}");
     assert!(c.req("alive", vec![json!({"limit": 1})]).await.is_empty());
+}
+
+/// A contract 0.2 plugin sees each connection, with its upgrade headers,
+/// before the relay reads from it, and each NIP-42 authentication before it
+/// counts; it can refuse either.
+#[tokio::test]
+async fn on_connect_and_on_auth_let_a_plugin_refuse_connections_and_authentications() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (alice, mallory) = (Keys::generate(), Keys::generate());
+    let mallory_hex = mallory.public_key().to_hex();
+    let settings = [("refuse-header", "x-scraper"), ("refuse-auth", mallory_hex.as_str())];
+    let relay = TestRelay::start_with_config(&plugin_entry(
+        "contract-hooks",
+        &plugin_path("contract_hooks.wasm"),
+        "",
+        &settings,
+    ))
+    .await;
+
+    // A connection the plugin refuses: one NOTICE with the reason, then the
+    // relay closes it, before any AUTH challenge.
+    let mut request = relay.url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("x-scraper", "yes".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("the upgrade itself succeeds");
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        match message {
+            Message::Text(text) => got.push(serde_json::from_str::<Value>(&text).unwrap()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(got, vec![json!(["NOTICE", "blocked: connections with x-scraper are not welcome"])]);
+
+    // Anyone else connects; Alice authenticates, Mallory is refused.
+    let mut c = relay.client().await;
+    nostr45::authenticate(&mut c, &alice, &relay.url).await;
+    let refused = nostr45::auth_event(&mallory, &c.challenge.clone(), &relay.url, now());
+    let (ok, message) = nostr45::send_auth(&mut c, &refused).await;
+    assert!(!ok && message == "restricted: this key may not authenticate here", "{message}");
+    // Alice's gift wraps are hers to read; Mallory's would not be.
+    let wrap_for_mallory = nostr45::gift_wrap(&mallory, 10);
+    c.publish_ok(&wrap_for_mallory).await;
+    assert!(c.req_ids("w", vec![json!({"kinds": [1059], "#p": [mallory_hex]})]).await.is_empty());
+    assert_eq!(counter(&relay, "contract-hooks", "connections").await, 2);
+    assert_eq!(counter(&relay, "contract-hooks", "authentications").await, 2);
 }

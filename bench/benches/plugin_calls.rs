@@ -6,9 +6,10 @@
 //! written three times, `kind-allowlist` in Rust, JavaScript
 //! (componentize-js) and Python (componentize-py): first its component's
 //! size and load times, compiled and from the cache, then its `on-event`.
-//! Last, the contract 0.2 hooks, on the search plugin: `on-stored` with one
-//! note and with a full batch of 64 (it indexes them in its key-value store),
-//! `on-removed`, and `process-req` for a NIP-50 search.
+//! Last, the contract 0.2 hooks: each one's own cost on the contract-hooks
+//! test instrument (which only counts), then the search plugin's real work:
+//! `on-stored` with one note and with a full batch of 64 (it indexes them in
+//! its key-value store), `on-removed`, and `process-req` for a NIP-50 search.
 //!
 //! Run with `make bench` (after `make plugins`) or
 //! `cargo bench -p relay-bench --bench plugin_calls`.
@@ -182,6 +183,16 @@ fn contract_0_2_hooks(c: &mut Criterion) {
     rt.block_on(search.deliver_stored_now(&notes));
     let query = filter(serde_json::json!({"search": "relays notes", "limit": 10}));
     let access = ReadAccess::trusted(0);
+    let hooks = host(&rt, dir.path(), "contract-hooks", "contract_hooks.wasm");
+    let mut g = c.benchmark_group("contract 0.2 hook, own cost");
+    g.bench_function("on-connect", |b| {
+        b.to_async(&rt).iter(|| async { hooks.on_connect(&caller, &[]).await.unwrap() })
+    });
+    let pubkey = keys.public_key().to_hex();
+    g.bench_function("on-auth", |b| b.to_async(&rt).iter(|| async { hooks.on_auth(&caller, &pubkey).await.unwrap() }));
+    g.bench_function("on-stored (1 event)", |b| b.to_async(&rt).iter(|| hooks.deliver_stored_now(&notes[..1])));
+    g.bench_function("on-removed (1 event)", |b| b.to_async(&rt).iter(|| hooks.deliver_removed_now(&removed)));
+    g.finish();
     let mut g = c.benchmark_group("contract 0.2 hook, search plugin");
     g.bench_function("on-stored (1 note)", |b| b.to_async(&rt).iter(|| search.deliver_stored_now(&notes[..1])));
     g.bench_function("on-stored (batch of 64 notes)", |b| b.to_async(&rt).iter(|| search.deliver_stored_now(&notes)));

@@ -91,7 +91,9 @@ where
         }
     }
 
-    pub async fn run(mut self) {
+    /// Serves the connection until it ends. `headers` are the upgrade
+    /// request's, for plugins' `on-connect`.
+    pub async fn run(mut self, headers: Vec<(String, String)>) {
         let limits = self.relay.config.limits.clone();
         let (live_tx, mut live_rx) = mpsc::channel::<Delivery>(limits.send_queue_capacity);
         let overflowed = Arc::new(Notify::new());
@@ -106,6 +108,14 @@ where
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout / 2, idle_timeout / 2);
         let mut last_heard = tokio::time::Instant::now();
         let result: Result<(), WsError> = async {
+            if self.relay.plugins.wants_on_connect()
+                && let Err(refusal) = self.relay.plugins.on_connect(&self.caller, &headers).await
+            {
+                tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, reason = ?refusal, "connection refused by a plugin");
+                self.feed(message::notice_refused(&refusal)).await?;
+                self.flush().await?;
+                return Ok(());
+            }
             let challenge = message::auth(&self.challenge);
             self.feed(challenge).await?;
             self.flush().await?;
@@ -420,6 +430,9 @@ where
             return self.feed(message::ok_refused(&id, &reply)).await;
         }
         if !self.authed.contains(&pubkey) {
+            if let Err(refusal) = self.relay.plugins.on_auth(&self.caller, &event.pubkey.to_hex()).await {
+                return self.feed(message::ok_refused(&id, &refusal)).await;
+            }
             self.authed.push(pubkey);
             self.caller.authed_pubkeys.push(event.pubkey.to_hex());
             self.relay.fanout.set_authed(self.id, self.authed.clone());

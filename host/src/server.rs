@@ -344,6 +344,15 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
     };
     let accept = derive_accept_key(key.as_bytes());
     let max_message = relay.config.limits.max_message_length;
+    // Headers for plugins' `on-connect`, collected only when one asks.
+    let headers: Vec<(String, String)> = if relay.plugins.wants_on_connect() {
+        req.headers()
+            .iter()
+            .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     tokio::spawn(async move {
         match hyper::upgrade::on(&mut req).await {
             Ok(upgraded) => {
@@ -358,7 +367,7 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
                 ws_config.write_buffer_size = 16 * 1024;
                 ws_config.max_write_buffer_size = 8 * 1024 * 1024;
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-                Connection::new(relay, ws, remote).run().await;
+                Connection::new(relay, ws, remote).run(headers).await;
                 drop(permit);
             }
             Err(e) => tracing::debug!(%remote, error = %e, "websocket upgrade failed"),

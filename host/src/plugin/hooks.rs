@@ -55,6 +55,55 @@ impl PluginHost {
         Ok(())
     }
 
+    /// Whether a plugin asks for `on-connect`: only then are a connection's
+    /// upgrade headers collected.
+    pub fn wants_on_connect(&self) -> bool {
+        self.slots.iter().any(|s| s.wants(wit::Hook::OnConnect))
+    }
+
+    /// Runs `on-connect` of every plugin that asked for it, in configuration
+    /// order, before the relay reads anything from the connection. `Err` is
+    /// why it is refused. A plugin that cannot answer refuses the
+    /// connection: it may be the relay's gate.
+    pub async fn on_connect(&self, caller: &Caller, headers: &[(String, String)]) -> Result<(), Refusal> {
+        let conn = wit::Connection {
+            connection_id: caller.connection_id,
+            remote_addr: caller.remote_addr.clone(),
+            headers: headers.to_vec(),
+        };
+        for slot in self.slots.iter().filter(|s| s.wants(wit::Hook::OnConnect)) {
+            let loaded = slot.current();
+            let admission = slot.admit(Some(caller)).map_err(|why| why.refusal(&slot.config.name))?;
+            let conn = conn.clone();
+            let result = slot
+                .timed_call(&loaded, Hook::OnConnect, admission, Some(caller), move |p, s| {
+                    Box::pin(async move { p.call_on_connect(s, &conn).await })
+                })
+                .await;
+            decided(&slot.config.name, result, "connection")?;
+        }
+        Ok(())
+    }
+
+    /// Runs `on-auth` of every plugin that asked for it once `pubkey` has
+    /// proved itself with NIP-42 on `caller`'s connection. `Err` refuses the
+    /// authentication.
+    pub async fn on_auth(&self, caller: &Caller, pubkey: &str) -> Result<(), Refusal> {
+        for slot in self.slots.iter().filter(|s| s.wants(wit::Hook::OnAuth)) {
+            let loaded = slot.current();
+            let admission = slot.admit(Some(caller)).map_err(|why| why.refusal(&slot.config.name))?;
+            let ctx = caller.context(None, wit::RequestPurpose::Event);
+            let pubkey = pubkey.to_owned();
+            let result = slot
+                .timed_call(&loaded, Hook::OnAuth, admission, Some(caller), move |p, s| {
+                    Box::pin(async move { p.call_on_auth(s, &ctx, &pubkey).await })
+                })
+                .await;
+            decided(&slot.config.name, result, "authentication")?;
+        }
+        Ok(())
+    }
+
     /// Whether `event` is a NIP-09 deletion that names no event or address
     /// of the `managed` kinds (looked up in the store), so a plugin managing
     /// those kinds need not see it. A plugin managing nothing sees every
@@ -329,6 +378,20 @@ impl PluginHost {
 /// Events a deletion may name and still be stored while the plugin that
 /// would check it is unavailable (each is looked up in the store).
 const MAX_LOOKUPS_WHILE_UNAVAILABLE: usize = 64;
+
+/// A plugin's decision on a connection or an authentication (`what`), or
+/// why it could not decide.
+fn decided(plugin: &str, result: Result<wit::Decision, CallFailure>, what: &str) -> Result<(), Refusal> {
+    match result {
+        Ok(wit::Decision::Accept) => Ok(()),
+        Ok(wit::Decision::Reject(r)) => Err(Refusal::from(r)),
+        Err(CallFailure::Busy(_)) => Err(Unavailable::Busy.refusal(plugin)),
+        Err(failure) => Err(Refusal::error(format!(
+            "plugin '{plugin}' failed ({}) while checking this {what}; try again later",
+            failure.summary()
+        ))),
+    }
+}
 
 /// Whether `event` may answer a request with `filters`, as selected by a
 /// plugin: a search plugin vouches for `search` (every other field is

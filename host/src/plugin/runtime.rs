@@ -390,16 +390,8 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
             if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
         )));
     }
-    // Parts of contract 0.2 this relay does not provide yet: refused by
-    // name rather than accepted and never called.
-    for hook in &info.hooks {
-        if matches!(hook, wit::Hook::OnConnect | wit::Hook::OnAuth) {
-            return Err(LoadError::Invalid(format!(
-                "the plugin asks for the hook {}, which this relay does not call yet",
-                super::hook_name(*hook)
-            )));
-        }
-    }
+    // The part of contract 0.2 this relay does not provide yet: refused by
+    // name rather than accepted and never honoured.
     if info.capabilities.iter().any(|c| matches!(c, wit::Capability::Publish)) {
         return Err(LoadError::Invalid(
             "the plugin asks for the capability publish, which this relay cannot grant yet".into(),

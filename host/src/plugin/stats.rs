@@ -11,10 +11,13 @@ pub enum Hook {
     Tick = 2,
     OnStored = 3,
     OnRemoved = 4,
+    OnConnect = 5,
+    OnAuth = 6,
 }
 
 impl Hook {
-    const ALL: [Hook; 5] = [Hook::OnEvent, Hook::ProcessReq, Hook::Tick, Hook::OnStored, Hook::OnRemoved];
+    const ALL: [Hook; 7] =
+        [Hook::OnEvent, Hook::ProcessReq, Hook::Tick, Hook::OnStored, Hook::OnRemoved, Hook::OnConnect, Hook::OnAuth];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -23,6 +26,8 @@ impl Hook {
             Hook::Tick => "tick",
             Hook::OnStored => "on-stored",
             Hook::OnRemoved => "on-removed",
+            Hook::OnConnect => "on-connect",
+            Hook::OnAuth => "on-auth",
         }
     }
 }
@@ -36,8 +41,8 @@ pub struct PluginStats {
     pub counters: Arc<PluginCounters>,
     /// Per-hook call counters and latency histograms, resolved once: every
     /// plugin call updates them, so no label lookup on that path.
-    calls: [prometheus::IntCounter; 5],
-    call_seconds: [prometheus::Histogram; 5],
+    calls: [prometheus::IntCounter; 7],
+    call_seconds: [prometheus::Histogram; 7],
 }
 
 impl PluginStats {

@@ -240,11 +240,8 @@ pub fn forget_removed(removed: &[RemovedEvent]) {
                     break;
                 }
             };
-            let doomed: Vec<(&Record, &RemovedEvent)> = state
-                .records
-                .iter()
-                .filter_map(|r| mine.iter().find(|m| m.id == r.id).map(|m| (r, *m)))
-                .collect();
+            let doomed: Vec<(&Record, &RemovedEvent)> =
+                state.records.iter().filter_map(|r| mine.iter().find(|m| m.id == r.id).map(|m| (r, *m))).collect();
             if doomed.is_empty() {
                 break;
             }

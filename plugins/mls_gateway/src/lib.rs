@@ -233,10 +233,8 @@ impl Plugin for MlsGateway {
     }
 
     fn on_removed(events: Vec<RemovedEvent>) {
-        let key_packages: Vec<RemovedEvent> = events
-            .into_iter()
-            .filter(|e| matches!(e.kind, KIND_KEY_PACKAGE | KIND_KEY_PACKAGE_ADDRESSABLE))
-            .collect();
+        let key_packages: Vec<RemovedEvent> =
+            events.into_iter().filter(|e| matches!(e.kind, KIND_KEY_PACKAGE | KIND_KEY_PACKAGE_ADDRESSABLE)).collect();
         index::forget_removed(&key_packages);
     }
 

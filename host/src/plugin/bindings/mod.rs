@@ -110,6 +110,31 @@ impl PluginExports {
         }
     }
 
+    /// Hook `on-connect`; a 0.1 plugin cannot ask for it, so it accepts.
+    pub async fn call_on_connect(
+        &self,
+        store: &mut Store<PluginState>,
+        conn: &types::Connection,
+    ) -> wasmtime::Result<types::Decision> {
+        match self {
+            Self::V0_1(_) => Ok(types::Decision::Accept),
+            Self::V0_2(p) => p.nostr_relay_plugin_plugin().call_on_connect(store, conn).await,
+        }
+    }
+
+    /// Hook `on-auth`; a 0.1 plugin cannot ask for it, so it accepts.
+    pub async fn call_on_auth(
+        &self,
+        store: &mut Store<PluginState>,
+        ctx: &types::RequestContext,
+        pubkey: &str,
+    ) -> wasmtime::Result<types::Decision> {
+        match self {
+            Self::V0_1(_) => Ok(types::Decision::Accept),
+            Self::V0_2(p) => p.nostr_relay_plugin_plugin().call_on_auth(store, ctx, pubkey).await,
+        }
+    }
+
     /// Hook `on-stored`; a 0.1 plugin cannot ask for it, so it gets nothing.
     pub async fn call_on_stored(
         &self,
