@@ -316,3 +316,36 @@ async fn on_connect_and_on_auth_let_a_plugin_refuse_connections_and_authenticati
     assert_eq!(counter(&relay, "contract-hooks", "connections").await, 2);
     assert_eq!(counter(&relay, "contract-hooks", "authentications").await, 2);
 }
+
+/// A plugin granted `publish` has the relay sign and store an event with the
+/// relay's own key (which the plugin never sees); without the grant, or
+/// without a relay key, nothing is published.
+#[tokio::test]
+async fn a_plugin_granted_publish_has_the_relay_sign_with_its_own_key() {
+    let relay_keys = Keys::generate();
+    let hooks = plugin_path("contract_hooks.wasm");
+    let settings = [("publish-on-connect", "a notice from the relay")];
+    let info = format!("[info]\nsecret_key = \"{}\"\n", relay_keys.secret_key().to_secret_hex());
+    let granted = info.clone() + &plugin_entry("contract-hooks", &hooks, "grants = { publish = true }", &settings);
+    let relay = TestRelay::start_with_config(&granted).await;
+    let mut c = relay.client().await;
+    counter_reaches(&relay, "contract-hooks", "published", 1).await;
+    let got = c.req("from-relay", vec![json!({"#t": ["from-relay"]})]).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["pubkey"], relay_keys.public_key().to_hex());
+    assert_eq!(got[0]["content"], "a notice from the relay");
+
+    // Asked for but not granted: the relay warns at load and publishes nothing.
+    let relay = TestRelay::start_with_config(&(info + &plugin_entry("contract-hooks", &hooks, "", &settings))).await;
+    relay.wait_for_log("its grant differ").await;
+    let mut c = relay.client().await;
+    counter_reaches(&relay, "contract-hooks", "publish_not_granted", 1).await;
+    assert!(c.req("none", vec![json!({"#t": ["from-relay"]})]).await.is_empty());
+
+    // Granted, but the relay has no key.
+    let relay =
+        TestRelay::start_with_config(&plugin_entry("contract-hooks", &hooks, "grants = { publish = true }", &settings))
+            .await;
+    let _c = relay.client().await;
+    counter_reaches(&relay, "contract-hooks", "publish_no_relay_key", 1).await;
+}

@@ -317,9 +317,24 @@ fn plugin_check_prints_info_and_names_what_is_wrong() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("name:          mls-gateway"), "{stdout}");
-    assert!(stdout.contains("wit:           nostr-relay:plugin@0.1.0"), "{stdout}");
+    assert!(stdout.contains("wit:           nostr-relay:plugin@0.2.0"), "{stdout}");
     assert!(stdout.contains("managed kinds: [443, 30443]"), "{stdout}");
     assert!(stdout.contains("setting:       max_keypackages_per_author = 8"), "{stdout}");
+    assert!(stdout.contains("hooks:         on-removed"), "{stdout}");
+    assert!(stdout.contains("capabilities:  none asked"), "{stdout}");
+    // A plugin built for contract 0.1 checks as 0.1.
+    let out = cli(&["plugin", "check", plugin_path("kind_allowlist.wasm").to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("wit:           nostr-relay:plugin@0.1.0") && stdout.contains("hooks:         none"),
+        "{stdout}"
+    );
+    // One that asks for capabilities names them.
+    let out = cli(&["plugin", "check", plugin_path("http_policy.wasm").to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("capabilities:  outbound-http to 127.0.0.1:8089 (asked;"), "{stdout}");
 
     let out = cli(&["plugin", "check", plugin_path("future_wit.wasm").to_str().unwrap()]);
     let (_, stderr) = text(&out);
@@ -502,7 +517,7 @@ fn plugin_list_loads_every_configured_plugin() {
     let out = cli(&["--config", config.to_str().unwrap(), "plugin", "list"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.starts_with("mls-gateway\t") && stdout.contains("mls-gateway 0.1.0\twit@0.1.0"), "{stdout}");
+    assert!(stdout.starts_with("mls-gateway\t") && stdout.contains("mls-gateway 0.1.0\twit@0.2.0"), "{stdout}");
 
     let both = entry("mls-gateway", &plugin_path("mls_gateway.wasm")) + &entry("old", &plugin_path("future_wit.wasm"));
     std::fs::write(&config, both).unwrap();

@@ -353,6 +353,10 @@ pub struct PluginGrants {
     /// and 443) or `name:port`.
     #[serde(default)]
     pub outbound_http: Vec<String>,
+    /// The plugin may ask the relay to sign and publish events with its own
+    /// key (`info.secret_key`).
+    #[serde(default)]
+    pub publish: bool,
 }
 
 /// A plugin setting: TOML strings, numbers and booleans are all accepted and
@@ -541,6 +545,10 @@ pub struct RelayInfo {
     /// Operator's hex public key, if any.
     pub pubkey: Option<String>,
     pub contact: Option<String>,
+    /// The relay's own secret key (64 hex or `nsec`), with which it signs
+    /// what plugins granted `publish` ask it to publish. Never serialized.
+    #[serde(skip_serializing)]
+    pub secret_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -610,6 +618,7 @@ impl Default for RelayInfo {
             description: "A Nostr relay extended by WebAssembly plugins".into(),
             pubkey: None,
             contact: None,
+            secret_key: None,
         }
     }
 }

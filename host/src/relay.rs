@@ -52,9 +52,65 @@ pub struct Relay {
     next_connection: AtomicU64,
 }
 
+/// `host.publish`: events signed with the relay's own key for a plugin
+/// granted `publish`, through the same checks as a client's event (the
+/// operator's rules, every plugin's `on-event`) and the same writer.
+struct RelayPublisher {
+    relay: std::sync::Weak<Relay>,
+    keys: nostr::key::Keys,
+}
+
+#[async_trait::async_trait]
+impl crate::plugin::Publisher for RelayPublisher {
+    async fn publish(
+        &self,
+        kind: u16,
+        tags: Vec<Vec<String>>,
+        content: String,
+    ) -> Result<String, crate::plugin::PublishError> {
+        use crate::plugin::PublishError;
+        use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
+        let refused = |refusal: Refusal| PublishError::Refused(refusal);
+        let Some(relay) = self.relay.upgrade() else {
+            return Err(refused(Refusal::error("the relay is shutting down")));
+        };
+        let tags: Vec<Tag> = tags
+            .into_iter()
+            .map(|t| Tag::parse(t).map_err(|e| refused(Refusal::invalid(format!("bad tag: {e}")))))
+            .collect::<Result<_, _>>()?;
+        let event = EventBuilder::new(Kind::from(kind), content)
+            .tags(tags)
+            .finalize(&self.keys)
+            .map_err(|e| refused(Refusal::error(format!("signing failed: {e}"))))?;
+        let id = event.id.to_hex();
+        let loopback = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        relay.policy.check_write(loopback, &event).map_err(refused)?;
+        relay.plugins.on_event(&crate::plugin::Caller::relay(), &event).await.map_err(refused)?;
+        let accepted = Arc::new(crate::event::AcceptedEvent::new(event));
+        if crate::event::kind_class(kind) == crate::event::KindClass::Ephemeral {
+            relay.fanout.broadcast(0, &accepted);
+            return Ok(id);
+        }
+        let written = relay.ingest.submit(accepted).await.await;
+        match written {
+            Ok(Ok(crate::store::WriteOutcome::Stored | crate::store::WriteOutcome::Duplicate)) => Ok(id),
+            Ok(Ok(outcome)) => Err(refused(Refusal::blocked(format!("not stored: {outcome:?}")))),
+            Ok(Err(e)) => Err(refused(Refusal::error(format!("storage failed: {e}")))),
+            Err(_) => Err(refused(Refusal::error("the event writer stopped"))),
+        }
+    }
+}
+
 impl Relay {
     /// Opens the stores, loads the plugins and starts the writer.
     pub async fn open(config: Config) -> anyhow::Result<Arc<Self>> {
+        let relay_keys = match &config.info.secret_key {
+            Some(secret) => Some(
+                nostr::key::Keys::parse(secret.trim())
+                    .map_err(|e| anyhow::anyhow!("info.secret_key is not a secret key (64 hex or nsec): {e}"))?,
+            ),
+            None => None,
+        };
         let data_dir = &config.storage.data_dir;
         std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let store: Arc<dyn EventStore> = Arc::new(
@@ -137,6 +193,9 @@ impl Relay {
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();
+        if let Some(keys) = relay_keys {
+            relay.plugins.set_publisher(Arc::new(RelayPublisher { relay: Arc::downgrade(&relay), keys }));
+        }
         if let Some(replicator) = &relay.replicator {
             let source = CheckedSource { replicator: replicator.clone(), relay: Arc::downgrade(&relay) };
             relay.plugins.set_missing_event_source(Arc::new(source));

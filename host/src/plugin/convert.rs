@@ -78,6 +78,19 @@ pub fn filter_from_wit(f: &wit::Filter) -> Result<Filter, String> {
     Filter::parse(&Value::Object(map), FilterLimits { max_values: usize::MAX }).map_err(|e| e.0)
 }
 
+/// A relay refusal as plugins see it.
+pub fn refusal_to_wit(r: &Refusal) -> wit::Refusal {
+    let kind = match r.kind {
+        RefusalKind::Invalid => wit::RefusalKind::Invalid,
+        RefusalKind::Blocked => wit::RefusalKind::Blocked,
+        RefusalKind::RateLimited => wit::RefusalKind::RateLimited,
+        RefusalKind::AuthRequired => wit::RefusalKind::AuthRequired,
+        RefusalKind::Restricted => wit::RefusalKind::Restricted,
+        RefusalKind::Duplicate | RefusalKind::Error => wit::RefusalKind::Error,
+    };
+    wit::Refusal { kind, message: r.message.clone() }
+}
+
 impl From<wit::Refusal> for Refusal {
     fn from(r: wit::Refusal) -> Self {
         let kind = match r.kind {

@@ -31,6 +31,10 @@ pub struct PluginContext {
     pub output: Arc<super::guest_output::LogBudget>,
     /// Where its outbound HTTP requests may go.
     pub outbound: Arc<super::outgoing_http::OutboundPolicy>,
+    /// Where `host.publish` goes, once the relay is assembled.
+    pub publisher: Arc<OnceLock<Arc<dyn super::Publisher>>>,
+    /// Whether it asked for `publish` and was granted it (known after `info`).
+    pub may_publish: OnceLock<bool>,
 }
 
 /// Counters a plugin keeps through `host.count`, exported as Prometheus
@@ -346,10 +350,23 @@ impl host::Host for PluginState {
         Ok(ctx.settings.get(&name).cloned().or_else(|| ctx.defaults.get().and_then(|d| d.get(&name).cloned())))
     }
 
-    /// No plugin holds the `publish` capability: the loader refuses a
-    /// plugin that asks for it until the relay can sign with its own key.
-    async fn publish(&mut self, _draft: types::EventDraft) -> wasmtime::Result<Result<String, host::PublishError>> {
-        Ok(Err(host::PublishError::NotGranted))
+    async fn publish(&mut self, draft: types::EventDraft) -> wasmtime::Result<Result<String, host::PublishError>> {
+        if self.ctx.may_publish.get() != Some(&true) {
+            return Ok(Err(host::PublishError::NotGranted));
+        }
+        // No relay to publish through (`plugin check`, `plugin test`): as if
+        // the relay had no key.
+        let Some(publisher) = self.ctx.publisher.get().cloned() else {
+            return Ok(Err(host::PublishError::NoRelayKey));
+        };
+        let published = publisher.publish(draft.kind, draft.tags, draft.content).await;
+        tracing::debug!(plugin = %self.ctx.name, outcome = ?published, "a plugin published with the relay's key");
+        Ok(published.map_err(|e| match e {
+            super::PublishError::NoRelayKey => host::PublishError::NoRelayKey,
+            super::PublishError::Refused(refusal) => {
+                host::PublishError::Refused(super::convert::refusal_to_wit(&refusal))
+            }
+        }))
     }
 }
 

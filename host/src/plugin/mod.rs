@@ -74,6 +74,12 @@ impl Caller {
         Self { connection_id, authed_pubkeys: Vec::new(), remote_addr: remote.to_string(), ip: Some(remote.ip()) }
     }
 
+    /// The relay itself, publishing with its own key for a plugin: plugins
+    /// see connection 0 and the address `relay`.
+    pub fn relay() -> Self {
+        Self { connection_id: 0, authed_pubkeys: Vec::new(), remote_addr: "relay".into(), ip: None }
+    }
+
     /// The relay itself, applying an event another replica stored: plugins
     /// see connection 0 and the address `replica`.
     pub fn replica() -> Self {
@@ -106,6 +112,24 @@ pub enum ReadPurpose {
 #[async_trait::async_trait]
 pub trait EventSource: Send + Sync {
     async fn fetch(&self, id: &[u8; 32]) -> Result<Option<String>, String>;
+}
+
+/// Publishes an event signed with the relay's own key, through the relay's
+/// normal write path (`host.publish`); implemented by the assembled relay.
+#[async_trait::async_trait]
+pub trait Publisher: Send + Sync {
+    /// Signs and stores a `kind` event with `tags` and `content`, dated now;
+    /// returns its id (hex).
+    async fn publish(&self, kind: u16, tags: Vec<Vec<String>>, content: String) -> Result<String, PublishError>;
+}
+
+/// Why `host.publish` stored nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("the relay has no key of its own (info.secret_key)")]
+    NoRelayKey,
+    #[error("refused: {0:?}")]
+    Refused(Refusal),
 }
 
 /// A hook's name as the contract spells it.
@@ -157,6 +181,9 @@ pub struct PluginStatus {
     /// Hosts it asks to reach over HTTP, and those it may (asked and granted).
     pub outbound_http_asked: Vec<String>,
     pub outbound_http_granted: Vec<String>,
+    /// Whether it asks to publish with the relay's key, and may.
+    pub publish_asked: bool,
+    pub publish_granted: bool,
     /// Not being called: turned off by an operator, or its circuit is open.
     pub disabled: bool,
     /// Its managed kinds are served by the ordinary read paths (rollback).
@@ -405,6 +432,11 @@ impl PluginHost {
         self.slots.is_empty()
     }
 
+    /// Where `host.publish` sends what plugins granted `publish` ask for.
+    pub fn set_publisher(&self, publisher: Arc<dyn Publisher>) {
+        let _ = self.runtime.publisher.set(publisher);
+    }
+
     /// Where to look for `filter-query` ids missing from the local store.
     pub fn set_missing_event_source(&self, source: Arc<dyn EventSource>) {
         let _ = self.runtime.missing_events.set(source.clone());
@@ -443,6 +475,8 @@ impl PluginHost {
                     hooks: c.info.hooks.iter().map(|h| hook_name(*h)).collect(),
                     outbound_http_asked: runtime::asked_hosts(&c.info),
                     outbound_http_granted: c.granted_hosts.clone(),
+                    publish_asked: c.info.capabilities.iter().any(|c| matches!(c, wit::Capability::Publish)),
+                    publish_granted: c.publish_granted,
                     disabled: s.disabled.load(Ordering::Relaxed) || s.breaker.is_open(),
                     managed_kinds_released: s.released.load(Ordering::Relaxed),
                     circuit: s.breaker.describe(),

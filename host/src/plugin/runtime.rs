@@ -105,6 +105,8 @@ pub struct PluginRuntime {
     cache_in_use: Arc<Mutex<std::collections::HashSet<PathBuf>>>,
     /// Where `events.get-event` looks for events not (yet) in the local store.
     pub(crate) missing_events: Arc<OnceLock<Arc<dyn super::EventSource>>>,
+    /// Where `host.publish` goes (set once the relay is assembled).
+    pub(crate) publisher: Arc<OnceLock<Arc<dyn super::Publisher>>>,
 }
 
 impl PluginRuntime {
@@ -137,6 +139,7 @@ impl PluginRuntime {
             cache_max_bytes: u64::MAX,
             cache_in_use: Default::default(),
             missing_events: Arc::new(OnceLock::new()),
+            publisher: Arc::new(OnceLock::new()),
         })
     }
 
@@ -217,6 +220,8 @@ impl PluginRuntime {
             defaults: OnceLock::new(),
             counters,
             missing_events: self.missing_events.clone(),
+            publisher: self.publisher.clone(),
+            may_publish: OnceLock::new(),
             output: super::guest_output::LogBudget::new(&config.name),
             outbound: Arc::new(super::outgoing_http::OutboundPolicy::new(
                 &config.name,
@@ -233,6 +238,7 @@ impl PluginRuntime {
             info: empty_info(),
             wit_version,
             granted_hosts: Vec::new(),
+            publish_granted: false,
             hash,
             pre,
             ctx,
@@ -251,6 +257,17 @@ impl PluginRuntime {
         let granted = granted_hosts(&info, config);
         loaded.ctx.outbound.allow(granted.clone());
         loaded.granted_hosts = granted;
+        let asks_publish = info.capabilities.iter().any(|c| matches!(c, wit::Capability::Publish));
+        if asks_publish != config.grants.publish {
+            tracing::warn!(
+                plugin = %config.name,
+                asked = asks_publish,
+                granted = config.grants.publish,
+                "the plugin's publish capability and its grant differ; it may publish only when both say so"
+            );
+        }
+        let _ = loaded.ctx.may_publish.set(asks_publish && config.grants.publish);
+        loaded.publish_granted = asks_publish && config.grants.publish;
         let defaults: HashMap<String, String> =
             info.settings.iter().map(|s| (s.name.clone(), s.default_value.clone())).collect();
         let _ = loaded.ctx.defaults.set(defaults);
@@ -392,11 +409,6 @@ fn validate_info(info: &wit::PluginInfo, config: &PluginConfig) -> Result<(), Lo
     }
     // The part of contract 0.2 this relay does not provide yet: refused by
     // name rather than accepted and never honoured.
-    if info.capabilities.iter().any(|c| matches!(c, wit::Capability::Publish)) {
-        return Err(LoadError::Invalid(
-            "the plugin asks for the capability publish, which this relay cannot grant yet".into(),
-        ));
-    }
     if info.tick_interval_seconds == Some(0) {
         return Err(LoadError::Invalid("tick-interval-seconds must be at least 1".into()));
     }
@@ -432,6 +444,8 @@ pub struct LoadedPlugin {
     pub wit_version: String,
     /// Hosts it may reach over HTTP: asked for and granted.
     pub granted_hosts: Vec<String>,
+    /// It may publish with the relay's key: asked for and granted.
+    pub publish_granted: bool,
     /// sha256 of the component file.
     pub hash: String,
     pre: PluginExportsPre,

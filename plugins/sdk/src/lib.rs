@@ -59,6 +59,8 @@ pub mod v0_2 {
     /// The WIT package version these bindings build against.
     pub const WIT_VERSION: &str = "0.2.0";
 
+    pub use nostr_relay::plugin::host::PublishError;
+
     crate::contract_helpers!();
 }
 

@@ -9,7 +9,11 @@
 //! - `refuse-header`: a connection whose upgrade request carries this header
 //!   is refused with `blocked:`;
 //! - `refuse-auth`: this pubkey's NIP-42 authentication is refused with
-//!   `restricted:`.
+//!   `restricted:`;
+//! - `publish-on-connect`: on every connection, it asks the relay to publish
+//!   a kind 1 note with this content and tag `t` = `from-relay` (it asks for
+//!   the capability `publish` when this is set), and counts the outcome as
+//!   `published` or `publish_<error>`.
 
 use wasm_relay_plugin_sdk::v0_2::*;
 
@@ -33,9 +37,15 @@ impl Plugin for ContractHooks {
                 spec("stall-ms", "0", "Wait this long in every on-stored call"),
                 spec("refuse-header", "", "Refuse connections whose upgrade request has this header"),
                 spec("refuse-auth", "", "Refuse this pubkey's NIP-42 authentication"),
+                spec("publish-on-connect", "", "Publish a note with this content on every connection"),
             ],
             hooks: vec![Hook::OnStored, Hook::OnRemoved, Hook::OnConnect, Hook::OnAuth],
-            capabilities: vec![],
+            // Settings read in `info` are the operator's (defaults are not known yet).
+            capabilities: if host::setting("publish-on-connect").is_some_and(|c| !c.is_empty()) {
+                vec![Capability::Publish]
+            } else {
+                vec![]
+            },
             relay_info: Nip11Contribution { supported_nips: vec![], fields: vec![] },
         }
     }
@@ -74,6 +84,16 @@ impl Plugin for ContractHooks {
 
     fn on_connect(conn: Connection) -> Decision {
         host::count("connections", 1);
+        if let Some(content) = host::setting("publish-on-connect").filter(|c| !c.is_empty()) {
+            let draft = EventDraft { kind: 1, tags: vec![vec!["t".into(), "from-relay".into()]], content };
+            let outcome = match host::publish(&draft) {
+                Ok(_) => "published",
+                Err(PublishError::NotGranted) => "publish_not_granted",
+                Err(PublishError::NoRelayKey) => "publish_no_relay_key",
+                Err(PublishError::Refused(_)) => "publish_refused",
+            };
+            host::count(outcome, 1);
+        }
         let refused = host::setting("refuse-header").unwrap_or_default();
         if !refused.is_empty() && conn.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case(&refused)) {
             return reject(RefusalKind::Blocked, format!("connections with {refused} are not welcome"));
