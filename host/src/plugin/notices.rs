@@ -52,6 +52,10 @@ impl NoticeRouter {
 }
 
 impl StoreObserver for NoticeRouter {
+    fn wants_stored(&self) -> bool {
+        self.queues.iter().any(|(slot, _)| slot.wants(wit::Hook::OnStored))
+    }
+
     fn committed(&self, stored: &[Arc<AcceptedEvent>], removed: &[RemovedEvent]) {
         for (slot, queue) in &self.queues {
             if !stored.is_empty() && slot.wants(wit::Hook::OnStored) {

@@ -177,6 +177,9 @@ pub struct RemovedEvent {
 /// runs on the writer: it must only hand work off, never wait.
 pub trait StoreObserver: Send + Sync {
     fn committed(&self, stored: &[Arc<AcceptedEvent>], removed: &[RemovedEvent]);
+    /// Whether anyone wants stored events now; when not, the writer does
+    /// not collect them (a commit's removals are always reported).
+    fn wants_stored(&self) -> bool;
 }
 
 pub trait EventStore: Send + Sync + 'static {

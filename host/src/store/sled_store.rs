@@ -490,13 +490,13 @@ impl EventStore for SledEventStore {
             outcomes.push(WriteOutcome::Stored);
         }
         let stored: Vec<Arc<AcceptedEvent>> = match self.observer.get() {
-            Some(_) => events
+            Some(observer) if observer.wants_stored() => events
                 .iter()
                 .zip(&outcomes)
                 .filter(|(_, o)| **o == WriteOutcome::Stored)
                 .map(|(e, _)| e.clone())
                 .collect(),
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         self.commit(pending, &stored)?;
         Ok(outcomes)

@@ -129,9 +129,24 @@ impl Plugin for HttpPolicy {
 /// NIP-11 `posting_policy`, when the operator names a page.
 fn posting_policy() -> Vec<Nip11Field> {
     match host::setting("posting-policy").filter(|url| !url.trim().is_empty()) {
-        Some(url) => vec![Nip11Field { name: "posting_policy".into(), value_json: format!("{:?}", url.trim()) }],
+        Some(url) => vec![Nip11Field { name: "posting_policy".into(), value_json: json_string(url.trim()) }],
         None => vec![],
     }
+}
+
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// A decision as cached: `accept <until>` or `reject <until> <message>`.
@@ -210,3 +225,13 @@ fn ask(url: &Url, pubkey: &str) -> Result<(u16, String), String> {
 }
 
 export_plugin_v0_2!(HttpPolicy);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_string_escapes_what_json_requires_and_keeps_the_rest() {
+        assert_eq!(json_string("https://ex.example/é?a=\"b\"\\\n"), "\"https://ex.example/é?a=\\\"b\\\"\\\\\\u000a\"");
+    }
+}
