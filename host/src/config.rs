@@ -44,6 +44,7 @@ pub struct Config {
     pub info: RelayInfo,
     pub log: LogConfig,
     pub nips: NipConfig,
+    pub negentropy: NegentropyConfig,
     pub rate_limits: RateLimits,
     pub access: AccessLists,
     pub plugin_runtime: PluginRuntimeConfig,
@@ -79,6 +80,38 @@ pub struct NipConfig {
 impl Default for NipConfig {
     fn default() -> Self {
         Self { gift_wrap_policy: GiftWrapPolicy::RecipientOnly, expiration_sweep_seconds: 60 }
+    }
+}
+
+/// NIP-77 set reconciliation (`NEG-OPEN` / `NEG-MSG` / `NEG-CLOSE`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NegentropyConfig {
+    /// Whether clients may reconcile; NIP-11 lists 77 only when they may.
+    pub enabled: bool,
+    /// The most events one session may reconcile over; a larger set is
+    /// refused with `NEG-ERR "blocked: ..."` (the client narrows its filter).
+    pub max_records: usize,
+    /// The most events all open sessions together may hold in memory
+    /// (about 40 bytes each); beyond it a new session is refused with
+    /// `rate-limited:` until others close.
+    pub max_records_in_memory: usize,
+    /// Bytes of one negentropy message the relay sends (before hex
+    /// encoding; at least 4096, 0 for no limit).
+    pub frame_size_limit: u64,
+    /// Sessions one connection may have open at once.
+    pub max_sessions_per_connection: usize,
+}
+
+impl Default for NegentropyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_records: 1_000_000,
+            max_records_in_memory: 4_000_000,
+            frame_size_limit: 60_000,
+            max_sessions_per_connection: 4,
+        }
     }
 }
 
@@ -680,6 +713,19 @@ impl Config {
         if l.max_pending_events_per_connection == 0 || l.send_queue_capacity < 16 {
             return fail(
                 "limits.max_pending_events_per_connection must be positive and send_queue_capacity at least 16",
+            );
+        }
+        let n = &self.negentropy;
+        if n.frame_size_limit != 0 && n.frame_size_limit < 4096 {
+            return fail("negentropy.frame_size_limit must be 0 (no limit) or at least 4096");
+        }
+        if n.frame_size_limit.saturating_mul(2) + 256 > l.max_message_length as u64 && n.frame_size_limit != 0 {
+            return fail("negentropy.frame_size_limit, hex-encoded, must fit in limits.max_message_length");
+        }
+        if n.max_sessions_per_connection == 0 || n.max_records == 0 || n.max_records_in_memory < n.max_records {
+            return fail(
+                "negentropy.max_sessions_per_connection and max_records must be positive, \
+                 and max_records_in_memory at least max_records",
             );
         }
         if self.metadata.backend == MetadataBackend::Firestore && self.firestore.project_id.is_empty() {

@@ -62,6 +62,8 @@ pub struct Connection<S> {
     dedup_pending: usize,
     /// Replies waiting to be flushed at the end of the current step.
     unflushed: bool,
+    /// Open NIP-77 reconciliations (their own id space, apart from REQs).
+    negentropy: crate::negentropy::Sessions,
 }
 
 enum Step {
@@ -88,6 +90,7 @@ where
             subs: HashMap::new(),
             dedup_pending: 0,
             unflushed: false,
+            negentropy: Default::default(),
         }
     }
 
@@ -317,6 +320,9 @@ where
             Ok(Parsed::Message(ClientMessage::Count { .. })) => Verb::Count,
             Ok(Parsed::Message(ClientMessage::Close { .. })) => Verb::Close,
             Ok(Parsed::Message(ClientMessage::Auth(_))) => Verb::Auth,
+            Ok(Parsed::Message(ClientMessage::NegOpen { .. })) => Verb::NegOpen,
+            Ok(Parsed::Message(ClientMessage::NegMsg { .. })) => Verb::NegMsg,
+            Ok(Parsed::Message(ClientMessage::NegClose { .. })) => Verb::NegClose,
             Err(_) => Verb::Invalid,
         };
         self.relay.metrics.messages_by_verb[verb as usize].inc();
@@ -333,6 +339,11 @@ where
                 self.relay.fanout.unsubscribe(self.id, &sub_id);
                 self.forget_sub(&sub_id);
             }
+            Ok(Parsed::Message(ClientMessage::NegOpen { sub_id, filter, message })) => {
+                self.on_neg_open(sub_id, filter, message).await?
+            }
+            Ok(Parsed::Message(ClientMessage::NegMsg { sub_id, message })) => self.on_neg_msg(sub_id, message).await?,
+            Ok(Parsed::Message(ClientMessage::NegClose { sub_id })) => self.negentropy.close(&sub_id),
         }
         Ok(Step::Continue)
     }
@@ -683,6 +694,89 @@ where
         }
     }
 
+    /// NIP-77 `NEG-OPEN`: answered with the first `NEG-MSG`, or `NEG-ERR`.
+    async fn on_neg_open(&mut self, sub_id: String, filter: serde_json::Value, message: String) -> Result<(), WsError> {
+        let started = std::time::Instant::now();
+        match self.open_reconciliation(&sub_id, filter, &message).await {
+            Ok(reply) => {
+                self.served(ReadPurpose::Reconcile, started);
+                self.feed(message::neg_msg(&sub_id, &reply)).await
+            }
+            Err(refusal) => self.refuse_reconciliation(&sub_id, &refusal).await,
+        }
+    }
+
+    /// A reconciliation is a read: the same checks as a REQ (id, filter,
+    /// rate limits, gift-wrap rules, policy plugins as for a COUNT), over
+    /// the same events a REQ could be served from the store, never
+    /// plugin-managed kinds. Building the set runs on the blocking pool and
+    /// takes a turn of the large reads.
+    async fn open_reconciliation(
+        &mut self,
+        sub_id: &str,
+        filter: serde_json::Value,
+        message: &str,
+    ) -> Result<Vec<u8>, Refusal> {
+        let config = self.relay.config.negentropy.clone();
+        if !config.enabled {
+            return Err(Refusal::blocked("this relay does not offer NIP-77 reconciliation; use REQ"));
+        }
+        let filters = self.read_filters(sub_id, std::slice::from_ref(&filter))?;
+        if filters[0].search.is_some() {
+            return Err(Refusal::invalid("a search (NIP-50) filter cannot be reconciled; drop the field"));
+        }
+        self.admit_read(&filters)?;
+        // NIP-77: a NEG-OPEN under an open id replaces that session.
+        self.negentropy.close(sub_id);
+        if self.negentropy.len() >= config.max_sessions_per_connection {
+            return Err(Refusal::blocked(format!(
+                "{} reconciliations are open on this connection, the most allowed; NEG-CLOSE one first",
+                self.negentropy.len()
+            )));
+        }
+        let first = crate::negentropy::decode_message(message, self.relay.config.limits.max_message_length)?;
+        let access = self.read_access();
+        if !self.relay.plugins.is_empty() {
+            self.relay.plugins.process_req(&self.caller, sub_id, ReadPurpose::Reconcile, &filters, &access).await?;
+        }
+        let filter = self.store_filters(&filters)[0].clone();
+        let slot = self.relay.heavy_reads.clone().acquire_owned().await;
+        let opening = crate::negentropy::Opening {
+            store: self.relay.store.clone(),
+            budget: self.relay.negentropy_budget.clone(),
+            config,
+            filter,
+            access,
+        };
+        let reply = self.negentropy.open(sub_id, opening, first).await;
+        drop(slot);
+        reply
+    }
+
+    /// NIP-77 `NEG-MSG`: the next message of an open session, or `NEG-ERR`
+    /// (the session is then closed).
+    async fn on_neg_msg(&mut self, sub_id: String, message: String) -> Result<(), WsError> {
+        let max = self.relay.config.limits.max_message_length;
+        let reply = match crate::negentropy::decode_message(&message, max) {
+            Ok(bytes) => self.negentropy.reconcile(&sub_id, bytes).await,
+            Err(refusal) => {
+                self.negentropy.close(&sub_id);
+                Err(refusal)
+            }
+        };
+        match reply {
+            Ok(reply) => self.feed(message::neg_msg(&sub_id, &reply)).await,
+            Err(refusal) => self.refuse_reconciliation(&sub_id, &refusal).await,
+        }
+    }
+
+    async fn refuse_reconciliation(&mut self, sub_id: &str, refusal: &Refusal) -> Result<(), WsError> {
+        let label = refusal.kind.prefix();
+        self.relay.metrics.reads.with_label_values(&["negentropy", label]).inc();
+        tracing::info!(target: "wasm_relay::refused", conn = self.id, remote = %self.remote, sub = sub_id, reason = ?refusal, "reconciliation refused");
+        self.feed(message::neg_err(sub_id, refusal)).await
+    }
+
     fn served(&self, purpose: ReadPurpose, started: std::time::Instant) {
         let label = purpose_label(purpose);
         self.relay.metrics.reads.with_label_values(&[label, "served"]).inc();
@@ -725,6 +819,7 @@ fn purpose_label(purpose: ReadPurpose) -> &'static str {
     match purpose {
         ReadPurpose::Req => "req",
         ReadPurpose::Count => "count",
+        ReadPurpose::Reconcile => "negentropy",
     }
 }
 

@@ -42,6 +42,7 @@ pub mod lease;
 pub mod message;
 pub mod metadata;
 pub mod metrics;
+pub mod negentropy;
 pub mod nip11;
 pub mod operator_lists;
 pub mod plugin;

@@ -25,6 +25,22 @@ pub enum ClientMessage<'a> {
     },
     /// NIP-42 authentication.
     Auth(&'a RawValue),
+    /// NIP-77: opens (or replaces) a reconciliation session over `filter`'s
+    /// events; `message` is the client's first negentropy message, in hex.
+    NegOpen {
+        sub_id: String,
+        filter: Value,
+        message: String,
+    },
+    /// NIP-77: the client's next negentropy message, in hex.
+    NegMsg {
+        sub_id: String,
+        message: String,
+    },
+    /// NIP-77: the client ends a session.
+    NegClose {
+        sub_id: String,
+    },
 }
 
 /// Why a message could not be read; sent back in a NOTICE.
@@ -51,7 +67,7 @@ pub fn parse_client_message(text: &str) -> Result<Parsed<'_>, MessageError> {
         return Err(MessageError("empty message array".into()));
     };
     let verb: String = serde_json::from_str(first.get()).map_err(|_| {
-        MessageError("the first element of a message must be a string (EVENT, REQ, COUNT, CLOSE)".into())
+        MessageError("the first element of a message must be a string (EVENT, REQ, COUNT, CLOSE, AUTH, NEG-*)".into())
     })?;
     match verb.as_str() {
         "EVENT" => {
@@ -88,6 +104,32 @@ pub fn parse_client_message(text: &str) -> Result<Parsed<'_>, MessageError> {
             }
             Ok(Parsed::Message(ClientMessage::Auth(parts[1])))
         }
+        "NEG-OPEN" => {
+            if parts.len() != 4 {
+                return Err(MessageError(
+                    "NEG-OPEN takes a subscription id, one filter and an initial message (NIP-77)".into(),
+                ));
+            }
+            let sub_id = sub_id(&parts, "NEG-OPEN")?;
+            let filter = serde_json::from_str::<Value>(parts[2].get())
+                .map_err(|e| MessageError(format!("NEG-OPEN: unreadable filter: {e}")))?;
+            let message = hex_text(parts[3], "NEG-OPEN")?;
+            Ok(Parsed::Message(ClientMessage::NegOpen { sub_id, filter, message }))
+        }
+        "NEG-MSG" => {
+            if parts.len() != 3 {
+                return Err(MessageError("NEG-MSG takes a subscription id and a message (NIP-77)".into()));
+            }
+            let sub_id = sub_id(&parts, "NEG-MSG")?;
+            let message = hex_text(parts[2], "NEG-MSG")?;
+            Ok(Parsed::Message(ClientMessage::NegMsg { sub_id, message }))
+        }
+        "NEG-CLOSE" => {
+            if parts.len() != 2 {
+                return Err(MessageError("NEG-CLOSE takes exactly one subscription id".into()));
+            }
+            Ok(Parsed::Message(ClientMessage::NegClose { sub_id: sub_id(&parts, "NEG-CLOSE")? }))
+        }
         other => Err(MessageError(format!("unknown message type \"{}\"", other.chars().take(32).collect::<String>()))),
     }
 }
@@ -96,6 +138,12 @@ fn sub_id(parts: &[&RawValue], verb: &str) -> Result<String, MessageError> {
     let raw = parts.get(1).ok_or_else(|| MessageError(format!("{verb} needs a subscription id")))?;
     serde_json::from_str::<String>(raw.get())
         .map_err(|_| MessageError(format!("{verb} subscription id must be a string")))
+}
+
+/// A negentropy message as sent: a JSON string of hex digits.
+fn hex_text(raw: &RawValue, verb: &str) -> Result<String, MessageError> {
+    serde_json::from_str::<String>(raw.get())
+        .map_err(|_| MessageError(format!("{verb}: the negentropy message must be a string of hex digits")))
 }
 
 /// A JSON string literal for `s`.
@@ -161,6 +209,16 @@ pub fn notice(message: &str) -> String {
     format!("[\"NOTICE\",{}]", json_string(message))
 }
 
+/// `["NEG-MSG", sub_id, hex]`.
+pub fn neg_msg(sub_id: &str, message: &[u8]) -> String {
+    format!("[\"NEG-MSG\",{},\"{}\"]", json_string(sub_id), hex::encode(message))
+}
+
+/// `["NEG-ERR", sub_id, "prefix: message"]`.
+pub fn neg_err(sub_id: &str, r: &Refusal) -> String {
+    format!("[\"NEG-ERR\",{},{}]", json_string(sub_id), json_string(&refusal_text(r)))
+}
+
 pub fn count(sub_id: &str, count: u64) -> String {
     format!("[\"COUNT\",{},{{\"count\":{count}}}]", json_string(sub_id))
 }
@@ -187,6 +245,21 @@ mod tests {
             Ok(Parsed::Message(ClientMessage::Count { .. }))
         ));
         assert!(matches!(parse_client_message(r#"["CLOSE","s"]"#), Ok(Parsed::Message(ClientMessage::Close { .. }))));
+        match parse_client_message(r#"["NEG-OPEN","n",{"kinds":[1]},"6100"]"#).unwrap() {
+            Parsed::Message(ClientMessage::NegOpen { sub_id, filter, message }) => {
+                assert_eq!((sub_id.as_str(), message.as_str()), ("n", "6100"));
+                assert_eq!(filter["kinds"][0], 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_client_message(r#"["NEG-MSG","n","61"]"#),
+            Ok(Parsed::Message(ClientMessage::NegMsg { .. }))
+        ));
+        assert!(matches!(
+            parse_client_message(r#"["NEG-CLOSE","n"]"#),
+            Ok(Parsed::Message(ClientMessage::NegClose { .. }))
+        ));
     }
 
     #[test]
@@ -202,6 +275,9 @@ mod tests {
             (r#"["REQ"]"#, "needs a subscription id"),
             (r#"["REQ",5,{}]"#, "must be a string"),
             (r#"["CLOSE"]"#, "exactly one"),
+            (r#"["NEG-OPEN","n",{}]"#, "initial message"),
+            (r#"["NEG-OPEN","n",{},61]"#, "hex digits"),
+            (r#"["NEG-MSG","n"]"#, "a message"),
         ] {
             let err = parse_client_message(text).unwrap_err().0;
             assert!(err.contains(expected), "{text}: {err}");

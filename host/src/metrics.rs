@@ -253,12 +253,25 @@ pub enum Verb {
     Count,
     Close,
     Auth,
+    NegOpen,
+    NegMsg,
+    NegClose,
     /// Not a client message this relay understands.
     Invalid,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 6] = [Verb::Event, Verb::Req, Verb::Count, Verb::Close, Verb::Auth, Verb::Invalid];
+    pub const ALL: [Verb; 9] = [
+        Verb::Event,
+        Verb::Req,
+        Verb::Count,
+        Verb::Close,
+        Verb::Auth,
+        Verb::NegOpen,
+        Verb::NegMsg,
+        Verb::NegClose,
+        Verb::Invalid,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -267,6 +280,9 @@ impl Verb {
             Verb::Count => "COUNT",
             Verb::Close => "CLOSE",
             Verb::Auth => "AUTH",
+            Verb::NegOpen => "NEG-OPEN",
+            Verb::NegMsg => "NEG-MSG",
+            Verb::NegClose => "NEG-CLOSE",
             Verb::Invalid => "invalid",
         }
     }

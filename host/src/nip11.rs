@@ -20,6 +20,10 @@ pub fn document(config: &Config, restricted_writes: bool, plugin_fields: &[(Stri
         // The management API (NIP-86, authorized with NIP-98) is on.
         nips.extend([86, 98]);
     }
+    if config.negentropy.enabled {
+        nips.push(77);
+    }
+    nips.sort_unstable();
     let mut doc = json!({
         "name": config.info.name,
         "description": config.info.description,

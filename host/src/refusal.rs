@@ -23,6 +23,8 @@ pub enum RefusalKind {
     Duplicate,
     /// The relay failed; nothing is wrong with the request.
     Error,
+    /// NIP-77: the reconciliation session is not (or no longer) open.
+    Closed,
 }
 
 impl RefusalKind {
@@ -36,6 +38,7 @@ impl RefusalKind {
             RefusalKind::Restricted => "restricted",
             RefusalKind::Duplicate => "duplicate",
             RefusalKind::Error => "error",
+            RefusalKind::Closed => "closed",
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Relay {
     /// The last `/ready` probe of the metadata store and when it ran: a
     /// probe of a shared (billed) store is reused for a while.
     pub metadata_probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// Records all open NIP-77 sessions hold.
+    pub negentropy_budget: Arc<crate::negentropy::RecordBudget>,
     next_connection: AtomicU64,
 }
 
@@ -172,6 +174,7 @@ impl Relay {
             config.limits.max_connections,
             config.limits.max_connections_per_ip,
         );
+        let negentropy_budget = crate::negentropy::RecordBudget::new(config.negentropy.max_records_in_memory);
         let relay = Arc::new(Self {
             config,
             store,
@@ -190,6 +193,7 @@ impl Relay {
             connections,
             admin_replays: Default::default(),
             metadata_probe: Default::default(),
+            negentropy_budget,
             next_connection: AtomicU64::new(1),
         });
         relay.start_housekeeping();

@@ -86,7 +86,7 @@ pub fn refusal_to_wit(r: &Refusal) -> wit::Refusal {
         RefusalKind::RateLimited => wit::RefusalKind::RateLimited,
         RefusalKind::AuthRequired => wit::RefusalKind::AuthRequired,
         RefusalKind::Restricted => wit::RefusalKind::Restricted,
-        RefusalKind::Duplicate | RefusalKind::Error => wit::RefusalKind::Error,
+        RefusalKind::Duplicate | RefusalKind::Error | RefusalKind::Closed => wit::RefusalKind::Error,
     };
     wit::Refusal { kind, message: r.message.clone() }
 }

@@ -175,7 +175,7 @@ impl PluginHost {
         // the configured order; only which refusal wins depends on it.
         let manages = |slot: &Arc<PluginSlot>| !slot.current().info.managed_kinds.is_empty();
         let policies = self.slots.iter().enumerate().filter(|(_, s)| !manages(s));
-        let serving = self.slots.iter().enumerate().filter(|(_, s)| manages(s));
+        let serving = self.slots.iter().enumerate().filter(|(_, s)| manages(s) && purpose != ReadPurpose::Reconcile);
         for (index, slot) in policies.chain(serving) {
             let loaded = slot.current();
             // A plugin whose kinds are released has nothing to serve: the
@@ -210,7 +210,7 @@ impl PluginHost {
             };
             let purpose = match purpose {
                 ReadPurpose::Req => wit::RequestPurpose::Req,
-                ReadPurpose::Count => wit::RequestPurpose::Count,
+                ReadPurpose::Count | ReadPurpose::Reconcile => wit::RequestPurpose::Count,
             };
             let ctx = caller.context(Some(sub_id), purpose);
             let wf = if searches || !has_search {

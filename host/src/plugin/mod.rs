@@ -97,11 +97,16 @@ impl Caller {
     }
 }
 
-/// Whether a read request is a REQ or a COUNT.
+/// What a read request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadPurpose {
     Req,
     Count,
+    /// NIP-77 `NEG-OPEN`: it reveals which events exist (ids and times),
+    /// not their content, so policies see it as a COUNT (contract 0.1 and
+    /// 0.2 have no other purpose for it). Plugins that manage kinds are not
+    /// asked: their kinds are never part of a reconciled set.
+    Reconcile,
 }
 
 /// Where the host looks for an event a plugin named in `filter-query` that

@@ -248,6 +248,17 @@ pub trait EventStore: Send + Sync + 'static {
     /// when the index cannot decide a filter on its own, and then dropped).
     fn count_filters(&self, filters: &[Filter], access: &ReadAccess) -> Result<u64, StoreError>;
 
+    /// `(created_at, id)` of every stored event matching `filter` (up to its
+    /// `limit`, if it has one) that `access` may see, in NIP-01 order, until
+    /// `visit` returns false: the set a NIP-77 session reconciles. Read from
+    /// the indexes; an event is read only when they cannot decide.
+    fn visit_refs(
+        &self,
+        filter: &Filter,
+        access: &ReadAccess,
+        visit: &mut dyn FnMut(u64, [u8; 32]) -> bool,
+    ) -> Result<(), StoreError>;
+
     /// [`EventStore::visit_filters`], collected.
     fn query_filters(
         &self,

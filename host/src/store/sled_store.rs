@@ -560,6 +560,25 @@ impl EventStore for SledEventStore {
         Ok(n)
     }
 
+    fn visit_refs(
+        &self,
+        filter: &Filter,
+        access: &ReadAccess,
+        visit: &mut dyn FnMut(u64, [u8; 32]) -> bool,
+    ) -> Result<(), StoreError> {
+        let limit = filter.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        if limit == 0 || filter.matches_nothing() {
+            return Ok(());
+        }
+        let mut cursor = self.cursor(filter, limit, false, access)?;
+        while let Some((created_at, id, _)) = cursor.next_entry()? {
+            if !visit(created_at, id) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn get(&self, id: &[u8; 32]) -> Result<Option<StoredEvent>, StoreError> {
         let Some(json) = self.load(id)? else { return Ok(None) };
         let event = parse(id, json.as_bytes())?;
