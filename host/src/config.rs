@@ -273,11 +273,15 @@ pub struct AdminConfig {
     pub max_body_bytes: usize,
     /// How long reading a request body may take, in seconds.
     pub body_timeout_seconds: u64,
+    /// The operator socket (`<data_dir>/admin.sock`, mode 0600): the CLI's
+    /// `export`, `import` and `sync` on a serving relay, and every
+    /// management method, for whoever can open the file.
+    pub socket: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { pubkeys: Vec::new(), max_body_bytes: 1024 * 1024, body_timeout_seconds: 10 }
+        Self { pubkeys: Vec::new(), max_body_bytes: 1024 * 1024, body_timeout_seconds: 10, socket: true }
     }
 }
 

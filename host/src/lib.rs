@@ -38,6 +38,7 @@ pub mod fanout;
 pub mod filter;
 pub mod firestore;
 pub mod ingest;
+pub mod intake;
 pub mod lease;
 pub mod message;
 pub mod metadata;
@@ -45,6 +46,8 @@ pub mod metrics;
 pub mod negentropy;
 pub mod nip11;
 pub mod operator_lists;
+#[cfg(unix)]
+pub mod operator_socket;
 pub mod plugin;
 pub mod plugin_fixtures;
 pub mod plugin_template;
@@ -54,6 +57,7 @@ pub mod relay;
 pub mod replication;
 pub mod server;
 pub mod store;
+pub mod sync;
 pub mod tools;
 
 pub use config::Config;

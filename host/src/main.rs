@@ -42,7 +42,9 @@ enum Command {
     /// Inspect plugin components.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Write every stored event as JSON lines (the relay must be stopped).
+    /// Write every stored event and tombstone as JSON lines: from the
+    /// relay serving the data directory (through its operator socket), or
+    /// from the store itself when no relay is serving it.
     Export {
         /// Data directory, overriding the configuration.
         #[arg(long)]
@@ -51,14 +53,32 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Store events from JSON lines, checking each signature (the relay must
-    /// be stopped).
+    /// Store events and tombstones from JSON lines: into the relay serving
+    /// the data directory, through its write path (every check, plugins'
+    /// hooks), or straight into the store (ids and signatures checked) when
+    /// no relay is serving it.
     Import {
         /// Data directory, overriding the configuration.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Input file of JSON lines; `-`: standard input.
         input: PathBuf,
+    },
+    /// Reconcile with another relay over NIP-77 and move the difference,
+    /// like `strfry sync`. Runs inside the relay serving the data directory
+    /// (through its operator socket), or in this process when none is.
+    Sync {
+        /// The other relay (ws:// or wss://).
+        url: String,
+        /// The events to reconcile, as a NIP-01 filter.
+        #[arg(long, default_value = "{}")]
+        filter: String,
+        /// down: fetch what the other relay has; up: send what it lacks.
+        #[arg(long, value_enum, default_value = "down")]
+        dir: wasm_relay::sync::Direction,
+        /// Data directory, overriding the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -196,6 +216,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { data_dir, output } => {
             let dir = data_dir.unwrap_or(config.storage.data_dir);
             let mut out = wasm_relay::tools::output(output.as_ref())?;
+            if let Some(socket) = runtime()?.block_on(wasm_relay::operator_socket::connect(&dir)) {
+                return online::export(socket, &mut out, &dir);
+            }
             // A replica's export starts with its position in the shared log.
             let position = wasm_relay::replication::snapshot::log_position(&dir);
             let (n, tombstones) = wasm_relay::tools::export(&dir, position, &mut out)?;
@@ -204,6 +227,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import { data_dir, input } => {
             let dir = data_dir.unwrap_or(config.storage.data_dir);
+            if let Some(socket) = runtime()?.block_on(wasm_relay::operator_socket::connect(&dir)) {
+                return online::import(socket, &input, &dir);
+            }
             // A replica's import goes to the shared log too, so every
             // replica receives the events (not tombstones: those stay here).
             let summary = if config.replication.enabled {
@@ -232,6 +258,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("import into {}: {summary}", dir.display());
             Ok(())
         }
+        Command::Sync { url, filter, dir, data_dir } => {
+            let filter: serde_json::Value =
+                serde_json::from_str(&filter).context("--filter is not JSON (a NIP-01 filter object)")?;
+            if let Some(dir) = data_dir {
+                config.storage.data_dir = dir;
+            }
+            let rt = runtime()?;
+            if let Some(socket) = rt.block_on(wasm_relay::operator_socket::connect(&config.storage.data_dir)) {
+                return online::sync(socket, &url, filter, dir);
+            }
+            // No relay serves this data directory: open it here, with its
+            // plugins, and sync through the same write path.
+            config.validate()?;
+            init_logging(&config);
+            rt.block_on(async {
+                let relay = wasm_relay::relay::Relay::open(config).await?;
+                let bar = online::sync_bar();
+                let mut report = |r: &wasm_relay::sync::SyncReport| online::show_sync(&bar, r);
+                let done = wasm_relay::sync::run(&relay, &url, &filter, dir, &mut report).await;
+                bar.finish_and_clear();
+                let done = done?;
+                eprintln!("{}", online::sync_summary(&done));
+                anyhow::Ok(())
+            })
+        }
         Command::Serve { bind, data_dir, plugins, settings } => {
             for (name, path) in plugins {
                 config.plugins.push(PluginConfig::new(name, path));
@@ -256,6 +307,140 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config);
             runtime()?.block_on(serve(config))
         }
+    }
+}
+
+/// The CLI's side of the operator socket: a relay is serving the data
+/// directory, so the work happens there.
+mod online {
+    use std::io::Write;
+    use std::path::Path;
+
+    use anyhow::Context;
+    use indicatif::{ProgressBar, ProgressStyle};
+    use serde_json::json;
+    use tokio::net::UnixStream;
+    use wasm_relay::operator_socket::call;
+    use wasm_relay::sync::{Direction, SyncReport};
+
+    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+        Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    }
+
+    fn spinner(what: &str) -> ProgressBar {
+        let bar = ProgressBar::new_spinner()
+            .with_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template"));
+        bar.set_message(what.to_owned());
+        bar
+    }
+
+    pub fn export(socket: UnixStream, out: &mut dyn Write, dir: &Path) -> anyhow::Result<()> {
+        let bar = spinner("exporting from the running relay");
+        let mut lines = 0u64;
+        let result = runtime()?.block_on(call(socket, json!({"method": "export"}), None, &mut |line| {
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+            lines += 1;
+            if lines.is_multiple_of(10_000) {
+                bar.set_message(format!("{lines} lines exported from the running relay"));
+            }
+            Ok(())
+        }))?;
+        out.flush()?;
+        bar.finish_and_clear();
+        eprintln!(
+            "exported {} events and {} tombstones from the relay serving {}",
+            result["events"],
+            result["tombstones"],
+            dir.display()
+        );
+        Ok(())
+    }
+
+    pub fn import(socket: UnixStream, input: &Path, dir: &Path) -> anyhow::Result<()> {
+        let rt = runtime()?;
+        let (body, len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if input == Path::new("-") {
+            (Box::new(tokio::io::stdin()), None)
+        } else {
+            let file =
+                rt.block_on(tokio::fs::File::open(input)).with_context(|| format!("opening {}", input.display()))?;
+            let len = rt.block_on(file.metadata()).ok().map(|m| m.len());
+            (Box::new(file), len)
+        };
+        let bar = spinner(&format!(
+            "importing {} into the running relay",
+            len.map_or("standard input".into(), |n| format!("{n} bytes"))
+        ));
+        let result = rt.block_on(call(socket, json!({"method": "import"}), Some(body), &mut |_| Ok(())));
+        bar.finish_and_clear();
+        let result: wasm_relay::operator_socket::OnlineImport = serde_json::from_value(result?)?;
+        eprintln!("import into the relay serving {}: {result}", dir.display());
+        Ok(())
+    }
+
+    pub fn sync_bar() -> ProgressBar {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{msg:>30} {bar:40} {pos}/{len} ({elapsed})").expect("static template"),
+        )
+    }
+
+    pub fn show_sync(bar: &ProgressBar, r: &SyncReport) {
+        match r.phase.as_str() {
+            "reconciling" => {
+                bar.set_length(r.local_events);
+                bar.set_position(0);
+                bar.set_message(format!("reconciling ({} rounds)", r.rounds));
+            }
+            "fetching" => {
+                bar.set_length(r.need);
+                bar.set_position(r.fetched);
+                bar.set_message("fetching");
+            }
+            "sending" => {
+                bar.set_length(r.have);
+                bar.set_position(r.sent);
+                bar.set_message("sending");
+            }
+            _ => {}
+        }
+    }
+
+    pub fn sync_summary(r: &SyncReport) -> String {
+        format!(
+            "sync: {} local events; {} rounds, {} bytes of negentropy; {} only there, {} only here; \
+             fetched {} (stored {}, already present {}, refused {} {:?}); sent {} (accepted {}, refused {})",
+            r.local_events,
+            r.rounds,
+            r.negentropy_bytes,
+            r.need,
+            r.have,
+            r.fetched,
+            r.stored,
+            r.duplicates,
+            r.refused,
+            r.refusals,
+            r.sent,
+            r.accepted,
+            r.rejected
+        )
+    }
+
+    pub fn sync(socket: UnixStream, url: &str, filter: serde_json::Value, dir: Direction) -> anyhow::Result<()> {
+        let bar = sync_bar();
+        let request = json!({"method": "sync", "params": [url, filter, dir]});
+        let result = runtime()?.block_on(call(socket, request, None, &mut |line| {
+            if let Ok(serde_json::Value::Array(parts)) = serde_json::from_str::<serde_json::Value>(line)
+                && parts.first().and_then(|p| p.as_str()) == Some("progress")
+                && let Some(report) = parts.get(1).and_then(|p| serde_json::from_value::<SyncReport>(p.clone()).ok())
+            {
+                show_sync(&bar, &report);
+            }
+            Ok(())
+        }));
+        bar.finish_and_clear();
+        let report: SyncReport = serde_json::from_value(result?)?;
+        eprintln!("{}", sync_summary(&report));
+        Ok(())
     }
 }
 

@@ -409,6 +409,15 @@ impl BoundRelay {
 
     /// Serves until `shutdown` turns true.
     pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        if self.relay.config.admin.socket {
+            let path = crate::operator_socket::path(&self.relay.config.storage.data_dir);
+            // Without it the relay still serves; only the CLI's online
+            // export, import and sync are unavailable.
+            if let Err(e) = crate::operator_socket::start(self.relay.clone(), path, shutdown.clone()) {
+                tracing::warn!(error = %e, "the operator socket is off");
+            }
+        }
         serve(self.listener, self.relay, shutdown).await
     }
 }

@@ -80,6 +80,12 @@ impl Caller {
         Self { connection_id: 0, authed_pubkeys: Vec::new(), remote_addr: "relay".into(), ip: None }
     }
 
+    /// The operator bringing events in through the operator socket
+    /// (`import`, `sync`): plugins see connection 0 and the address `label`.
+    pub fn operator(label: &str) -> Self {
+        Self { connection_id: 0, authed_pubkeys: Vec::new(), remote_addr: label.into(), ip: None }
+    }
+
     /// The relay itself, applying an event another replica stored: plugins
     /// see connection 0 and the address `replica`.
     pub fn replica() -> Self {
