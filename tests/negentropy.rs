@@ -188,3 +188,29 @@ fn sealed_empty() -> NegentropyStorageVector {
     s.seal().unwrap();
     s
 }
+
+#[tokio::test]
+async fn an_idle_session_is_closed_and_its_records_given_back() {
+    // Pings every second; sessions unused for a second are closed at the next.
+    let relay = TestRelay::start_with_config(
+        "[limits]\nidle_timeout_seconds = 2\n[negentropy]\nidle_seconds = 1\nmax_records = 5\nmax_records_in_memory = 5\n",
+    )
+    .await;
+    let mut c = relay.client().await;
+    let alice = Keys::generate();
+    for i in 0..5 {
+        c.publish_ok(&note(&alice, &format!("{i}"), 100 + i)).await;
+    }
+    let first = Negentropy::owned(sealed_empty(), 0).unwrap().initiate().unwrap();
+    c.send(json!(["NEG-OPEN", "idle", {}, hex::encode(&first)])).await;
+    assert_eq!(c.recv_where("NEG-MSG idle", |v| v[1] == "idle").await[0], "NEG-MSG");
+    // While it is open it holds the whole budget.
+    let mut other = relay.client().await;
+    assert!(relay_ids(&mut other, "wait", json!({})).await.unwrap_err().starts_with("rate-limited:"));
+    let closed = c.recv_where("NEG-ERR idle", |v| v[1] == "idle").await;
+    assert_eq!(closed[0], "NEG-ERR");
+    assert!(closed[2].as_str().unwrap().starts_with("closed:"), "{closed}");
+    // (`other` sat unread past the connection's idle timeout: a new one asks.)
+    let mut later = relay.client().await;
+    assert_eq!(relay_ids(&mut later, "now", json!({})).await.unwrap().len(), 5);
+}

@@ -101,6 +101,9 @@ pub struct NegentropyConfig {
     pub frame_size_limit: u64,
     /// Sessions one connection may have open at once.
     pub max_sessions_per_connection: usize,
+    /// A session unused this long is closed (`NEG-ERR "closed: ..."`) and
+    /// its records given back; checked at the connection's ping interval.
+    pub idle_seconds: u64,
 }
 
 impl Default for NegentropyConfig {
@@ -108,9 +111,10 @@ impl Default for NegentropyConfig {
         Self {
             enabled: true,
             max_records: 1_000_000,
-            max_records_in_memory: 4_000_000,
+            max_records_in_memory: 2_000_000,
             frame_size_limit: 60_000,
             max_sessions_per_connection: 4,
+            idle_seconds: 60,
         }
     }
 }

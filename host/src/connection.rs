@@ -142,6 +142,7 @@ where
                         }
                         self.unflushed = true;
                         self.write(Message::Ping(Default::default())).await?;
+                        self.close_idle_reconciliations().await?;
                         Step::Continue
                     }
                     _ = overflowed.notified() => {
@@ -768,6 +769,20 @@ where
             Ok(reply) => self.feed(message::neg_msg(&sub_id, &reply)).await,
             Err(refusal) => self.refuse_reconciliation(&sub_id, &refusal).await,
         }
+    }
+
+    /// Ends reconciliations the client left unused (they hold memory).
+    async fn close_idle_reconciliations(&mut self) -> Result<(), WsError> {
+        if self.negentropy.is_empty() {
+            return Ok(());
+        }
+        let idle = Duration::from_secs(self.relay.config.negentropy.idle_seconds);
+        for sub_id in self.negentropy.close_idle(idle) {
+            let refusal =
+                Refusal::new(RefusalKind::Closed, format!("unused for {} s; send NEG-OPEN again", idle.as_secs()));
+            self.refuse_reconciliation(&sub_id, &refusal).await?;
+        }
+        Ok(())
     }
 
     async fn refuse_reconciliation(&mut self, sub_id: &str, refusal: &Refusal) -> Result<(), WsError> {

@@ -64,6 +64,19 @@ enum Command {
         /// Input file of JSON lines; `-`: standard input.
         input: PathBuf,
     },
+    /// Call a management method (NIP-86, and the plugin methods) on the
+    /// relay serving the data directory, through its operator socket: no
+    /// keys needed, only access to the socket file.
+    Admin {
+        /// The method, e.g. `banpubkey`, `listplugins`, `supportedmethods`.
+        method: String,
+        /// Its parameters, as a JSON array.
+        #[arg(default_value = "[]")]
+        params: String,
+        /// Data directory, overriding the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Reconcile with another relay over NIP-77 and move the difference,
     /// like `strfry sync`. Runs inside the relay serving the data directory
     /// (through its operator socket), or in this process when none is.
@@ -256,6 +269,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 wasm_relay::tools::import(&dir, &input, None)?
             };
             eprintln!("import into {}: {summary}", dir.display());
+            Ok(())
+        }
+        Command::Admin { method, params, data_dir } => {
+            let params: serde_json::Value =
+                serde_json::from_str(&params).context("the parameters are not JSON (a JSON array)")?;
+            let dir = data_dir.unwrap_or(config.storage.data_dir);
+            let rt = runtime()?;
+            let Some(socket) = rt.block_on(wasm_relay::operator_socket::connect(&dir)) else {
+                anyhow::bail!(
+                    "no relay is serving {} (its operator socket {} does not answer)",
+                    dir.display(),
+                    wasm_relay::operator_socket::path(&dir).display()
+                );
+            };
+            let request = serde_json::json!({"method": method, "params": params});
+            let result = rt.block_on(wasm_relay::operator_socket::call(socket, request, None, &mut |_| Ok(())))?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }
         Command::Sync { url, filter, dir, data_dir } => {

@@ -85,10 +85,12 @@ impl Drop for Reservation {
     }
 }
 
-/// An open session: its engine and the budget it holds.
+/// An open session: its engine, the budget it holds, and when the client
+/// last used it.
 struct Session {
     engine: Engine,
     _reservation: Reservation,
+    last_used: std::time::Instant,
 }
 
 /// One connection's open sessions, by subscription id.
@@ -119,6 +121,17 @@ impl Sessions {
         self.open.remove(sub_id);
     }
 
+    /// Ends the sessions unused for `idle` or longer, giving back what
+    /// they hold; returns their ids.
+    pub fn close_idle(&mut self, idle: std::time::Duration) -> Vec<String> {
+        let expired: Vec<String> =
+            self.open.iter().filter(|(_, s)| s.last_used.elapsed() >= idle).map(|(id, _)| id.clone()).collect();
+        for id in &expired {
+            self.open.remove(id);
+        }
+        expired
+    }
+
     /// Opens session `sub_id` over the events of `filter` that `access` may
     /// see and answers the client's first `message`. Runs on the blocking
     /// pool; on `Err` no session is open.
@@ -140,13 +153,14 @@ impl Sessions {
                 "no reconciliation is open under this id; send NEG-OPEN first",
             ));
         };
-        let (session, reply) = tokio::task::spawn_blocking(move || {
+        let (mut session, reply) = tokio::task::spawn_blocking(move || {
             let reply = session.engine.reconcile(&message).map_err(protocol_refusal);
             (session, reply)
         })
         .await
         .map_err(|_| Refusal::error("the reconciliation failed on the relay; try again later"))?;
         let reply = reply?;
+        session.last_used = std::time::Instant::now();
         self.open.insert(sub_id.to_owned(), session);
         Ok(reply)
     }
@@ -200,7 +214,7 @@ impl Opening {
         items.seal().map_err(protocol_refusal)?;
         let mut engine = Negentropy::owned(items, self.config.frame_size_limit).map_err(protocol_refusal)?;
         let reply = engine.reconcile(message).map_err(protocol_refusal)?;
-        Ok((Session { engine, _reservation: reservation }, reply))
+        Ok((Session { engine, _reservation: reservation, last_used: std::time::Instant::now() }, reply))
     }
 }
 

@@ -396,6 +396,16 @@ impl BoundRelay {
             config.server.public_url = format!("ws://{}", listener.local_addr()?);
         }
         let relay = Relay::open(config).await?;
+        // Ready before the relay says it listens, so scripts can use it at once.
+        #[cfg(unix)]
+        if relay.config.admin.socket {
+            let path = crate::operator_socket::path(&relay.config.storage.data_dir);
+            // Without it the relay still serves; only the CLI's online
+            // export, import, sync and admin are unavailable.
+            if let Err(e) = crate::operator_socket::start(relay.clone(), path, relay.shutdown.subscribe()) {
+                tracing::warn!(error = %e, "the operator socket is off");
+            }
+        }
         Ok(Self { relay, listener })
     }
 
@@ -409,15 +419,6 @@ impl BoundRelay {
 
     /// Serves until `shutdown` turns true.
     pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        #[cfg(unix)]
-        if self.relay.config.admin.socket {
-            let path = crate::operator_socket::path(&self.relay.config.storage.data_dir);
-            // Without it the relay still serves; only the CLI's online
-            // export, import and sync are unavailable.
-            if let Err(e) = crate::operator_socket::start(self.relay.clone(), path, shutdown.clone()) {
-                tracing::warn!(error = %e, "the operator socket is off");
-            }
-        }
         serve(self.listener, self.relay, shutdown).await
     }
 }
