@@ -98,7 +98,8 @@ test: test-plugins
 # ONLY=peer: this relay beside rnostr under nostr-bench, installing both first;
 # ONLY=scale: a store grown to 1M events; ONLY=disk: where disk space goes;
 # ONLY=replicas: Firestore operations per event, per KeyPackage request and at
-# rest, and a new replica's join time, on the Firestore emulator).
+# rest, and a new replica's join time, on the Firestore emulator; ONLY=sync:
+# NIP-77 sync of 100k events against a REQ download, and export while serving).
 # One cargo build makes the relay, the load generator and the criterion
 # executable, which then runs directly (`cargo bench` would build it again).
 bench: test-plugins

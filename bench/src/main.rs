@@ -5,6 +5,7 @@
 
 mod client;
 mod peer;
+mod reconcile;
 mod replicas;
 mod scale;
 mod scenarios;

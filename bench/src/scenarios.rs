@@ -72,13 +72,13 @@ pub(crate) fn keys(n: usize) -> Vec<Keys> {
 }
 
 /// A note of realistic size: ~280 characters and a few tags.
-fn note(i: usize) -> (u16, String, Vec<Vec<String>>) {
+pub(crate) fn note(i: usize) -> (u16, String, Vec<Vec<String>>) {
     let text =
         format!("{i}: {}", "Nostr relays carry signed notes between people who choose whom to follow. ".repeat(4));
     (1, text, vec![vec!["t".into(), format!("tag{}", i % TAGS)], vec!["client".into(), "relay-bench".into()]])
 }
 
-fn row(name: impl Into<String>, value: String, target: &str, json: serde_json::Value) -> Row {
+pub(crate) fn row(name: impl Into<String>, value: String, target: &str, json: serde_json::Value) -> Row {
     Row { name: name.into(), value, target: target.into(), json }
 }
 
@@ -161,6 +161,9 @@ pub async fn run_all(only: Option<&str>) -> anyhow::Result<Vec<Row>> {
     }
     if want("peer") {
         rows.extend(crate::peer::compare().await?);
+    }
+    if want("sync") {
+        rows.extend(crate::reconcile::figures().await?);
     }
     if want("replicas") {
         rows.extend(crate::replicas::firestore_costs().await?);
@@ -359,7 +362,7 @@ async fn health_check(addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     for entry in walk(from) {
         let rel = entry.strip_prefix(from).unwrap();
         let dest = to.join(rel);
@@ -405,7 +408,7 @@ pub(crate) trait Request: Send + Sync + 'static {
 
 /// `conns` connections each sending `request`s back to back, one timed run
 /// (`RUN_TIME`) at a time.
-struct ClosedLoop<R> {
+pub(crate) struct ClosedLoop<R> {
     clients: Vec<Conn>,
     request: Arc<R>,
     runs: usize,
@@ -415,7 +418,7 @@ struct ClosedLoop<R> {
 pub(crate) type RunFigures = (f64, f64, f64);
 
 impl<R: Request> ClosedLoop<R> {
-    async fn connect(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<Self> {
+    pub(crate) async fn connect(relay: &RelayProcess, conns: usize, request: Arc<R>) -> anyhow::Result<Self> {
         let mut clients = Vec::with_capacity(conns);
         for _ in 0..conns {
             clients.push(Conn::connect(&relay.url).await?);
@@ -423,7 +426,7 @@ impl<R: Request> ClosedLoop<R> {
         Ok(Self { clients, request, runs: 0 })
     }
 
-    async fn run_once(&mut self) -> anyhow::Result<RunFigures> {
+    pub(crate) async fn run_once(&mut self) -> anyhow::Result<RunFigures> {
         let run = self.runs;
         self.runs += 1;
         let deadline = Instant::now() + RUN_TIME;
@@ -458,7 +461,7 @@ impl<R: Request> ClosedLoop<R> {
 }
 
 /// Medians of several runs' figures.
-fn medians(runs: Vec<RunFigures>) -> RunFigures {
+pub(crate) fn medians(runs: Vec<RunFigures>) -> RunFigures {
     (
         median(runs.iter().map(|r| r.0).collect()),
         median(runs.iter().map(|r| r.1).collect()),

@@ -438,13 +438,14 @@ mod online {
     pub fn sync_summary(r: &SyncReport) -> String {
         format!(
             "sync: {} local events; {} rounds, {} bytes of negentropy; {} only there, {} only here; \
-             fetched {} (stored {}, already present {}, refused {} {:?}); sent {} (accepted {}, refused {})",
+             fetched {} ({} bytes; stored {}, already present {}, refused {} {:?}); sent {} (accepted {}, refused {})",
             r.local_events,
             r.rounds,
             r.negentropy_bytes,
             r.need,
             r.have,
             r.fetched,
+            r.fetched_bytes,
             r.stored,
             r.duplicates,
             r.refused,

@@ -61,6 +61,8 @@ pub struct SyncReport {
     /// Down: events received, stored, already present, refused here (by
     /// NIP-01 prefix in `refusals`).
     pub fetched: u64,
+    /// Bytes of the fetched events' JSON.
+    pub fetched_bytes: u64,
     pub stored: u64,
     pub duplicates: u64,
     pub refused: u64,
@@ -97,6 +99,8 @@ const FRAME_SIZE_LIMIT: u64 = 60_000;
 const FETCH_BATCH: usize = 250;
 /// Events sent to the other relay before waiting for their `OK`s.
 const SENDS_IN_FLIGHT: usize = 100;
+/// Times an event the other relay rate-limits is sent.
+const SEND_ATTEMPTS: u32 = 6;
 /// How long the other relay may stay silent.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -293,6 +297,7 @@ async fn fetch(
                 Some("EVENT") => {
                     progress.fetched += 1;
                     let json = message.get(2).map(Value::to_string).unwrap_or_default();
+                    progress.fetched_bytes += json.len() as u64;
                     let relay = relay.clone();
                     // Written together after EOSE: the writer groups them into commits.
                     writes.push(async move { intake::write(&relay, &json, Source::Sync).await });
@@ -332,6 +337,9 @@ fn count_write(progress: &mut SyncReport, outcome: Result<WriteOutcome, crate::r
 }
 
 /// Up: sends the events in `have` to the other relay and counts its `OK`s.
+/// Events it refuses with `rate-limited:` are sent again after a pause
+/// (1 s, doubling, at most `SEND_ATTEMPTS` times): a peer's rate limits
+/// slow a sync down rather than lose events.
 async fn send(
     relay: &Arc<Relay>,
     socket: &mut Socket,
@@ -342,34 +350,49 @@ async fn send(
     for batch in have.chunks(SENDS_IN_FLIGHT) {
         let store = relay.store.clone();
         let ids = batch.to_vec();
-        let events = tokio::task::spawn_blocking(move || {
+        let mut events = tokio::task::spawn_blocking(move || {
             ids.iter().filter_map(|id| store.get(id).transpose()).collect::<Result<Vec<_>, _>>()
         })
         .await
         .map_err(|e| SyncError::Store(e.to_string()))?
         .map_err(|e| SyncError::Store(e.to_string()))?;
-        let mut waiting: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for e in &events {
-            let text = format!("[\"EVENT\",{}]", e.json);
-            socket.send(Message::Text(text.into())).await.map_err(|e| SyncError::Peer(e.to_string()))?;
-            waiting.insert(hex::encode(e.id));
-            progress.sent += 1;
-        }
-        while !waiting.is_empty() {
-            let message = next_message(socket).await?;
-            if message[0] != "OK" {
-                continue;
-            }
-            let Some(id) = message.get(1).and_then(Value::as_str) else { continue };
-            if waiting.remove(id) {
-                if message.get(2).and_then(Value::as_bool) == Some(true) {
-                    progress.accepted += 1;
-                } else {
-                    progress.rejected += 1;
-                    let reason = message.get(3).map(Value::to_string).unwrap_or_default();
-                    tracing::info!(id, %reason, "sync: the other relay refused an event");
+        let mut pause = Duration::from_secs(1);
+        for attempt in 1..=SEND_ATTEMPTS {
+            let mut waiting: HashMap<String, usize> = HashMap::new();
+            for (i, e) in events.iter().enumerate() {
+                let text = format!("[\"EVENT\",{}]", e.json);
+                socket.send(Message::Text(text.into())).await.map_err(|e| SyncError::Peer(e.to_string()))?;
+                waiting.insert(hex::encode(e.id), i);
+                if attempt == 1 {
+                    progress.sent += 1;
                 }
             }
+            let mut again = Vec::new();
+            while !waiting.is_empty() {
+                let message = next_message(socket).await?;
+                if message[0] != "OK" {
+                    continue;
+                }
+                let Some(index) = message.get(1).and_then(Value::as_str).and_then(|id| waiting.remove(id)) else {
+                    continue;
+                };
+                let reason = message.get(3).and_then(Value::as_str).unwrap_or_default();
+                if message.get(2).and_then(Value::as_bool) == Some(true) {
+                    progress.accepted += 1;
+                } else if reason.starts_with("rate-limited:") && attempt < SEND_ATTEMPTS {
+                    again.push(index);
+                } else {
+                    progress.rejected += 1;
+                    tracing::info!(id = %hex::encode(events[index].id), reason, "sync: the other relay refused an event");
+                }
+            }
+            if again.is_empty() {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            again.sort_unstable();
+            events = again.into_iter().map(|i| events[i].clone()).collect();
         }
         report(progress);
     }

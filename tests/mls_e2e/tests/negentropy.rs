@@ -1,7 +1,8 @@
-//! NIP-77 as a real client does it: nostr-sdk 0.44's negentropy sync
-//! (`Client::sync`, protocol V1) against a real relay over WebSockets, in
-//! both directions. The cases: an empty side, identical sets, a 1%
-//! difference, and a set larger than one negentropy frame.
+//! NIP-77 with rust-nostr's implementations on the other side: nostr-sdk
+//! 0.44's negentropy sync (`Client::sync`, protocol V1) against the relay
+//! over WebSockets, in both directions (an empty side, identical sets, a 1%
+//! difference, a set larger than one negentropy frame); and `wasm-relay
+//! sync` reconciling with rust-nostr's relay (`nostr-relay-builder`).
 
 #[path = "../../harness/mod.rs"]
 mod harness;
@@ -164,4 +165,38 @@ async fn kinds_the_mls_gateway_manages_are_never_reconciled() {
     let empty = client_holding(&relay.url, &[]).await;
     let down = sync(&empty, SyncDirection::Down).await;
     assert_eq!(down.remote, ids(&note), "KeyPackages are the gateway's to serve, never part of a set");
+}
+
+#[tokio::test]
+async fn wasm_relay_sync_reconciles_with_rust_nostrs_relay() {
+    use nostr_relay_builder::prelude::{LocalRelay, RateLimit, RelayBuilder};
+    let ours = TestRelay::start_with_config(UNLIMITED).await;
+    let shared = notes(200, 100, "shared");
+    let theirs_only = notes(30, 50, "theirs");
+    let ours_only = notes(20, 70, "ours");
+    seed(&ours, &[shared.clone(), ours_only.clone()].concat()).await;
+    let database = MemoryDatabase::with_opts(MemoryDatabaseOptions { events: true, max_events: None });
+    for e in shared.iter().chain(&theirs_only) {
+        database.save_event(e).await.expect("seed the peer");
+    }
+    let limits = RateLimit { max_reqs: 500, notes_per_minute: 100_000 };
+    let peer = LocalRelay::new(RelayBuilder::default().database(database).rate_limit(limits));
+    peer.run().await.expect("the peer relay runs");
+    let peer_url = peer.url().await.to_string();
+
+    let out = tokio::process::Command::new(harness::relay_binary())
+        .args(["sync", &peer_url, "--dir", "both", "--data-dir"])
+        .arg(ours.data_dir())
+        .env("WASM_RELAY_LOG", "warn")
+        .output()
+        .await
+        .expect("run wasm-relay sync");
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{summary}");
+    assert!(summary.contains("30 only there, 20 only here"), "{summary}");
+    assert!(summary.contains("stored 30,") && summary.contains("sent 20 (accepted 20, refused 0)"), "{summary}");
+    assert_eq!(relay_count(&ours).await, 250);
+    let reader = client_holding(&peer_url, &[]).await;
+    let theirs = reader.fetch_events(Filter::new().kind(Kind::TextNote), WAIT).await.expect("fetch from the peer");
+    assert_eq!(theirs.len(), 250, "the peer received what it lacked");
 }
