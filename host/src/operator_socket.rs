@@ -148,9 +148,9 @@ async fn export(relay: &Arc<Relay>, write: &mut (impl AsyncWrite + Unpin)) -> an
                 store.scan_all(after.as_ref(), EXPORT_PAGE).map_err(fail)?
             };
             let Some(last) = page.last() else { break };
-            after = Some(last.id);
-            for e in &page {
-                chunk.extend_from_slice(e.json.as_bytes());
+            after = Some(last.0);
+            for (_, json) in &page {
+                chunk.extend_from_slice(json.as_bytes());
                 chunk.push(b'\n');
             }
             events += page.len() as u64;

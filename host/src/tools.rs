@@ -147,9 +147,9 @@ pub fn export(
     loop {
         let page = store.scan_all(after.as_ref(), 1000)?;
         let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        for e in &page {
-            out.write_all(e.json.as_bytes())?;
+        after = Some(last.0);
+        for (_, json) in &page {
+            out.write_all(json.as_bytes())?;
             out.write_all(b"\n")?;
         }
         n += page.len() as u64;

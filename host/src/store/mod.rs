@@ -209,8 +209,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// ban); returns whether it was stored. Durable when it returns.
     fn remove(&self, id: &[u8; 32]) -> Result<bool, StoreError>;
 
-    /// Up to `limit` stored events in id order, after `after` (export).
-    fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Up to `limit` stored events in id order, after `after` (export): each
+    /// id and its JSON as stored, not parsed (an export does not need the
+    /// event, and an import checks every line anyway).
+    fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<([u8; 32], String)>, StoreError>;
 
     /// Why `event` would not be stored now (a deletion or request to vanish
     /// keeps it out), if it would not.
