@@ -131,7 +131,7 @@ async fn export(relay: &Arc<Relay>, write: &mut (impl AsyncWrite + Unpin)) -> an
         .as_ref()
         .and_then(|_| crate::replication::snapshot::log_position(&relay.config.storage.data_dir));
     let runtime = tokio::runtime::Handle::current();
-    let counts = tokio::task::spawn_blocking(move || {
+    let read_pages = move || -> Result<(u64, u64), String> {
         let fail = |e: crate::store::StoreError| e.to_string();
         let mut chunk = Vec::new();
         if let Some(position) = position {
@@ -167,6 +167,13 @@ async fn export(relay: &Arc<Relay>, write: &mut (impl AsyncWrite + Unpin)) -> an
             .map_err(fail)?;
         let _ = tx.blocking_send(Ok(chunk));
         Ok((events, tombstones))
+    };
+    // Its own thread, at a low priority: a backup takes what the relay's
+    // clients leave of the CPU, not a share of theirs.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("export".into()).spawn(move || {
+        lower_this_threads_priority();
+        let _ = done_tx.send(read_pages());
     });
     while let Some(chunk) = rx.recv().await {
         match chunk {
@@ -174,13 +181,28 @@ async fn export(relay: &Arc<Relay>, write: &mut (impl AsyncWrite + Unpin)) -> an
             Err(e) => return reply(write, json!(["error", e])).await,
         }
     }
-    match counts.await {
+    if let Err(e) = spawned {
+        return reply(write, json!(["error", format!("the export could not start: {e}")])).await;
+    }
+    match done_rx.await {
         Ok(Ok((events, tombstones))) => {
             tracing::info!(events, tombstones, "exported through the operator socket");
             reply(write, json!(["result", {"events": events, "tombstones": tombstones}])).await
         }
         Ok(Err(e)) => reply(write, json!(["error", format!("the export failed: {e}")])).await,
         Err(e) => reply(write, json!(["error", format!("the export failed: {e}")])).await,
+    }
+}
+
+/// Makes the calling thread yield to every normal-priority thread (Linux
+/// `nice` 10 for this thread alone; it cannot be raised again, so only
+/// threads of their own call it).
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on this thread's own id changes nothing but its
+    // scheduling weight.
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
     }
 }
 
