@@ -86,7 +86,8 @@ async fn a_reconciliation_finds_what_each_side_lacks() {
     assert_eq!(have, set(&[&extra]));
     // An empty client learns the whole set; a filter narrows it.
     assert_eq!(relay_ids(&mut c, "n2", json!({})).await.unwrap(), set(&all));
-    assert_eq!(relay_ids(&mut c, "n3", json!({"kinds": [1], "until": now() - 120})).await.unwrap(), set(&all[20..]));
+    let until = notes[20].created_at.as_secs();
+    assert_eq!(relay_ids(&mut c, "n3", json!({"kinds": [1], "until": until})).await.unwrap(), set(&all[20..]));
     // NIP-11 lists 77.
     let (_, _, body) = relay.http_get("/", "application/nostr+json").await;
     let doc: Value = serde_json::from_str(&body).unwrap();
@@ -213,4 +214,30 @@ async fn an_idle_session_is_closed_and_its_records_given_back() {
     // (`other` sat unread past the connection's idle timeout: a new one asks.)
     let mut later = relay.client().await;
     assert_eq!(relay_ids(&mut later, "now", json!({})).await.unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn a_flood_of_rounds_is_rate_limited_like_reqs_and_costs_only_its_sender() {
+    let relay = TestRelay::start_with_config("[rate_limits]\nreqs_per_minute_per_ip = 30\n").await;
+    let mut c = relay.client().await;
+    c.publish_ok(&note(&Keys::generate(), "one", 10)).await;
+    let first = hex::encode(Negentropy::owned(sealed_empty(), 0).unwrap().initiate().unwrap());
+    c.send(json!(["NEG-OPEN", "flood", {}, first])).await;
+    assert_eq!(c.recv_where("NEG-MSG", |v| v[1] == "flood").await[0], "NEG-MSG");
+    // The server side answers any message on its own: replay the first one.
+    let mut answered = 0;
+    loop {
+        c.send(json!(["NEG-MSG", "flood", first])).await;
+        let reply = c.recv_where("reply", |v| v[1] == "flood").await;
+        if reply[0] == "NEG-ERR" {
+            assert!(reply[2].as_str().unwrap().starts_with("rate-limited:"), "{reply}");
+            break;
+        }
+        answered += 1;
+        assert!(answered < 100, "a flood of NEG-MSG rounds was never limited");
+    }
+    assert!(answered < 30, "{answered} rounds answered within a limit of 30 reads a minute");
+    // Another address still reads.
+    let mut other = Client::connect_from(&relay.url, "127.0.0.2").await;
+    assert_eq!(relay_ids(&mut other, "fine", json!({})).await.unwrap().len(), 1);
 }

@@ -292,7 +292,7 @@ async fn nip11_advertises_the_nips_and_limits_in_force() {
     let relay = TestRelay::start_with_env(&[("WASM_RELAY_LIMITS__MAX_SUBSCRIPTIONS", "7")]).await;
     let (_, _, body) = relay.http_get("/", "application/nostr+json").await;
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(doc["supported_nips"], json!([1, 9, 11, 40, 42, 45, 59, 62, 70]));
+    assert_eq!(doc["supported_nips"], json!([1, 9, 11, 40, 42, 45, 59, 62, 70, 77]));
     let l = &doc["limitation"];
     assert_eq!(l["max_subscriptions"], 7);
     for key in [

@@ -727,9 +727,6 @@ impl Config {
         if n.frame_size_limit != 0 && n.frame_size_limit < 4096 {
             return fail("negentropy.frame_size_limit must be 0 (no limit) or at least 4096");
         }
-        if n.frame_size_limit.saturating_mul(2) + 256 > l.max_message_length as u64 && n.frame_size_limit != 0 {
-            return fail("negentropy.frame_size_limit, hex-encoded, must fit in limits.max_message_length");
-        }
         if n.max_sessions_per_connection == 0 || n.max_records == 0 || n.max_records_in_memory < n.max_records {
             return fail(
                 "negentropy.max_sessions_per_connection and max_records must be positive, \

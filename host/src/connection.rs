@@ -756,10 +756,20 @@ where
 
     /// NIP-77 `NEG-MSG`: the next message of an open session, or `NEG-ERR`
     /// (the session is then closed).
+    /// Each round is a read: it counts against the REQ rate limits (a
+    /// session's rounds are few; a flood of them is refused) and takes a
+    /// turn of the large reads (a round over a large set is real work).
     async fn on_neg_msg(&mut self, sub_id: String, message: String) -> Result<(), WsError> {
         let max = self.relay.config.limits.max_message_length;
-        let reply = match crate::negentropy::decode_message(&message, max) {
-            Ok(bytes) => self.negentropy.reconcile(&sub_id, bytes).await,
+        let checked = crate::negentropy::decode_message(&message, max)
+            .and_then(|bytes| self.relay.policy.check_read(self.remote.ip(), &self.authed).map(|_| bytes));
+        let reply = match checked {
+            Ok(bytes) => {
+                let slot = self.relay.heavy_reads.clone().acquire_owned().await;
+                let reply = self.negentropy.reconcile(&sub_id, bytes).await;
+                drop(slot);
+                reply
+            }
             Err(refusal) => {
                 self.negentropy.close(&sub_id);
                 Err(refusal)
