@@ -42,19 +42,11 @@ fn args(list: &[&str]) -> Vec<String> {
 
 /// Publishes `events` over one connection, 100 in flight.
 async fn seed(relay: &TestRelay, events: &[Event]) {
-    let mut c = relay.client().await;
-    for chunk in events.chunks(100) {
-        for e in chunk {
-            c.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
-        }
-        for e in chunk {
-            let (ok, why) = c.expect_ok(&e.id.to_hex()).await;
-            assert!(ok, "seeding refused {}: {why}", e.id);
-        }
-    }
+    let all: Vec<(String, String)> = events.iter().map(|e| (e.as_json(), e.id.to_hex())).collect();
+    relay.client().await.publish_many_ok(&all).await;
 }
 
-/// The ids a relay serves for `filter` (limit raised to the relay's maximum).
+/// The ids a relay serves for `filter`.
 async fn served(relay: &TestRelay, filter: serde_json::Value) -> BTreeSet<String> {
     let mut c = relay.client().await;
     c.req_ids("ids", vec![filter]).await.into_iter().collect()

@@ -394,6 +394,20 @@ impl Client {
         (ok[2].as_bool().expect("OK flag"), ok[3].as_str().expect("OK message").to_string())
     }
 
+    /// Publishes many `(event JSON, id)`, 100 in flight, and asserts `OK
+    /// true` for each.
+    pub async fn publish_many_ok(&mut self, events: &[(String, String)]) {
+        for chunk in events.chunks(100) {
+            for (json, _) in chunk {
+                self.send_raw(&format!("[\"EVENT\",{json}]")).await;
+            }
+            for (_, id) in chunk {
+                let (ok, why) = self.expect_ok(id).await;
+                assert!(ok, "relay refused {id}: {why}");
+            }
+        }
+    }
+
     /// Publishes event JSON and asserts `OK true`.
     pub async fn publish_raw_ok(&mut self, event_json: &str, id: &str) {
         let (accepted, message) = self.publish_raw(event_json, id).await;

@@ -38,16 +38,8 @@ fn notes(n: usize, age: u64, tag: &str) -> Vec<Event> {
 
 /// Publishes `events` to the relay over a plain WebSocket, 100 in flight.
 async fn seed(relay: &TestRelay, events: &[Event]) {
-    let mut c = relay.client().await;
-    for chunk in events.chunks(100) {
-        for e in chunk {
-            c.send_raw(&format!("[\"EVENT\",{}]", e.as_json())).await;
-        }
-        for e in chunk {
-            let (ok, message) = c.expect_ok(&e.id.to_hex()).await;
-            assert!(ok, "seeding refused {}: {message}", e.id);
-        }
-    }
+    let all: Vec<(String, String)> = events.iter().map(|e| (e.as_json(), e.id.to_hex())).collect();
+    relay.client().await.publish_many_ok(&all).await;
 }
 
 /// A nostr-sdk client whose local database holds `local`.
