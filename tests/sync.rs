@@ -265,3 +265,32 @@ async fn sync_up_waits_out_the_other_relays_rate_limit_instead_of_losing_events(
     assert!(stderr(&out).contains("sent 610 (accepted 610, refused 0)"), "{}", stderr(&out));
     assert_eq!(served(&there, json!({"limit": 5000})).await, ids(&mine));
 }
+
+#[tokio::test]
+async fn sync_authenticates_with_the_relays_own_key_and_receives_what_is_addressed_to_it() {
+    let relay_keys = Keys::generate();
+    let keyed = TestRelay::start_with_config(&format!(
+        "{UNLIMITED}[info]\nsecret_key = \"{}\"\n",
+        relay_keys.secret_key().to_secret_hex()
+    ))
+    .await;
+    let keyless = TestRelay::start_with_config(UNLIMITED).await;
+    // The other relay serves gift wraps only to their authenticated recipient.
+    let there = TestRelay::start_with_config(UNLIMITED).await;
+    let wrap = nostr45::gift_wrap(&relay_keys, 60);
+    let public = note(&Keys::generate(), "public", 30);
+    seed(&there, &[wrap.clone(), public.clone()]).await;
+
+    let data = keyed.data_dir().to_str().unwrap().to_owned();
+    let out = cli(args(&["sync", &there.url, "--data-dir", &data])).await;
+    let summary = stderr(&out);
+    assert!(out.status.success(), "{summary}");
+    assert!(summary.contains(&format!("authenticated as {}", relay_keys.public_key().to_hex())), "{summary}");
+    assert!(summary.contains("stored 2,"), "the gift wrap to the relay's key came too: {summary}");
+
+    let data = keyless.data_dir().to_str().unwrap().to_owned();
+    let out = cli(args(&["sync", &there.url, "--data-dir", &data])).await;
+    let summary = stderr(&out);
+    assert!(out.status.success(), "{summary}");
+    assert!(!summary.contains("authenticated") && summary.contains("stored 1,"), "{summary}");
+}

@@ -436,8 +436,10 @@ mod online {
     }
 
     pub fn sync_summary(r: &SyncReport) -> String {
+        let authenticated =
+            r.authenticated_as.as_ref().map_or(String::new(), |key| format!(" (authenticated as {key})"));
         format!(
-            "sync: {} local events; {} rounds, {} bytes of negentropy; {} only there, {} only here; \
+            "sync{authenticated}: {} local events; {} rounds, {} bytes of negentropy; {} only there, {} only here; \
              fetched {} ({} bytes; stored {}, already present {}, refused {} {:?}); sent {} (accepted {}, refused {})",
             r.local_events,
             r.rounds,

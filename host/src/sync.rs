@@ -7,7 +7,8 @@
 //! Fetched events take the operator's write path ([`crate::intake`]): every
 //! check of a client's event, the same writer, plugins' hooks. The local set
 //! is every stored event matching the filter (the operator's own relay:
-//! gift wraps and plugin-managed kinds included).
+//! gift wraps and plugin-managed kinds included). With `info.secret_key`
+//! set, the relay answers the other relay's NIP-42 challenge with its key.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +53,9 @@ pub struct SyncReport {
     pub phase: String,
     /// Events matching the filter here.
     pub local_events: u64,
+    /// The key this relay authenticated as to the other (NIP-42, with
+    /// `info.secret_key`), if the other relay asked and accepted.
+    pub authenticated_as: Option<String>,
     /// Negentropy round trips and the bytes of `NEG-*` messages both ways.
     pub rounds: u64,
     pub negentropy_bytes: u64,
@@ -126,6 +130,9 @@ pub async fn run(
     report(&progress);
 
     let mut socket = connect(url).await?;
+    if let Some(keys) = relay_keys(relay)? {
+        progress.authenticated_as = authenticate(&mut socket, url, &keys).await?;
+    }
     let (have, need) = reconcile(&mut socket, filter, items, &mut progress, report).await?;
     progress.have = have.len() as u64;
     progress.need = need.len() as u64;
@@ -185,6 +192,59 @@ async fn connect(url: &str) -> Result<Socket, SyncError> {
         Ok(Ok((socket, _))) => Ok(socket),
         Ok(Err(e)) => Err(SyncError::Connect { url: url.into(), reason: e.to_string() }),
         Err(_) => Err(SyncError::Connect { url: url.into(), reason: "timed out".into() }),
+    }
+}
+
+/// The relay's own key (`info.secret_key`), if it has one.
+fn relay_keys(relay: &Relay) -> Result<Option<nostr::key::Keys>, SyncError> {
+    let Some(secret) = &relay.config.info.secret_key else { return Ok(None) };
+    nostr::key::Keys::parse(secret.trim())
+        .map(Some)
+        .map_err(|e| SyncError::Protocol(format!("info.secret_key is not a secret key: {e}")))
+}
+
+/// How long a relay that asks for NIP-42 takes to send its challenge.
+const CHALLENGE_WAIT: Duration = Duration::from_secs(2);
+
+/// NIP-42 with the relay's own key: if the other relay sends a challenge
+/// when the connection opens (within `CHALLENGE_WAIT`), answers it and
+/// waits for the verdict. A relay that sends none, or refuses, is synced
+/// anonymously; what it shows only to authenticated readers (an operator's
+/// allow-list naming this relay's key, gift wraps to it) then stays out.
+async fn authenticate(socket: &mut Socket, url: &str, keys: &nostr::key::Keys) -> Result<Option<String>, SyncError> {
+    use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
+    let challenge = loop {
+        let frame = match tokio::time::timeout(CHALLENGE_WAIT, socket.next()).await {
+            Err(_) | Ok(None) => return Ok(None),
+            Ok(Some(frame)) => frame.map_err(|e| SyncError::Peer(e.to_string()))?,
+        };
+        let Message::Text(text) = frame else { continue };
+        let Ok(Value::Array(parts)) = serde_json::from_str::<Value>(&text) else { continue };
+        if parts.first().and_then(Value::as_str) == Some("AUTH")
+            && let Some(challenge) = parts.get(1).and_then(Value::as_str)
+        {
+            break challenge.to_owned();
+        }
+    };
+    let tags = [Tag::parse(["challenge", challenge.as_str()]), Tag::parse(["relay", url])];
+    let tags: Vec<Tag> = tags.into_iter().collect::<Result<_, _>>().map_err(|e| SyncError::Protocol(e.to_string()))?;
+    let event = EventBuilder::new(Kind::from(crate::auth::CLIENT_AUTH_KIND), "")
+        .tags(tags)
+        .finalize(keys)
+        .map_err(|e| SyncError::Protocol(format!("signing the NIP-42 answer: {e}")))?;
+    let id = event.id.to_hex();
+    let answer = format!("[\"AUTH\",{}]", serde_json::to_string(&event).expect("events serialize"));
+    socket.send(Message::Text(answer.into())).await.map_err(|e| SyncError::Peer(e.to_string()))?;
+    loop {
+        let message = next_message(socket).await?;
+        if message[0] == "OK" && message.get(1).and_then(Value::as_str) == Some(id.as_str()) {
+            if message.get(2).and_then(Value::as_bool) == Some(true) {
+                return Ok(Some(keys.public_key().to_hex()));
+            }
+            let reason = message.get(3).map(Value::to_string).unwrap_or_default();
+            tracing::info!(%reason, "sync: the other relay refused this relay's NIP-42 answer");
+            return Ok(None);
+        }
     }
 }
 
