@@ -101,7 +101,7 @@ async fn an_event_accepted_by_one_replica_is_served_and_delivered_by_the_other()
     let e = note(&k, "written on A", 0);
     a.client().await.publish_ok(&e).await;
     // Live on B, then stored on B.
-    assert_eq!(on_b.next_event("live").await["id"], e.id.to_hex());
+    assert_eq!(on_b.next_event_within("live", PROPAGATION).await["id"], e.id.to_hex());
     let mut c = b.client().await;
     eventually_ids(&mut c, json!({"authors": [k.public_key().to_hex()]}), &[e.id.to_hex()]).await;
 
@@ -128,7 +128,7 @@ async fn ephemeral_events_reach_live_subscribers_on_every_replica_once() {
     let e = sign(&Keys::generate(), 20001, "typing...", &[], now());
     a.client().await.publish_ok(&e).await;
     assert_eq!(on_a.next_event("eph").await["id"], e.id.to_hex());
-    assert_eq!(on_b.next_event("eph").await["id"], e.id.to_hex());
+    assert_eq!(on_b.next_event_within("eph", PROPAGATION).await["id"], e.id.to_hex());
     // A has it once: its own copy coming back from Firestore is not re-sent.
     tokio::time::sleep(Duration::from_millis(800)).await;
     on_a.expect_silence(Duration::from_millis(200)).await;

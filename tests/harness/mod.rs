@@ -361,12 +361,18 @@ impl Client {
 
     /// The first message satisfying `pred`; others are kept for later.
     pub async fn recv_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.recv_where_within(what, REPLY_TIMEOUT, pred).await
+    }
+
+    /// [`Self::recv_where`], waiting up to `wait` for each message (changes
+    /// that travel between replicas take longer than a reply).
+    pub async fn recv_where_within(&mut self, what: &str, wait: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(i) = self.buffered.iter().position(&pred) {
             return self.buffered.remove(i).unwrap();
         }
         loop {
             let v = self
-                .read_one(REPLY_TIMEOUT)
+                .read_one(wait)
                 .await
                 .unwrap_or_else(|| panic!("timed out waiting for {what}; other messages: {:?}", self.buffered));
             if pred(&v) {
@@ -454,6 +460,12 @@ impl Client {
         msg.extend(filters);
         self.send(Value::Array(msg)).await;
         self.recv_where(&format!("COUNT reply for {sub}"), |v| v[1] == sub).await
+    }
+
+    /// The next live event on `sub`, within `wait`.
+    pub async fn next_event_within(&mut self, sub: &str, wait: Duration) -> Value {
+        let v = self.recv_where_within(&format!("live EVENT on {sub}"), wait, |v| v[0] == "EVENT" && v[1] == sub).await;
+        v[2].clone()
     }
 
     /// The next live event on `sub`.
