@@ -241,3 +241,25 @@ async fn a_flood_of_rounds_is_rate_limited_like_reqs_and_costs_only_its_sender()
     let mut other = Client::connect_from(&relay.url, "127.0.0.2").await;
     assert_eq!(relay_ids(&mut other, "fine", json!({})).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_the_reconciliation_budget() {
+    // One session covers at most 5 events, and so do all of one address's
+    // sessions together; the relay holds 10.
+    let relay = TestRelay::start_with_config("[negentropy]\nmax_records = 5\nmax_records_in_memory = 10\n").await;
+    let mut c = relay.client().await;
+    let alice = Keys::generate();
+    for i in 0..5 {
+        c.publish_ok(&note(&alice, &format!("{i}"), 100 + i)).await;
+    }
+    let first = hex::encode(Negentropy::owned(sealed_empty(), 0).unwrap().initiate().unwrap());
+    c.send(json!(["NEG-OPEN", "held", {}, first])).await;
+    assert_eq!(c.recv_where("NEG-MSG held", |v| v[1] == "held").await[0], "NEG-MSG");
+    // A second connection from the same address is over its share...
+    let mut same = relay.client().await;
+    let refused = relay_ids(&mut same, "more", json!({"limit": 3})).await.unwrap_err();
+    assert!(refused.starts_with("rate-limited:") && refused.contains("your address"), "{refused}");
+    // ...while another address has the rest of the relay's budget.
+    let mut other = Client::connect_from(&relay.url, "127.0.0.2").await;
+    assert_eq!(relay_ids(&mut other, "mine", json!({})).await.unwrap().len(), 5);
+}

@@ -91,6 +91,7 @@ pub struct NegentropyConfig {
     pub enabled: bool,
     /// The most events one session may reconcile over; a larger set is
     /// refused with `NEG-ERR "blocked: ..."` (the client narrows its filter).
+    /// Also the most one client address may hold in all its sessions.
     pub max_records: usize,
     /// The most events all open sessions together may hold in memory
     /// (about 40 bytes each); beyond it a new session is refused with

@@ -748,6 +748,7 @@ where
             config,
             filter,
             access,
+            address: self.remote.ip(),
         };
         let reply = self.negentropy.open(sub_id, opening, first).await;
         drop(slot);

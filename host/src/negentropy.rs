@@ -10,6 +10,7 @@
 //! `negentropy` crate's.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -26,17 +27,24 @@ type Engine = Negentropy<'static, NegentropyStorageVector>;
 /// Records reserved from the budget at a time while a set is built.
 const RESERVE_STEP: usize = 4096;
 
-/// Records all open sessions hold, against `negentropy.max_records_in_memory`:
-/// one client's large sessions cost it refusals, not the relay its memory.
+/// Records all open sessions hold, against `negentropy.max_records_in_memory`,
+/// and what each client address holds, against `negentropy.max_records`:
+/// one client's large sessions cost it refusals, not the relay its memory
+/// nor other clients their turn (one address holds at most half of the
+/// default budget, however many connections it opens).
 #[derive(Debug)]
 pub struct RecordBudget {
     used: AtomicUsize,
     max: usize,
+    /// Records held per client address; an address leaves the map when it
+    /// holds none, so the map is as large as the addresses with sessions.
+    by_address: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    max_per_address: usize,
 }
 
 impl RecordBudget {
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { used: AtomicUsize::new(0), max })
+    pub fn new(max: usize, max_per_address: usize) -> Arc<Self> {
+        Arc::new(Self { used: AtomicUsize::new(0), max, by_address: Default::default(), max_per_address })
     }
 
     /// Records held by open sessions now.
@@ -44,26 +52,51 @@ impl RecordBudget {
         self.used.load(Ordering::Relaxed)
     }
 
-    fn try_take(self: &Arc<Self>, n: usize) -> bool {
-        self.used
+    fn try_take(self: &Arc<Self>, address: IpAddr, n: usize) -> bool {
+        let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let held = by_address.get(&address).copied().unwrap_or(0);
+        if held + n > self.max_per_address {
+            return false;
+        }
+        let taken = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 let after = used.checked_add(n)?;
                 (after <= self.max).then_some(after)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            by_address.insert(address, held + n);
+        }
+        taken
+    }
+
+    fn give_back(&self, address: IpAddr, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = by_address.get_mut(&address) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                by_address.remove(&address);
+            }
+        }
     }
 }
 
-/// Records taken from the budget; given back when dropped.
+/// Records taken from the budget for one address; given back when dropped.
 #[derive(Debug)]
 struct Reservation {
     budget: Arc<RecordBudget>,
+    address: IpAddr,
     records: usize,
 }
 
 impl Reservation {
     fn grow(&mut self, n: usize) -> bool {
-        let taken = self.budget.try_take(n);
+        let taken = self.budget.try_take(self.address, n);
         if taken {
             self.records += n;
         }
@@ -73,7 +106,7 @@ impl Reservation {
     /// Gives back what is reserved beyond `records`.
     fn shrink_to(&mut self, records: usize) {
         if let Some(excess) = self.records.checked_sub(records) {
-            self.budget.used.fetch_sub(excess, Ordering::AcqRel);
+            self.budget.give_back(self.address, excess);
             self.records = records;
         }
     }
@@ -81,7 +114,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.records, Ordering::AcqRel);
+        self.budget.give_back(self.address, self.records);
     }
 }
 
@@ -174,12 +207,14 @@ pub struct Opening {
     /// The client's filter, without plugin-managed kinds.
     pub filter: Filter,
     pub access: ReadAccess,
+    /// The client's address, whose share of the budget the set takes.
+    pub address: IpAddr,
 }
 
 impl Opening {
     fn build_and_answer(self, message: &[u8]) -> Result<(Session, Vec<u8>), Refusal> {
         let max = self.config.max_records;
-        let mut reservation = Reservation { budget: self.budget.clone(), records: 0 };
+        let mut reservation = Reservation { budget: self.budget.clone(), address: self.address, records: 0 };
         let mut items = NegentropyStorageVector::new();
         let mut refused: Option<Refusal> = None;
         let mut seen = 0usize;
@@ -195,7 +230,8 @@ impl Opening {
                 }
                 if seen > reservation.records && !reservation.grow(RESERVE_STEP.min(max - reservation.records)) {
                     refused = Some(Refusal::rate_limited(
-                        "the relay is reconciling as many events as it holds at once; try again shortly",
+                        "the relay (or your address) is reconciling as many events as it holds at once; \
+                         close other reconciliations or try again shortly",
                     ));
                     return false;
                 }
@@ -243,18 +279,24 @@ mod tests {
 
     #[test]
     fn the_budget_is_given_back_when_a_reservation_drops() {
-        let budget = RecordBudget::new(10_000);
-        let mut a = Reservation { budget: budget.clone(), records: 0 };
+        let (here, there) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let budget = RecordBudget::new(10_000, 9_000);
+        let mut a = Reservation { budget: budget.clone(), address: here, records: 0 };
         assert!(a.grow(RESERVE_STEP) && a.grow(RESERVE_STEP));
-        let mut b = Reservation { budget: budget.clone(), records: 0 };
+        let mut same = Reservation { budget: budget.clone(), address: here, records: 0 };
+        assert!(!same.grow(1000), "8192 + 1000 is more than one address may hold");
+        let mut b = Reservation { budget: budget.clone(), address: there, records: 0 };
         assert!(!b.grow(RESERVE_STEP), "8192 + 4096 exceeds 10000");
+        assert!(b.grow(1000), "another address takes what is left");
         drop(a);
-        assert_eq!(budget.used(), 0);
+        assert_eq!(budget.used(), 1000);
         assert!(b.grow(RESERVE_STEP));
         b.shrink_to(10);
         assert_eq!(budget.used(), 10);
         drop(b);
+        drop(same);
         assert_eq!(budget.used(), 0);
+        assert!(budget.by_address.lock().unwrap().is_empty(), "addresses holding nothing are forgotten");
     }
 
     #[test]

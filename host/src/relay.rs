@@ -174,7 +174,10 @@ impl Relay {
             config.limits.max_connections,
             config.limits.max_connections_per_ip,
         );
-        let negentropy_budget = crate::negentropy::RecordBudget::new(config.negentropy.max_records_in_memory);
+        let negentropy_budget = crate::negentropy::RecordBudget::new(
+            config.negentropy.max_records_in_memory,
+            config.negentropy.max_records,
+        );
         let relay = Arc::new(Self {
             config,
             store,
