@@ -748,7 +748,7 @@ where
             config,
             filter,
             access,
-            address: self.remote.ip(),
+            address: crate::capacity::client_key(self.remote.ip()),
         };
         let reply = self.negentropy.open(sub_id, opening, first).await;
         drop(slot);
