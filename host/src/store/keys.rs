@@ -12,7 +12,10 @@ use crate::event::{KindClass, d_tag, expiration, kind_class};
 pub const EVENT: u8 = b'E'; // id -> canonical JSON
 pub const CREATED: u8 = b'C'; // time order over everything
 pub const AUTHOR: u8 = b'A'; // pubkey
-pub const AUTHOR_KIND: u8 = b'P'; // pubkey, kind
+/// Layout 1 also indexed `(pubkey, kind)`; layout 2 answers those filters
+/// from `AUTHOR` (the kind is in every index value) and from address slots.
+/// Keys of this tag left by layout 1 are removed with their events.
+pub const LEGACY_AUTHOR_KIND: u8 = b'P'; // pubkey, kind
 pub const KIND: u8 = b'K'; // kind
 pub const TAG: u8 = b'T'; // letter, len, value
 pub const ADDRESS: u8 = b'R'; // pubkey, kind, d -> slot (replaceable/addressable, see `Slot`)
@@ -57,7 +60,7 @@ pub fn author_prefix(pubkey: &[u8; 32]) -> Vec<u8> {
 
 pub fn author_kind_prefix(pubkey: &[u8; 32], kind: u16) -> Vec<u8> {
     let mut k = Vec::with_capacity(75);
-    k.push(AUTHOR_KIND);
+    k.push(LEGACY_AUTHOR_KIND);
     k.extend_from_slice(pubkey);
     k.extend_from_slice(&kind.to_be_bytes());
     k
@@ -200,12 +203,26 @@ pub fn parse_index_value(v: &[u8]) -> (u16, Option<u64>) {
     (kind, exp)
 }
 
+/// The `(pubkey, kind)` key layout 1 wrote for `event`, which may still be
+/// stored: removing the event removes it too.
+pub fn legacy_author_kind_key(event: &Event) -> Vec<u8> {
+    let mut k = author_kind_prefix(event.pubkey.as_bytes(), event.kind.as_u16());
+    k.extend_from_slice(&order_suffix(event.created_at.as_secs(), event.id.as_bytes()));
+    k
+}
+
 /// Every index key of `event` (not the event record or its address slot).
+///
+/// Each key costs the writer a sled insert that copies the leaf it lands
+/// in, so there is one per way a filter is answered, and no more: time,
+/// author, kind, and each distinct single-letter tag. A filter naming
+/// authors and kinds reads the author's range and skips other kinds by the
+/// index value (or, for replaceable kinds only, reads the address slots).
 pub fn index_keys(event: &Event) -> Vec<Vec<u8>> {
     let suffix = order_suffix(event.created_at.as_secs(), event.id.as_bytes());
     let pubkey = event.pubkey.as_bytes();
     let kind = event.kind.as_u16();
-    let mut keys = vec![created_prefix(), author_prefix(pubkey), author_kind_prefix(pubkey, kind), kind_prefix(kind)];
+    let mut keys = vec![created_prefix(), author_prefix(pubkey), kind_prefix(kind)];
     let mut seen_tags: Vec<Vec<u8>> = Vec::new();
     for tag in event.tags.iter() {
         let t = tag.as_slice();

@@ -5,6 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use crate::event::{KindClass, kind_class};
 use crate::filter::Filter;
 
 use super::keys;
@@ -14,13 +15,17 @@ use super::keys;
 pub enum Plan {
     /// Point lookups by id.
     Ids(Vec<[u8; 32]>),
+    /// Point lookups of replaceable slots (`keys::address_key`): a filter
+    /// naming authors and only replaceable kinds has at most one match per
+    /// author and kind.
+    Slots(Vec<Vec<u8>>),
     /// Range scans over index prefixes, merged. `covered`: every condition of
     /// the filter is decided by the index, so candidates need no re-check.
     Scan { prefixes: Vec<Vec<u8>>, covered: bool },
 }
 
-/// Beyond this many author x kind ranges, scan per author instead.
-const MAX_AUTHOR_KIND_RANGES: usize = 4096;
+/// Beyond this many author x kind slots, scan per author instead.
+const MAX_AUTHOR_KIND_SLOTS: usize = 4096;
 
 pub fn plan(filter: &Filter) -> Plan {
     if let Some(ids) = &filter.ids {
@@ -29,14 +34,16 @@ pub fn plan(filter: &Filter) -> Plan {
     let has_tags = !filter.tags.is_empty();
     if let Some(authors) = &filter.authors {
         if let Some(kinds) = &filter.kinds
-            && authors.len() * kinds.len() <= MAX_AUTHOR_KIND_RANGES
+            && !kinds.is_empty()
+            && kinds.iter().all(|k| kind_class(*k) == KindClass::Replaceable)
+            && authors.len() * kinds.len() <= MAX_AUTHOR_KIND_SLOTS
         {
-            let prefixes =
-                authors.iter().flat_map(|a| kinds.iter().map(move |k| keys::author_kind_prefix(a, *k))).collect();
-            return Plan::Scan { prefixes, covered: !has_tags };
+            let slots = authors.iter().flat_map(|a| kinds.iter().map(move |k| keys::address_key(a, *k, ""))).collect();
+            return Plan::Slots(slots);
         }
+        // Kinds are decided by the index value, without reading the event.
         let prefixes = authors.iter().map(keys::author_prefix).collect();
-        return Plan::Scan { prefixes, covered: !has_tags && filter.kinds.is_none() };
+        return Plan::Scan { prefixes, covered: !has_tags };
     }
     if has_tags {
         // The tag with the fewest values gives the fewest ranges; the rest are re-checked.
@@ -225,12 +232,22 @@ mod tests {
         assert!(matches!(plan(&filter(json!({"ids": [a]}))), Plan::Ids(_)));
         match plan(&filter(json!({"authors": [a], "kinds": [1, 7]}))) {
             Plan::Scan { prefixes, covered } => {
-                assert_eq!(prefixes.len(), 2);
-                assert_eq!(prefixes[0][0], keys::AUTHOR_KIND);
-                assert!(covered);
+                assert_eq!(prefixes.len(), 1);
+                assert_eq!(prefixes[0][0], keys::AUTHOR);
+                assert!(covered, "kinds are decided by the index value");
             }
             p => panic!("{p:?}"),
         }
+        match plan(&filter(json!({"authors": [a], "kinds": [0, 10002]}))) {
+            Plan::Slots(slots) => {
+                assert_eq!(
+                    slots,
+                    vec![keys::address_key(&[0xaa; 32], 0, ""), keys::address_key(&[0xaa; 32], 10002, "")]
+                );
+            }
+            p => panic!("{p:?}"),
+        }
+        assert!(matches!(plan(&filter(json!({"authors": [a], "kinds": [0, 1]}))), Plan::Scan { .. }));
         match plan(&filter(json!({"#t": ["x"], "kinds": [1]}))) {
             Plan::Scan { prefixes, covered } => {
                 assert_eq!(prefixes[0][0], keys::TAG);

@@ -102,6 +102,7 @@ impl<'a> PendingBatch<'a> {
         for k in keys::index_keys(event) {
             self.remove(k);
         }
+        self.remove(keys::legacy_author_kind_key(event));
         if let Some(exp) = expiration(event) {
             self.remove(keys::expiration_key(exp, &id));
         }
@@ -316,6 +317,17 @@ impl SledEventStore {
     ) -> Result<FilterCursor<'s>, StoreError> {
         let (source, covered) = match plan(filter) {
             Plan::Ids(ids) => (Source::Listed(self.lookup_ids(filter, &ids, access)?.into_iter()), true),
+            Plan::Slots(slots) => {
+                let mut ids = Vec::with_capacity(slots.len());
+                for slot in &slots {
+                    if let Some(bytes) = self.tree.get(slot)?
+                        && let Some(keys::Slot::Held(id)) = keys::Slot::parse(&bytes)
+                    {
+                        ids.push(id);
+                    }
+                }
+                (Source::Listed(self.lookup_ids(filter, &ids, access)?.into_iter()), true)
+            }
             Plan::Scan { prefixes, covered } => {
                 let iters = prefixes
                     .iter()
@@ -705,5 +717,85 @@ impl EventStore for SledEventStore {
         }
         self.commit(pending, &[])?;
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use nostr::event::{EventBuilder, FinalizeEvent, Kind, Tag};
+    use nostr::key::Keys;
+    use nostr::types::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+    use crate::filter::{Filter, FilterLimits};
+
+    fn note(keys: &Keys, kind: u16, created_at: u64) -> Arc<AcceptedEvent> {
+        let event = EventBuilder::new(Kind::from(kind), format!("kind {kind} at {created_at}"))
+            .tags([Tag::parse(["t", "layout"]).expect("tag")])
+            .custom_created_at(Timestamp::from(created_at))
+            .finalize(keys)
+            .expect("sign");
+        Arc::new(AcceptedEvent::new(event))
+    }
+
+    fn filter(v: serde_json::Value) -> Filter {
+        Filter::parse(&v, FilterLimits { max_values: 100 }).expect("filter")
+    }
+
+    fn ids(events: &[StoredEvent]) -> Vec<[u8; 32]> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    fn keys_with_tag(store: &SledEventStore, tag: u8) -> usize {
+        store.tree.scan_prefix([tag]).count()
+    }
+
+    /// Writes `event` the way layout 1 did: a `(pubkey, kind)` index key
+    /// beside today's.
+    fn write_layout_1(store: &SledEventStore, accepted: &AcceptedEvent) {
+        let event = &accepted.event;
+        let mut batch = sled::Batch::default();
+        for k in keys::index_keys(event).into_iter().chain([keys::legacy_author_kind_key(event)]) {
+            batch.insert(k, keys::index_value(event));
+        }
+        if let Some(slot) = keys::address_of(event) {
+            batch.insert(slot, event.id.as_bytes().to_vec());
+        }
+        batch.insert(keys::event_key(event.id.as_bytes()), accepted.json.as_bytes());
+        store.tree.apply_batch(batch).expect("apply");
+    }
+
+    #[test]
+    fn a_store_written_by_layout_1_is_read_and_cleaned_without_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledEventStore::open(dir.path(), 8 << 20).unwrap();
+        let alice = Keys::generate();
+        let (old_note, old_profile) = (note(&alice, 1, 100), note(&alice, 0, 100));
+        write_layout_1(&store, &old_note);
+        write_layout_1(&store, &old_profile);
+        let new_note = note(&alice, 1, 200);
+        let outcomes = store.write_batch(&[old_note.clone(), new_note.clone()]).unwrap();
+        assert_eq!(outcomes, vec![WriteOutcome::Duplicate, WriteOutcome::Stored]);
+
+        let access = ReadAccess::trusted(0);
+        let by_kind = filter(json!({"authors": [alice.public_key().to_hex()], "kinds": [1]}));
+        assert_eq!(
+            ids(&store.query(&by_kind, 10, &access).unwrap()),
+            vec![new_note.event.id.to_bytes(), old_note.event.id.to_bytes()]
+        );
+        let profile = filter(json!({"authors": [alice.public_key().to_hex()], "kinds": [0]}));
+        assert_eq!(ids(&store.query(&profile, 10, &access).unwrap()), vec![old_profile.event.id.to_bytes()]);
+        assert_eq!(store.scan_all(None, 10).unwrap().len(), 3);
+
+        // A newer profile replaces the layout-1 one, with its legacy key.
+        let new_profile = note(&alice, 0, 300);
+        assert_eq!(store.write_batch(std::slice::from_ref(&new_profile)).unwrap(), vec![WriteOutcome::Stored]);
+        assert_eq!(ids(&store.query(&profile, 10, &access).unwrap()), vec![new_profile.event.id.to_bytes()]);
+        assert!(store.remove(old_note.event.id.as_bytes()).unwrap());
+        assert_eq!(keys_with_tag(&store, keys::LEGACY_AUTHOR_KIND), 0, "legacy keys leave with their events");
+        assert_eq!(ids(&store.query(&by_kind, 10, &access).unwrap()), vec![new_note.event.id.to_bytes()]);
     }
 }
