@@ -4,12 +4,22 @@
 //! Index keys end in `inverted created_at (8 bytes BE) ++ id (32 bytes)`, so a
 //! forward scan yields newest first with ties broken by the lowest id, which
 //! is NIP-01 order, and `since`/`until` become key bounds.
+//!
+//! Layout 3 keeps each event's JSON under a serial number given in arrival
+//! order (`BODY`), and its id record (`EVENT`) holds only that serial. Ids
+//! are random, so records keyed by id land in leaves all over the tree; kept
+//! to 8 bytes, those leaves are small enough for the page cache to hold, while
+//! the bodies are appended at the end of their range and the recent ones,
+//! which clients ask for most, share leaves. Layouts 1 and 2 kept the JSON in
+//! the id record itself; both kinds of record are read, so a store written by
+//! an earlier release needs no migration.
 
 use nostr::event::Event;
 
 use crate::event::{KindClass, d_tag, expiration, kind_class};
 
-pub const EVENT: u8 = b'E'; // id -> canonical JSON
+pub const EVENT: u8 = b'E'; // id -> body serial (8 bytes BE); layouts 1-2: canonical JSON
+pub const BODY: u8 = b'B'; // serial (8 bytes BE) -> canonical JSON
 pub const CREATED: u8 = b'C'; // time order over everything
 pub const AUTHOR: u8 = b'A'; // pubkey
 /// Layout 1 also indexed `(pubkey, kind)`; layout 2 answers those filters
@@ -48,6 +58,31 @@ pub fn event_key(id: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(33);
     k.push(EVENT);
     k.extend_from_slice(id);
+    k
+}
+
+/// What an event's id record holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// Layout 3: the serial of its body (`body_key`).
+    Serial(u64),
+    /// Layouts 1-2: the JSON itself (never 8 bytes long: the shortest event
+    /// JSON is hundreds of bytes).
+    Inline(&'a [u8]),
+}
+
+impl<'a> Record<'a> {
+    pub fn parse(value: &'a [u8]) -> Self {
+        match <[u8; 8]>::try_from(value) {
+            Ok(serial) => Record::Serial(u64::from_be_bytes(serial)),
+            Err(_) => Record::Inline(value),
+        }
+    }
+}
+
+pub fn body_key(serial: u64) -> [u8; 9] {
+    let mut k = [BODY; 9];
+    k[1..].copy_from_slice(&serial.to_be_bytes());
     k
 }
 
@@ -252,6 +287,13 @@ mod tests {
         let c = order_suffix(100, &[2; 32]);
         assert!(a < b && b < c);
         assert_eq!(parse_suffix(&c), Some((100, [2; 32])));
+    }
+
+    #[test]
+    fn id_records_tell_a_serial_from_inline_json() {
+        assert_eq!(Record::parse(&7u64.to_be_bytes()), Record::Serial(7));
+        assert_eq!(Record::parse(b"{\"id\":\"\"}"), Record::Inline(b"{\"id\":\"\"}"));
+        assert!(body_key(1) < body_key(256), "bodies sort in arrival order");
     }
 
     #[test]

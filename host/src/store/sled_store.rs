@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nostr::event::Event;
@@ -23,6 +24,9 @@ pub struct SledEventStore {
     tree: sled::Tree,
     /// Writes read-then-write slots and tombstones; one writer at a time.
     write_lock: Mutex<()>,
+    /// The serial the next stored body gets (`keys::BODY`): one more than the
+    /// last one stored, found at open.
+    next_serial: AtomicU64,
     /// Told what each commit stored and removed (see [`StoreObserver`]).
     observer: std::sync::OnceLock<Arc<dyn StoreObserver>>,
 }
@@ -43,6 +47,8 @@ fn be_u64(bytes: &[u8]) -> u64 {
 /// later events of a batch see the effects of earlier ones.
 struct PendingBatch<'a> {
     tree: &'a sled::Tree,
+    /// The next body serial, shared with the store.
+    next_serial: &'a AtomicU64,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Events inserted by this batch (not yet visible to tree scans); kept
     /// only when the batch holds a request to vanish, the one reader.
@@ -52,8 +58,14 @@ struct PendingBatch<'a> {
 }
 
 impl<'a> PendingBatch<'a> {
-    fn new(tree: &'a sled::Tree, track_inserted: bool) -> Self {
-        Self { tree, writes: BTreeMap::new(), inserted: track_inserted.then(Vec::new), removed: Vec::new() }
+    fn new(tree: &'a sled::Tree, next_serial: &'a AtomicU64, track_inserted: bool) -> Self {
+        Self {
+            tree,
+            next_serial,
+            writes: BTreeMap::new(),
+            inserted: track_inserted.then(Vec::new),
+            removed: Vec::new(),
+        }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -72,7 +84,14 @@ impl<'a> PendingBatch<'a> {
     }
 
     fn load_event(&self, id: &[u8; 32]) -> Result<Option<Event>, StoreError> {
-        self.get(&keys::event_key(id))?.map(|json| parse(id, &json)).transpose()
+        let Some(record) = self.get(&keys::event_key(id))? else { return Ok(None) };
+        match keys::Record::parse(&record) {
+            keys::Record::Inline(json) => parse(id, json).map(Some),
+            keys::Record::Serial(serial) => match self.get(&keys::body_key(serial))? {
+                Some(json) => parse(id, &json).map(Some),
+                None => Err(corrupt(id, format!("body {serial} is missing"))),
+            },
+        }
     }
 
     fn insert_event(&mut self, accepted: &AcceptedEvent) {
@@ -88,7 +107,9 @@ impl<'a> PendingBatch<'a> {
         if let Some(slot) = keys::address_of(event) {
             self.put(slot, id.to_vec());
         }
-        self.put(keys::event_key(&id), accepted.json.as_bytes().to_vec());
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        self.put(keys::event_key(&id), serial.to_be_bytes().to_vec());
+        self.put(keys::body_key(serial).to_vec(), accepted.json.as_bytes().to_vec());
         if let Some(inserted) = &mut self.inserted {
             inserted.push(event.clone());
         }
@@ -98,6 +119,11 @@ impl<'a> PendingBatch<'a> {
     fn remove_event(&mut self, event: &Event, reason: RemovalReason) -> Result<(), StoreError> {
         let id = event.id.to_bytes();
         self.removed.push(RemovedEvent { id, pubkey: event.pubkey.to_bytes(), kind: event.kind.as_u16(), reason });
+        if let Some(record) = self.get(&keys::event_key(&id))?
+            && let keys::Record::Serial(serial) = keys::Record::parse(&record)
+        {
+            self.remove(keys::body_key(serial).to_vec());
+        }
         self.remove(keys::event_key(&id));
         for k in keys::index_keys(event) {
             self.remove(k);
@@ -280,13 +306,39 @@ impl SledEventStore {
         let tree = db.open_tree("events")?;
         migrate_tombstones(&tree)?;
         db.flush()?;
-        Ok(Self { db, tree, write_lock: Mutex::new(()), observer: std::sync::OnceLock::new() })
+        let last_serial = match tree.range(keys::body_key(0)..=keys::body_key(u64::MAX)).next_back() {
+            Some(kv) => be_u64(&kv?.0[1..]),
+            None => 0,
+        };
+        Ok(Self {
+            db,
+            tree,
+            write_lock: Mutex::new(()),
+            next_serial: AtomicU64::new(last_serial + 1),
+            observer: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn pending(&self, track_inserted: bool) -> PendingBatch<'_> {
+        PendingBatch::new(&self.tree, &self.next_serial, track_inserted)
     }
 
     fn load(&self, id: &[u8; 32]) -> Result<Option<String>, StoreError> {
-        let Some(bytes) = self.tree.get(keys::event_key(id))? else { return Ok(None) };
-        let json = String::from_utf8(bytes.to_vec()).map_err(|e| corrupt(id, e))?;
-        Ok(Some(json))
+        let Some(record) = self.tree.get(keys::event_key(id))? else { return Ok(None) };
+        self.body_of(id, &record)
+    }
+
+    /// The JSON an id record leads to (`None`: removed since the record was
+    /// read).
+    fn body_of(&self, id: &[u8; 32], record: &[u8]) -> Result<Option<String>, StoreError> {
+        let bytes = match keys::Record::parse(record) {
+            keys::Record::Inline(json) => json.to_vec(),
+            keys::Record::Serial(serial) => match self.tree.get(keys::body_key(serial))? {
+                Some(json) => json.to_vec(),
+                None => return Ok(None),
+            },
+        };
+        String::from_utf8(bytes).map(Some).map_err(|e| corrupt(id, e))
     }
 
     /// Applies `pending` durably, then tells the observer what it stored
@@ -446,7 +498,7 @@ fn migrate_tombstones(tree: &sled::Tree) -> Result<(), StoreError> {
 impl EventStore for SledEventStore {
     fn write_batch(&self, events: &[Arc<AcceptedEvent>]) -> Result<Vec<WriteOutcome>, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pending = PendingBatch::new(&self.tree, events.iter().any(|e| e.vanish_request));
+        let mut pending = self.pending(events.iter().any(|e| e.vanish_request));
         let mut outcomes = Vec::with_capacity(events.len());
         for accepted in events {
             let event = &accepted.event;
@@ -599,7 +651,7 @@ impl EventStore for SledEventStore {
 
     fn remove(&self, id: &[u8; 32]) -> Result<bool, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pending = PendingBatch::new(&self.tree, false);
+        let mut pending = self.pending(false);
         let Some(event) = pending.load_event(id)? else { return Ok(false) };
         pending.remove_event(&event, RemovalReason::Banned)?;
         self.commit(pending, &[])?;
@@ -618,17 +670,21 @@ impl EventStore for SledEventStore {
         };
         let end = keys::event_key(&[0xff; 32]);
         let mut out = Vec::new();
-        for kv in self.tree.range(start..=end).take(limit) {
+        for kv in self.tree.range(start..=end) {
+            if out.len() == limit {
+                break;
+            }
             let (k, v) = kv?;
             let Some(id) = k.get(k.len() - 32..).and_then(|b| <[u8; 32]>::try_from(b).ok()) else { continue };
-            let json = String::from_utf8(v.to_vec()).map_err(|e| corrupt(&id, e))?;
-            out.push((id, json));
+            if let Some(json) = self.body_of(&id, &v)? {
+                out.push((id, json));
+            }
         }
         Ok(out)
     }
 
     fn refusal_of(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError> {
-        PendingBatch::new(&self.tree, false).tombstoned(event)
+        self.pending(false).tombstoned(event)
     }
 
     fn visit_tombstones(&self, visit: &mut dyn FnMut(Tombstone)) -> Result<(), StoreError> {
@@ -658,7 +714,7 @@ impl EventStore for SledEventStore {
 
     fn restore_tombstones(&self, tombstones: &[Tombstone]) -> Result<(), StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pending = PendingBatch::new(&self.tree, false);
+        let mut pending = self.pending(false);
         let later = |pending: &PendingBatch<'_>, key: &[u8], until: u64| -> Result<Vec<u8>, StoreError> {
             let previous = pending.get(key)?.map(|v| be_u64(&v)).unwrap_or(0);
             Ok(previous.max(until).to_be_bytes().to_vec())
@@ -698,7 +754,7 @@ impl EventStore for SledEventStore {
 
     fn remove_expired(&self, now: u64) -> Result<usize, StoreError> {
         let _writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pending = PendingBatch::new(&self.tree, false);
+        let mut pending = self.pending(false);
         let upper = keys::expiration_key(now, &[0xff; 32]);
         let mut removed = 0;
         for kv in self.tree.range(vec![keys::EXPIRATION]..=upper) {
@@ -766,6 +822,31 @@ mod tests {
         }
         batch.insert(keys::event_key(event.id.as_bytes()), accepted.json.as_bytes());
         store.tree.apply_batch(batch).expect("apply");
+    }
+
+    #[test]
+    fn bodies_are_stored_by_serial_and_leave_with_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Keys::generate();
+        let (a, b) = (note(&alice, 1, 100), note(&alice, 1, 200));
+        {
+            let store = SledEventStore::open(dir.path(), 8 << 20).unwrap();
+            store.write_batch(std::slice::from_ref(&a)).unwrap();
+            assert_eq!(keys_with_tag(&store, keys::BODY), 1);
+        }
+        // Reopened, the next serial follows the last one stored: `b` must
+        // not overwrite `a`'s body.
+        let store = SledEventStore::open(dir.path(), 8 << 20).unwrap();
+        store.write_batch(std::slice::from_ref(&b)).unwrap();
+        assert_eq!(keys_with_tag(&store, keys::BODY), 2);
+        let by_author = filter(json!({"authors": [alice.public_key().to_hex()]}));
+        let all = store.query(&by_author, 10, &ReadAccess::trusted(0)).unwrap();
+        assert_eq!(ids(&all), vec![b.event.id.to_bytes(), a.event.id.to_bytes()]);
+        assert_eq!(store.get(a.event.id.as_bytes()).unwrap().map(|e| e.json), Some(a.json.clone()));
+        assert_eq!(store.scan_all(None, 10).unwrap().len(), 2);
+        assert!(store.remove(a.event.id.as_bytes()).unwrap());
+        assert_eq!(keys_with_tag(&store, keys::BODY), 1, "the removed event's body went with it");
+        assert_eq!(store.get(b.event.id.as_bytes()).unwrap().map(|e| e.json), Some(b.json.clone()));
     }
 
     #[test]
