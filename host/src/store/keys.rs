@@ -219,23 +219,57 @@ pub fn address_of(event: &Event) -> Option<Vec<u8>> {
     }
 }
 
-/// The value stored with every index key: the kind (2 bytes BE), then the
-/// NIP-40 expiration (8 bytes BE) when the event has one, so scans can skip
-/// excluded kinds and expired events without loading them.
-pub fn index_value(event: &Event) -> Vec<u8> {
+/// What an index value tells about its event without loading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct IndexValue {
+    pub kind: u16,
+    /// NIP-40 expiration.
+    pub expiration: Option<u64>,
+    /// The serial of its body (`body_key`), so a scan reads the body without
+    /// the id record; `None` in index values of layouts 1-2.
+    pub serial: Option<u64>,
+}
+
+/// The value stored with every index key, so scans can skip excluded kinds
+/// and expired events without loading them, and read a match's body
+/// directly: the kind (2 bytes BE) and the body serial (8 bytes BE), then
+/// the NIP-40 expiration (8 bytes BE) when the event has one, or else one
+/// zero byte. The lengths (11 or 18) tell it from the values of layouts 1-2:
+/// the kind, then the expiration if any (2 or 10).
+pub fn index_value(event: &Event, serial: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(18);
+    v.extend_from_slice(&event.kind.as_u16().to_be_bytes());
+    v.extend_from_slice(&serial.to_be_bytes());
+    match expiration(event) {
+        Some(exp) => v.extend_from_slice(&exp.to_be_bytes()),
+        None => v.push(0),
+    }
+    v
+}
+
+pub fn parse_index_value(v: &[u8]) -> IndexValue {
+    let u64_at = |at: usize| v.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    let kind = v.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    let (serial, expiration) = match v.len() {
+        10 => (None, u64_at(2)),
+        11 => (u64_at(2), None),
+        18 => (u64_at(2), u64_at(10)),
+        _ => (None, None),
+    };
+    // Zero means none: an event expiring at time 0 is refused on arrival,
+    // and serials start at 1.
+    IndexValue { kind, expiration: expiration.filter(|e| *e != 0), serial: serial.filter(|s| *s != 0) }
+}
+
+/// The index value layouts 1 and 2 wrote (no body serial), which stores
+/// written by earlier releases still hold.
+#[cfg(test)]
+pub fn legacy_index_value(event: &Event) -> Vec<u8> {
     let mut v = event.kind.as_u16().to_be_bytes().to_vec();
     if let Some(exp) = expiration(event) {
         v.extend_from_slice(&exp.to_be_bytes());
     }
     v
-}
-
-/// `(kind, expiration)` from an index value.
-pub fn parse_index_value(v: &[u8]) -> (u16, Option<u64>) {
-    let kind = v.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-    // Zero means none: an event expiring at time 0 is refused on arrival.
-    let exp = v.get(2..10).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).filter(|e| *e != 0);
-    (kind, exp)
 }
 
 /// The `(pubkey, kind)` key layout 1 wrote for `event`, which may still be
@@ -294,6 +328,22 @@ mod tests {
         assert_eq!(Record::parse(&7u64.to_be_bytes()), Record::Serial(7));
         assert_eq!(Record::parse(b"{\"id\":\"\"}"), Record::Inline(b"{\"id\":\"\"}"));
         assert!(body_key(1) < body_key(256), "bodies sort in arrival order");
+    }
+
+    #[test]
+    fn index_values_of_every_layout_are_read() {
+        let v = |kind: u16, expiration: Option<u64>, serial: Option<u64>| IndexValue { kind, expiration, serial };
+        let mut exp = 5u16.to_be_bytes().to_vec();
+        exp.extend_from_slice(&1_700_000_000u64.to_be_bytes());
+        assert_eq!(parse_index_value(&5u16.to_be_bytes()), v(5, None, None));
+        assert_eq!(parse_index_value(&exp), v(5, Some(1_700_000_000), None));
+        let mut with_serial = 5u16.to_be_bytes().to_vec();
+        with_serial.extend_from_slice(&42u64.to_be_bytes());
+        let mut both = with_serial.clone();
+        with_serial.push(0);
+        both.extend_from_slice(&1_700_000_000u64.to_be_bytes());
+        assert_eq!(parse_index_value(&with_serial), v(5, None, Some(42)));
+        assert_eq!(parse_index_value(&both), v(5, Some(1_700_000_000), Some(42)));
     }
 
     #[test]

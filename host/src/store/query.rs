@@ -83,11 +83,13 @@ pub struct IndexEntry {
     pub id: [u8; 32],
     pub kind: u16,
     pub expiration: Option<u64>,
+    /// The serial of its body, when the index value carries it.
+    pub serial: Option<u64>,
 }
 
-/// An index entry's key suffix and its value padded to 10 bytes.
-type RawEntry = ([u8; 40], [u8; 10]);
-type HeapItem = Reverse<([u8; 40], usize, [u8; 10])>;
+/// An index entry's key suffix and its value.
+type RawEntry = ([u8; 40], keys::IndexValue);
+type HeapItem = Reverse<([u8; 40], usize, keys::IndexValue)>;
 
 /// Merges several iterators of `(index key, index value)`, each already in
 /// NIP-01 order, into one stream of entries in NIP-01 order without duplicates.
@@ -123,15 +125,14 @@ where
             }
             self.last = Some(suffix);
             let Some((created_at, id)) = keys::parse_suffix(&suffix) else { continue };
-            let (kind, expiration) = keys::parse_index_value(&value);
-            return Ok(Some(IndexEntry { created_at, id, kind, expiration }));
+            let keys::IndexValue { kind, expiration, serial } = value;
+            return Ok(Some(IndexEntry { created_at, id, kind, expiration, serial }));
         }
         Ok(None)
     }
 }
 
-/// The next entry's key suffix and value (padded to 10 bytes; the length is
-/// recovered from the zero padding of a missing expiration).
+/// The next entry's key suffix and value.
 fn next_item<I, E, K, V>(it: &mut I) -> Result<Option<RawEntry>, E>
 where
     I: Iterator<Item = Result<(K, V), E>>,
@@ -144,7 +145,7 @@ where
         if key.len() >= 40 {
             let mut s = [0u8; 40];
             s.copy_from_slice(&key[key.len() - 40..]);
-            return Ok(Some((s, pad_value(value.as_ref()))));
+            return Ok(Some((s, keys::parse_index_value(value.as_ref()))));
         }
     }
     Ok(None)
@@ -206,15 +207,6 @@ impl<S: EntryStream> UnionMerge<S> {
         }
         Ok(None)
     }
-}
-
-/// Index values are 2 or 10 bytes; a 2-byte one is stored with a zero
-/// expiration, which `parse_index_value` reads back as "none".
-fn pad_value(v: &[u8]) -> [u8; 10] {
-    let mut out = [0u8; 10];
-    let n = v.len().min(10);
-    out[..n].copy_from_slice(&v[..n]);
-    out
 }
 
 #[cfg(test)]

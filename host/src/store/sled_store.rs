@@ -97,7 +97,8 @@ impl<'a> PendingBatch<'a> {
     fn insert_event(&mut self, accepted: &AcceptedEvent) {
         let event = &accepted.event;
         let id = event.id.to_bytes();
-        let value = keys::index_value(event);
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let value = keys::index_value(event, serial);
         for k in keys::index_keys(event) {
             self.put(k, value.clone());
         }
@@ -107,7 +108,6 @@ impl<'a> PendingBatch<'a> {
         if let Some(slot) = keys::address_of(event) {
             self.put(slot, id.to_vec());
         }
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         self.put(keys::event_key(&id), serial.to_be_bytes().to_vec());
         self.put(keys::body_key(serial).to_vec(), accepted.json.as_bytes().to_vec());
         if let Some(inserted) = &mut self.inserted {
@@ -155,7 +155,7 @@ impl<'a> PendingBatch<'a> {
                 break;
             }
             if let Some((_, id)) = keys::parse_suffix(&k) {
-                out.push((keys::parse_index_value(&v).0, id));
+                out.push((keys::parse_index_value(&v).kind, id));
             }
         }
         Ok(out)
@@ -331,14 +331,17 @@ impl SledEventStore {
     /// The JSON an id record leads to (`None`: removed since the record was
     /// read).
     fn body_of(&self, id: &[u8; 32], record: &[u8]) -> Result<Option<String>, StoreError> {
-        let bytes = match keys::Record::parse(record) {
-            keys::Record::Inline(json) => json.to_vec(),
-            keys::Record::Serial(serial) => match self.tree.get(keys::body_key(serial))? {
-                Some(json) => json.to_vec(),
-                None => return Ok(None),
-            },
-        };
-        String::from_utf8(bytes).map(Some).map_err(|e| corrupt(id, e))
+        match keys::Record::parse(record) {
+            keys::Record::Inline(json) => String::from_utf8(json.to_vec()).map(Some).map_err(|e| corrupt(id, e)),
+            keys::Record::Serial(serial) => self.body(id, serial),
+        }
+    }
+
+    /// The JSON stored under `serial` for the event `id` (`None`: removed
+    /// since its index entry or id record was read).
+    fn body(&self, id: &[u8; 32], serial: u64) -> Result<Option<String>, StoreError> {
+        let Some(bytes) = self.tree.get(keys::body_key(serial))? else { return Ok(None) };
+        String::from_utf8(bytes.to_vec()).map(Some).map_err(|e| corrupt(id, e))
     }
 
     /// Applies `pending` durably, then tells the observer what it stored
@@ -456,7 +459,12 @@ impl EntryStream for FilterCursor<'_> {
                 if decided && !self.need_json {
                     break Some((entry.created_at, entry.id, None));
                 }
-                let Some(json) = self.store.load(&entry.id)? else { continue };
+                // Index values written since layout 3 lead straight to the body.
+                let json = match entry.serial {
+                    Some(serial) => self.store.body(&entry.id, serial)?,
+                    None => self.store.load(&entry.id)?,
+                };
+                let Some(json) = json else { continue };
                 if !decided {
                     let event = parse(&entry.id, json.as_bytes())?;
                     if !filter_matches(self.filter, &event) || !self.access.can_see(&event) {
@@ -815,7 +823,7 @@ mod tests {
         let event = &accepted.event;
         let mut batch = sled::Batch::default();
         for k in keys::index_keys(event).into_iter().chain([keys::legacy_author_kind_key(event)]) {
-            batch.insert(k, keys::index_value(event));
+            batch.insert(k, keys::legacy_index_value(event));
         }
         if let Some(slot) = keys::address_of(event) {
             batch.insert(slot, event.id.as_bytes().to_vec());
