@@ -522,9 +522,10 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// sled page cache in bytes. sled counts it loosely (by the bytes a page
     /// takes in its log, not in memory): each byte here costs the process
-    /// about 1.5-2 bytes. The default keeps the relay under 400 MB during
-    /// ingest at 1000 connections; reads of a store far larger than the
-    /// cache gain from more (`make bench ONLY=peer`/`scale`, README).
+    /// about 1.5-2 bytes. The default keeps the relay under 500 MB during
+    /// ingest at 1000 connections (40 MiB: under 420 MB, with slower reads
+    /// and ingest once the store is many times the cache); a large store
+    /// gains from more (`make bench ONLY=peer`/`scale`, README).
     pub cache_capacity_bytes: u64,
     /// Most events written (and flushed) together in one group commit.
     pub max_batch_events: usize,
@@ -624,7 +625,7 @@ impl Default for ServerConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./data"), cache_capacity_bytes: 40 * 1024 * 1024, max_batch_events: 1024 }
+        Self { data_dir: PathBuf::from("./data"), cache_capacity_bytes: 64 * 1024 * 1024, max_batch_events: 1024 }
     }
 }
 

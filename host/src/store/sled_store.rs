@@ -850,6 +850,9 @@ mod tests {
         let by_author = filter(json!({"authors": [alice.public_key().to_hex()]}));
         let all = store.query(&by_author, 10, &ReadAccess::trusted(0)).unwrap();
         assert_eq!(ids(&all), vec![b.event.id.to_bytes(), a.event.id.to_bytes()]);
+        // Read through the serial in the index values: each entry's own body.
+        let bodies: Vec<&str> = all.iter().map(|e| e.json.as_str()).collect();
+        assert_eq!(bodies, vec![b.json.as_str(), a.json.as_str()]);
         assert_eq!(store.get(a.event.id.as_bytes()).unwrap().map(|e| e.json), Some(a.json.clone()));
         assert_eq!(store.scan_all(None, 10).unwrap().len(), 2);
         assert!(store.remove(a.event.id.as_bytes()).unwrap());
