@@ -138,7 +138,7 @@ async fn export(relay: &Arc<Relay>, write: &mut (impl AsyncWrite + Unpin)) -> an
             chunk.extend_from_slice(json!({ crate::tools::LOG_POSITION: position }).to_string().as_bytes());
             chunk.push(b'\n');
         }
-        let mut after: Option<[u8; 32]> = None;
+        let mut after = None;
         let (mut events, mut tombstones) = (0u64, 0u64);
         loop {
             // One page per turn of the large reads: the export yields to
@@ -147,15 +147,17 @@ async fn export(relay: &Arc<Relay>, write: &mut (impl AsyncWrite + Unpin)) -> an
                 let _slot = runtime.block_on(slots.clone().acquire_owned());
                 store.scan_all(after.as_ref(), EXPORT_PAGE).map_err(fail)?
             };
-            let Some(last) = page.last() else { break };
-            after = Some(last.0);
-            for (_, json) in &page {
+            for json in &page.events {
                 chunk.extend_from_slice(json.as_bytes());
                 chunk.push(b'\n');
             }
-            events += page.len() as u64;
+            events += page.events.len() as u64;
             if tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
                 return Err("the client left".to_owned());
+            }
+            after = page.next;
+            if after.is_none() {
+                break;
             }
         }
         store

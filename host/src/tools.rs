@@ -142,19 +142,21 @@ pub fn export(
     if let Some(e) = failed {
         return Err(e.into());
     }
-    let mut after: Option<[u8; 32]> = None;
+    let mut after = None;
     let mut n = 0u64;
     loop {
         let page = store.scan_all(after.as_ref(), 1000)?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.0);
-        for (_, json) in &page {
+        for json in &page.events {
             out.write_all(json.as_bytes())?;
             out.write_all(b"\n")?;
         }
-        n += page.len() as u64;
+        n += page.events.len() as u64;
         bar.set_message(format!("{n} events exported"));
         bar.tick();
+        after = page.next;
+        if after.is_none() {
+            break;
+        }
     }
     out.flush()?;
     bar.finish_with_message(format!("{n} events exported"));

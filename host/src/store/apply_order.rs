@@ -34,8 +34,13 @@ fn served_after(events: &[Arc<AcceptedEvent>]) -> Vec<String> {
     for e in events {
         store.write_batch(std::slice::from_ref(e)).unwrap();
     }
-    let mut ids: Vec<String> =
-        store.scan_all(None, 10_000).unwrap().into_iter().map(|(id, _)| hex::encode(id)).collect();
+    let mut ids: Vec<String> = store
+        .scan_all(None, 10_000)
+        .unwrap()
+        .events
+        .iter()
+        .map(|json| serde_json::from_str::<serde_json::Value>(json).unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
     ids.sort();
     ids
 }

@@ -220,7 +220,7 @@ pub fn address_of(event: &Event) -> Option<Vec<u8>> {
 }
 
 /// What an index value tells about its event without loading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IndexValue {
     pub kind: u16,
     /// NIP-40 expiration.

@@ -209,10 +209,14 @@ pub trait EventStore: Send + Sync + 'static {
     /// ban); returns whether it was stored. Durable when it returns.
     fn remove(&self, id: &[u8; 32]) -> Result<bool, StoreError>;
 
-    /// Up to `limit` stored events in id order, after `after` (export): each
-    /// id and its JSON as stored, not parsed (an export does not need the
-    /// event, and an import checks every line anyway).
-    fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<([u8; 32], String)>, StoreError>;
+    /// One page of every stored event (export), from where `after` left off
+    /// (`None`: the start): up to `limit` JSONs as stored, not parsed (an
+    /// export does not need the event, and an import checks every line
+    /// anyway), in the store's own order, and where the next page starts
+    /// (`None`: this was the last). A page may be empty and still not the
+    /// last. Every event stored before the first page and not removed
+    /// since is in some page.
+    fn scan_all(&self, after: Option<&ScanCursor>, limit: usize) -> Result<ScanPage, StoreError>;
 
     /// Why `event` would not be stored now (a deletion or request to vanish
     /// keeps it out), if it would not.
@@ -276,4 +280,16 @@ pub trait EventStore: Send + Sync + 'static {
         })?;
         Ok(all)
     }
+}
+
+/// Where an export's next page starts: opaque to callers, meaningful only
+/// to the store that returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanCursor(pub(crate) Vec<u8>);
+
+/// One page of [`EventStore::scan_all`].
+#[derive(Debug, Default)]
+pub struct ScanPage {
+    pub events: Vec<String>,
+    pub next: Option<ScanCursor>,
 }

@@ -12,8 +12,8 @@ use nostr::event::Event;
 use super::keys;
 use super::query::{EntryStream, MergedScan, Ordered, Plan, UnionMerge, bounds, plan};
 use super::{
-    EventStore, ReadAccess, RemovalReason, RemovedEvent, StoreError, StoreObserver, StoredEvent, Tombstone,
-    WriteOutcome,
+    EventStore, ReadAccess, RemovalReason, RemovedEvent, ScanCursor, ScanPage, StoreError, StoreObserver, StoredEvent,
+    Tombstone, WriteOutcome,
 };
 use crate::event::AcceptedEvent;
 use crate::event::{GIFT_WRAP, expiration, p_tags};
@@ -666,29 +666,46 @@ impl EventStore for SledEventStore {
         Ok(true)
     }
 
-    fn scan_all(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Vec<([u8; 32], String)>, StoreError> {
-        let start = match after {
-            // The key right after `after`'s: its key with a 0 byte appended.
-            Some(id) => {
-                let mut k = keys::event_key(id);
-                k.push(0);
-                k
-            }
-            None => keys::event_key(&[0; 32]),
-        };
-        let end = keys::event_key(&[0xff; 32]);
-        let mut out = Vec::new();
-        for kv in self.tree.range(start..=end) {
-            if out.len() == limit {
-                break;
-            }
-            let (k, v) = kv?;
-            let Some(id) = k.get(k.len() - 32..).and_then(|b| <[u8; 32]>::try_from(b).ok()) else { continue };
-            if let Some(json) = self.body_of(&id, &v)? {
-                out.push((id, json));
+    /// Bodies first, in serial order (contiguous in sled, so an export reads
+    /// the log sequentially instead of one random leaf per event), then the
+    /// id records of earlier layouts that hold their JSON inline; id records
+    /// holding a serial are skipped there, at most `16 * limit` of them per
+    /// page. The cursor is the last key read.
+    fn scan_all(&self, after: Option<&ScanCursor>, limit: usize) -> Result<ScanPage, StoreError> {
+        // The key right after the cursor's: its key with a 0 byte appended.
+        let resume = |k: &[u8]| [k, &[0]].concat();
+        let bodies_end = keys::body_key(u64::MAX).to_vec();
+        let records = (keys::event_key(&[0; 32]), keys::event_key(&[0xff; 32]));
+        let mut page = ScanPage::default();
+        let mut last: Option<Vec<u8>> = None;
+        let after = after.map(|c| c.0.as_slice());
+        if after.is_none_or(|k| k.first() == Some(&keys::BODY)) {
+            let start = after.map_or_else(|| keys::body_key(0).to_vec(), resume);
+            for kv in self.tree.range(start..=bodies_end) {
+                let (k, v) = kv?;
+                let json = String::from_utf8(v.to_vec()).map_err(|e| corrupt(&k, e))?;
+                page.events.push(json);
+                if page.events.len() == limit {
+                    page.next = Some(ScanCursor(k.to_vec()));
+                    return Ok(page);
+                }
             }
         }
-        Ok(out)
+        let start = after.filter(|k| k.first() == Some(&keys::EVENT)).map_or(records.0, resume);
+        let mut budget = limit.saturating_mul(16);
+        for kv in self.tree.range(start..=records.1) {
+            let (k, v) = kv?;
+            if let keys::Record::Inline(json) = keys::Record::parse(&v) {
+                page.events.push(String::from_utf8(json.to_vec()).map_err(|e| corrupt(&k, e))?);
+            }
+            budget = budget.saturating_sub(1);
+            if page.events.len() == limit || budget == 0 {
+                last = Some(k.to_vec());
+                break;
+            }
+        }
+        page.next = last.map(ScanCursor);
+        Ok(page)
     }
 
     fn refusal_of(&self, event: &Event) -> Result<Option<WriteOutcome>, StoreError> {
@@ -854,10 +871,40 @@ mod tests {
         let bodies: Vec<&str> = all.iter().map(|e| e.json.as_str()).collect();
         assert_eq!(bodies, vec![b.json.as_str(), a.json.as_str()]);
         assert_eq!(store.get(a.event.id.as_bytes()).unwrap().map(|e| e.json), Some(a.json.clone()));
-        assert_eq!(store.scan_all(None, 10).unwrap().len(), 2);
+        assert_eq!(store.scan_all(None, 10).unwrap().events.len(), 2);
         assert!(store.remove(a.event.id.as_bytes()).unwrap());
         assert_eq!(keys_with_tag(&store, keys::BODY), 1, "the removed event's body went with it");
         assert_eq!(store.get(b.event.id.as_bytes()).unwrap().map(|e| e.json), Some(b.json.clone()));
+    }
+
+    #[test]
+    fn an_export_pages_through_bodies_and_inline_records_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledEventStore::open(dir.path(), 8 << 20).unwrap();
+        let alice = Keys::generate();
+        let legacy: Vec<_> = (0..2).map(|i| note(&alice, 1, 10 + i)).collect();
+        for e in &legacy {
+            write_layout_1(&store, e);
+        }
+        // More id records holding a serial than one page may skip.
+        let current: Vec<_> = (0..40).map(|i| note(&alice, 1, 100 + i)).collect();
+        store.write_batch(&current).unwrap();
+        let (mut exported, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let page = store.scan_all(after.as_ref(), 3).unwrap();
+            assert!(page.events.len() <= 3);
+            exported.extend(page.events);
+            pages += 1;
+            after = page.next;
+            if after.is_none() {
+                break;
+            }
+        }
+        let mut expected: Vec<String> = legacy.iter().chain(&current).map(|e| e.json.clone()).collect();
+        expected.sort();
+        exported.sort();
+        assert_eq!(exported, expected, "every event once");
+        assert!(pages > 42 / 3, "pages of at most 3");
     }
 
     #[test]
@@ -880,7 +927,7 @@ mod tests {
         );
         let profile = filter(json!({"authors": [alice.public_key().to_hex()], "kinds": [0]}));
         assert_eq!(ids(&store.query(&profile, 10, &access).unwrap()), vec![old_profile.event.id.to_bytes()]);
-        assert_eq!(store.scan_all(None, 10).unwrap().len(), 3);
+        assert_eq!(store.scan_all(None, 10).unwrap().events.len(), 3);
 
         // A newer profile replaces the layout-1 one, with its legacy key.
         let new_profile = note(&alice, 0, 300);
