@@ -44,6 +44,11 @@ impl LogBudget {
     /// Logs `line` unless this second's budget is spent.
     fn log(&self, stream: Stream, line: &str) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        self.log_in_second(now, stream, line);
+    }
+
+    /// [`Self::log`] in the clock's second `now` (seconds since the epoch).
+    fn log_in_second(&self, now: u64, stream: Stream, line: &str) {
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
         if window.0 != now {
             if window.2 > 0 {
@@ -178,5 +183,22 @@ mod tests {
         let buffer = output.line.lock().unwrap();
         assert_eq!(buffer.budget.window.lock().unwrap().1, 1, "one line logged so far");
         assert_eq!(buffer.pending, b"next", "the unfinished line waits");
+    }
+
+    /// The budget is per second of the clock: a flood that straddles a
+    /// second's end logs up to the budget in each second it touches, and
+    /// what was dropped in a second is counted when the next one starts.
+    #[test]
+    fn a_flood_logs_at_most_the_budget_in_each_second() {
+        let budget = LogBudget::new("flood");
+        for (second, lines) in [(100, 80), (101, 400), (103, 10)] {
+            for _ in 0..lines {
+                budget.log_in_second(second, Stream::Stdout, "flood line");
+            }
+            let (at, logged, dropped) = *budget.window.lock().unwrap();
+            assert_eq!(at, second);
+            assert_eq!(logged, lines.min(MAX_LINES_PER_SECOND), "logged in second {second}");
+            assert_eq!(dropped, u64::from(lines.saturating_sub(MAX_LINES_PER_SECOND)), "dropped in second {second}");
+        }
     }
 }
