@@ -47,7 +47,15 @@ const EXPORT_PAGE: usize = 1000;
 /// Listens on `path` until `shutdown` turns true. A socket file left by a
 /// relay that crashed is replaced (the store's lock already proved that no
 /// other relay serves this data directory).
-pub fn start(relay: Arc<Relay>, path: PathBuf, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+///
+/// The returned task ends, the socket file removed, once `shutdown` turns
+/// true: await it before the process exits, or the file may stay behind
+/// (the runtime drops tasks it has not run yet).
+pub fn start(
+    relay: Arc<Relay>,
+    path: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot create the operator socket {}: {e}", path.display()))?;
@@ -56,7 +64,7 @@ pub fn start(relay: Arc<Relay>, path: PathBuf, mut shutdown: watch::Receiver<boo
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -74,8 +82,7 @@ pub fn start(relay: Arc<Relay>, path: PathBuf, mut shutdown: watch::Receiver<boo
             }
         }
         let _ = std::fs::remove_file(&path);
-    });
-    Ok(())
+    }))
 }
 
 async fn serve_one(relay: Arc<Relay>, stream: UnixStream) -> anyhow::Result<()> {

@@ -385,6 +385,9 @@ fn upgrade(mut req: Request<Incoming>, relay: Arc<Relay>, remote: SocketAddr) ->
 pub struct BoundRelay {
     relay: Arc<Relay>,
     listener: TcpListener,
+    /// The operator socket's listener, awaited at shutdown so that its file
+    /// is gone before the process exits.
+    operator_socket: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl BoundRelay {
@@ -396,17 +399,19 @@ impl BoundRelay {
             config.server.public_url = format!("ws://{}", listener.local_addr()?);
         }
         let relay = Relay::open(config).await?;
+        let mut operator_socket = None;
         // Ready before the relay says it listens, so scripts can use it at once.
         #[cfg(unix)]
         if relay.config.admin.socket {
             let path = crate::operator_socket::path(&relay.config.storage.data_dir);
             // Without it the relay still serves; only the CLI's online
             // export, import, sync and admin are unavailable.
-            if let Err(e) = crate::operator_socket::start(relay.clone(), path, relay.shutdown.subscribe()) {
-                tracing::warn!(error = %e, "the operator socket is off");
+            match crate::operator_socket::start(relay.clone(), path, relay.shutdown.subscribe()) {
+                Ok(task) => operator_socket = Some(task),
+                Err(e) => tracing::warn!(error = %e, "the operator socket is off"),
             }
         }
-        Ok(Self { relay, listener })
+        Ok(Self { relay, listener, operator_socket })
     }
 
     pub fn relay(&self) -> &Arc<Relay> {
@@ -417,8 +422,14 @@ impl BoundRelay {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` turns true.
+    /// Serves until `shutdown` turns true; returns once the operator
+    /// socket's file is removed too.
     pub async fn serve(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        serve(self.listener, self.relay, shutdown).await
+        let served = serve(self.listener, self.relay, shutdown).await;
+        if let Some(task) = self.operator_socket {
+            // `serve` turned the relay's shutdown on, which ends the task.
+            let _ = task.await;
+        }
+        served
     }
 }
